@@ -1,0 +1,54 @@
+"""Exception types, one per failure a user can act on.
+
+Every message is one line that names the file (or plugin, entry, field) involved and, where
+there is one, what to do about it.
+"""
+from __future__ import annotations
+
+
+class Data2H5Error(Exception):
+    """Base class of every error data2h5 raises on purpose."""
+
+
+class SourceError(Data2H5Error):
+    """The source folder is missing, is not a folder, or holds no matching file."""
+
+
+class OutputError(Data2H5Error):
+    """The output already exists (and overwrite was not asked for) or its folder is missing."""
+
+
+class ReadError(Data2H5Error):
+    """A source file could not be read or decoded."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class PluginError(Data2H5Error):
+    """A reader or prune plugin could not be loaded, raised, or returned something unusable."""
+
+
+class CompressionError(Data2H5Error):
+    """The compression asked for is unknown or its codec is not installed."""
+
+
+class LayoutError(Data2H5Error):
+    """The samples do not fit the layout asked for (e.g. shapes differ in a stacked archive)."""
+
+
+class ArchiveError(Data2H5Error):
+    """An archive is missing, is not HDF5, or lacks the field asked for."""
+
+
+class ArchiveKeyError(ArchiveError, KeyError):
+    """An entry key is not in the archive."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CorruptEntryError(ArchiveError):
+    """An entry's stored bytes do not decode: the archive is damaged."""

@@ -1,0 +1,88 @@
+"""The on-disk layout of a data2h5 archive: names shared by the writer and the readers.
+
+A ``files`` archive holds one HDF5 dataset per source file, named by its relative path
+(``foo/boo/image_0001.jpg``), plus an index group :data:`INDEX_GROUP` with one row per entry,
+aligned across these 1-D datasets:
+
+==========  ==========  ===============================================================
+name        dtype       meaning
+==========  ==========  ===============================================================
+keys        S<n>        the entry's key, UTF-8 (gzip-compressed, so a million keys load
+                        in a fraction of a second without walking the HDF5 tree)
+size        uint64      size in bytes of the source file
+crc32       uint32      CRC-32 of the source file's bytes
+kind        uint8       :class:`Kind` of the stored value
+codec       uint8       codec id of the stored bytes (see :mod:`data2h5.codecs`)
+offset      uint64      absolute file offset of the entry's data when it is stored as
+                        one block (one chunk, or contiguous); 0 when it is not, and the
+                        entry must then be read through h5py
+stored      uint64      number of stored (compressed) bytes at ``offset``
+dtype       S16         numpy dtype string of the stored array (``|u1``, ``<f4``)
+shape       int64 (8)   shape of the stored array, padded with -1
+==========  ==========  ===============================================================
+
+A ``stacked`` archive holds ``data`` (N, ...), ``labels`` (N,), ``keys`` (N,) and
+``classes``, plus soft links that make the same file an h5torch dataset (``central`` and
+``0/labels``, ``0/keys``); its index group holds ``keys``, ``size`` and ``crc32``.
+
+Root attributes (:data:`ATTRS`) record how the archive was made.
+"""
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+INDEX_GROUP = "__data2h5__"
+MAX_NDIM = 8
+
+# Root attributes.
+ATTR_FORMAT = "data2h5_format"
+ATTR_VERSION = "data2h5_version"
+ATTR_LAYOUT = "layout"
+ATTR_READER = "reader"
+ATTR_PRUNE = "prune"
+ATTR_EXTENSIONS = "extensions"  # JSON list
+ATTR_SOURCE = "source"
+ATTR_CREATED = "created"  # ISO 8601, UTC
+ATTR_COMPRESSION = "compression"
+ATTR_ENTRIES = "entries"
+ATTR_SKIPPED = "skipped"  # JSON list of [relative path, reason]
+ATTR_BYTES_IN = "bytes_in"
+ATTR_BYTES_OUT = "bytes_out"
+
+# Attributes on an entry's dataset when it does not hold a decoded array.
+ATTR_ENTRY_KIND = "data2h5_kind"  # "bytes" or "text"
+ATTR_ENTRY_EXT = "data2h5_ext"  # the source's extension, e.g. ".jpg"
+
+LAYOUT_FILES = "files"
+LAYOUT_STACKED = "stacked"
+
+# Stacked layout.
+STACKED_DATA = "data"
+STACKED_LABELS = "labels"
+STACKED_KEYS = "keys"
+STACKED_CLASSES = "classes"
+
+
+class Kind(enum.IntEnum):
+    """What an entry's stored uint8/array data means."""
+
+    ARRAY = 0  # a decoded numpy array, stored as is
+    BYTES = 1  # a file's exact bytes (1-D uint8), decoded on read by extension
+    TEXT = 2  # UTF-8 text (1-D uint8)
+
+
+INDEX_FIELDS = {
+    "keys": None,  # fixed-length bytes, sized to the longest key
+    "size": np.dtype("<u8"),
+    "crc32": np.dtype("<u4"),
+    "kind": np.dtype("u1"),
+    "codec": np.dtype("u1"),
+    "offset": np.dtype("<u8"),
+    "stored": np.dtype("<u8"),
+    "dtype": np.dtype("S16"),
+    "shape": np.dtype("<i8"),  # 2-D: (entries, MAX_NDIM)
+}
