@@ -1,0 +1,140 @@
+"""Built-in readers, and turning what any reader returns into a storable array.
+
+A reader is ``read(path) -> numpy array | bytes | str``. Built-in readers also decode from
+bytes already in memory (``from_bytes``), so a worker reads each file once for both the
+checksum and the decoding.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+
+from .errors import PluginError, ReadError
+from .format import Kind
+from .plugins import Plugin
+
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .gif .bmp .tif .tiff .webp .ppm .pgm .pbm .pnm .ico .tga".split()
+)
+ARRAY_EXTENSIONS = frozenset({".npy", ".npz"})
+TEXT_EXTENSIONS = frozenset(".txt .json .csv .tsv .md .xml .yaml .yml .html .svg".split())
+
+
+class BuiltinReader:
+    """A built-in reader: callable on a path, and able to decode bytes already read."""
+
+    def __init__(self, name: str, decode: Callable[[bytes, str], object]):
+        self.name = name
+        self._decode = decode
+
+    def from_bytes(self, raw: bytes, ext: str):
+        return self._decode(raw, ext)
+
+    def __call__(self, path: str):
+        with open(path, "rb") as fh:
+            return self._decode(fh.read(), os.path.splitext(path)[1].lower())
+
+    def __repr__(self) -> str:
+        return f"<data2h5 reader {self.name}>"
+
+
+def _decode_image(raw: bytes, ext: str) -> np.ndarray:
+    import imageio.v3 as iio
+
+    if not raw:
+        raise ValueError("the file is empty")
+    return iio.imread(raw, extension=ext or None)
+
+
+def _decode_npy(raw: bytes, ext: str) -> np.ndarray:
+    loaded = np.load(io.BytesIO(raw), allow_pickle=False)
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            names = loaded.files
+            if len(names) != 1:
+                raise ValueError(
+                    f"the .npz holds {len(names)} arrays ({', '.join(names[:5])}); "
+                    "store one array per file or write a reader plugin that picks one"
+                )
+            return loaded[names[0]]
+    return loaded
+
+
+def _decode_text(raw: bytes, ext: str) -> str:
+    return raw.decode("utf-8")
+
+
+def _decode_bytes(raw: bytes, ext: str) -> bytes:
+    return raw
+
+
+BUILTIN_READERS = {
+    "image": BuiltinReader("image", _decode_image),
+    "bytes": BuiltinReader("bytes", _decode_bytes),
+    "npy": BuiltinReader("npy", _decode_npy),
+    "text": BuiltinReader("text", _decode_text),
+}
+AUTO = "auto"
+
+
+def reader_for_extension(ext: str) -> BuiltinReader:
+    """The ``auto`` reader: image for image extensions, npy for .npy/.npz, text for text
+    formats, and the exact bytes for anything else."""
+    ext = ext.lower()
+    if ext in IMAGE_EXTENSIONS:
+        return BUILTIN_READERS["image"]
+    if ext in ARRAY_EXTENSIONS:
+        return BUILTIN_READERS["npy"]
+    if ext in TEXT_EXTENSIONS:
+        return BUILTIN_READERS["text"]
+    return BUILTIN_READERS["bytes"]
+
+
+def to_stored(value) -> Optional[Tuple[Kind, np.ndarray]]:
+    """What a reader returned → ``(kind, contiguous array)``; None if the type is unsupported."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biufc":
+            return None
+        return Kind.ARRAY, np.ascontiguousarray(arr)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return Kind.BYTES, np.frombuffer(bytes(value), dtype=np.uint8)
+    if isinstance(value, str):
+        return Kind.TEXT, np.frombuffer(value.encode("utf-8"), dtype=np.uint8)
+    return None
+
+
+def read_source(reader: Optional[Plugin], path: str, raw: bytes, ext: str) -> Tuple[Kind, np.ndarray]:
+    """Decode one source file with ``reader`` (None: the ``auto`` rule by extension).
+
+    Built-in readers decode ``raw`` (the file's bytes, already read); a plugin gets the path.
+    Raises :class:`ReadError` when a built-in cannot decode the file and :class:`PluginError`
+    when a plugin raises or returns an unsupported type, each naming the file.
+    """
+    func = reader_for_extension(ext) if reader is None else reader.func
+    if isinstance(func, BuiltinReader):
+        try:
+            value = func.from_bytes(raw, ext)
+        except Exception as exc:
+            raise ReadError(path, f"cannot read as {func.name}: {_reason(exc)}") from exc
+        return to_stored(value)
+    try:
+        value = func(path)
+    except Exception as exc:
+        raise PluginError(f"reader plugin {reader.spec!r} failed on {path}: {_reason(exc)}") from exc
+    stored = to_stored(value)
+    if stored is None:
+        raise PluginError(
+            f"reader plugin {reader.spec!r} returned {type(value).__name__}"
+            f"{'[' + str(value.dtype) + ']' if isinstance(value, np.ndarray) else ''} for {path}; "
+            "return a numeric numpy array, bytes or str"
+        )
+    return stored
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

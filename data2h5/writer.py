@@ -1,0 +1,235 @@
+"""Write archives: one dataset per entry from chunks the workers already compressed.
+
+The writer is the only process touching the HDF5 file, so it must cost almost nothing per
+entry: it uses h5py's low-level API with cached property lists and types (about 35 µs per
+dataset against ~75 µs through ``create_dataset``) and hands pre-compressed chunks to HDF5
+with ``write_direct_chunk``. The output lives under a temporary name beside the target until
+it is complete, closed and synced; only then is it renamed into place.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, NamedTuple, Optional, Tuple
+
+import h5py
+import numpy as np
+
+from . import format as fmt
+from .codecs import NONE, Codec, codec_by_id
+from .errors import OutputError
+
+log = logging.getLogger(__name__)
+
+#: Arrays up to this size are stored as one chunk; larger ones in chunks of about
+#: CHUNK_BYTES so that a slice reads only the chunks it touches.
+SINGLE_CHUNK_MAX = 4 << 20
+CHUNK_BYTES = 1 << 20
+TEMP_SUFFIX = ".data2h5-tmp"
+LIBVER = ("v110", "v112")  # readable by HDF5 1.12 and later; linear-time group growth
+
+
+class Packed(NamedTuple):
+    """One entry ready to write, as a worker hands it to the writer."""
+
+    key: str
+    kind: int
+    ext: str
+    dtype: str
+    shape: Tuple[int, ...]
+    codec: int
+    chunk_shape: Optional[Tuple[int, ...]]  # None: contiguous storage, ``data`` is the raw bytes
+    data: object  # raw bytes (contiguous) | [(chunk offset, bytes, filter mask)] | ndarray (HDF5 compresses)
+    size: int  # source file size
+    crc32: int  # source file CRC-32
+    nbytes: int  # decoded size
+
+
+def temp_path(dst: Path) -> Path:
+    """Where the archive is built before it is renamed to ``dst``: beside it, clearly temporary."""
+    return dst.with_name(f".{dst.name}{TEMP_SUFFIX}")
+
+
+@contextmanager
+def open_output(dst: Path, overwrite: bool) -> Iterator[h5py.File]:
+    """Yield a new HDF5 file that becomes ``dst`` only if the block completes.
+
+    On any exception (Ctrl-C included) the temporary is removed and ``dst`` is untouched.
+    """
+    if dst.exists() and not overwrite:
+        raise OutputError(f"{dst} already exists; pass --overwrite to replace it")
+    if dst.exists() and dst.is_dir():
+        raise OutputError(f"{dst} is a folder; name a file such as {dst / 'archive.h5'}")
+    if not dst.parent.is_dir():
+        raise OutputError(f"the folder of {dst} does not exist; create {dst.parent} first")
+    tmp = temp_path(dst)
+    try:
+        f = h5py.File(tmp, "w", libver=LIBVER)
+    except OSError as exc:
+        raise OutputError(f"cannot create {tmp}: {exc}") from exc
+    try:
+        yield f
+        f.close()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            f.close()
+        finally:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def chunk_shape_for(shape: Tuple[int, ...], itemsize: int) -> Tuple[int, ...]:
+    """One chunk for small arrays; for large ones, halve leading axes until ~CHUNK_BYTES."""
+    if math.prod(shape) * itemsize <= SINGLE_CHUNK_MAX:
+        return tuple(shape)
+    chunk = list(shape)
+    axis = 0
+    while math.prod(chunk) * itemsize > CHUNK_BYTES and axis < len(chunk):
+        if chunk[axis] > 1:
+            chunk[axis] = (chunk[axis] + 1) // 2
+        else:
+            axis += 1
+    return tuple(chunk)
+
+
+def iter_chunks(arr: np.ndarray, chunk: Tuple[int, ...]) -> Iterator[Tuple[Tuple[int, ...], np.ndarray]]:
+    """Yield ``(offset, chunk data)``; edge chunks are zero-padded to the full chunk shape, as
+    HDF5 stores them."""
+    grid = [range(0, n, c) for n, c in zip(arr.shape, chunk)]
+    for offset in np.ndindex(*[len(g) for g in grid]):
+        start = tuple(g[i] for g, i in zip(grid, offset))
+        block = arr[tuple(slice(s, s + c) for s, c in zip(start, chunk))]
+        if block.shape != chunk:
+            padded = np.zeros(chunk, dtype=arr.dtype)
+            padded[tuple(slice(0, n) for n in block.shape)] = block
+            block = padded
+        yield start, np.ascontiguousarray(block)
+
+
+def pack(key: str, kind: int, ext: str, arr: np.ndarray, codec: Codec, size: int, crc32: int) -> Packed:
+    """Prepare ``arr`` for the writer, compressing its chunks here (in the worker)."""
+    dtype = arr.dtype.str
+    shape = tuple(arr.shape)
+    if codec.id == NONE or arr.nbytes == 0 or arr.ndim == 0:
+        return Packed(key, kind, ext, dtype, shape, NONE, None, arr.tobytes(), size, crc32, arr.nbytes)
+    chunk = chunk_shape_for(shape, arr.itemsize)
+    if not codec.in_worker:
+        return Packed(key, kind, ext, dtype, shape, codec.id, chunk, arr, size, crc32, arr.nbytes)
+    chunks = [(offset, *codec.compress(block.data)) for offset, block in iter_chunks(arr, chunk)]
+    return Packed(key, kind, ext, dtype, shape, codec.id, chunk, chunks, size, crc32, arr.nbytes)
+
+
+class FilesWriter:
+    """Writes entries of the ``files`` layout and, on :meth:`close`, the index."""
+
+    def __init__(self, f: h5py.File):
+        self._f = f
+        self._lcpl = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+        self._lcpl.set_create_intermediate_group(True)
+        self._lcpl.set_char_encoding(h5py.h5t.CSET_UTF8)
+        self._dcpls = {}
+        self._types = {}
+        self._str_type = h5py.h5t.py_create(h5py.string_dtype("utf-8"), logical=True)
+        self._scalar = h5py.h5s.create(h5py.h5s.SCALAR)
+        self._rows: List[tuple] = []
+        self.bytes_stored = 0
+
+    def add(self, p: Packed) -> None:
+        """Create the entry's dataset, write its data and remember its index row."""
+        codec = codec_by_id(p.codec)
+        dsid = h5py.h5d.create(
+            self._f.id, p.key.encode("utf-8"), self._type(p.dtype), h5py.h5s.create_simple(p.shape),
+            dcpl=self._dcpl(p.chunk_shape, codec), lcpl=self._lcpl,
+        )
+        try:
+            offset, stored, codec_id = self._write(dsid, p, codec)
+            if p.kind != fmt.Kind.ARRAY:
+                self._set_attr(dsid, fmt.ATTR_ENTRY_KIND, fmt.Kind(p.kind).name.lower())
+                self._set_attr(dsid, fmt.ATTR_ENTRY_EXT, p.ext)
+        finally:
+            dsid.close()
+        self.bytes_stored += stored
+        self._rows.append((p.key, p.size, p.crc32, p.kind, codec_id, offset, stored, p.dtype, p.shape))
+
+    def _write(self, dsid, p: Packed, codec: Codec) -> Tuple[int, int, int]:
+        """Returns ``(offset, stored bytes, codec id)`` for the index; offset 0 = not one block."""
+        if p.chunk_shape is None:
+            if p.nbytes:
+                buf = np.frombuffer(p.data, dtype=p.dtype).reshape(p.shape)
+                dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, buf)
+            return (dsid.get_offset() or 0), p.nbytes, NONE
+        if isinstance(p.data, np.ndarray):
+            dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, p.data)
+            info = [dsid.get_chunk_info(i) for i in range(dsid.get_num_chunks())]
+            return 0, sum(i.size for i in info), p.codec
+        for offset, data, mask in p.data:
+            dsid.write_direct_chunk(offset, data, mask)
+        stored = sum(len(d) for _, d, _ in p.data)
+        if len(p.data) == 1:
+            info = dsid.get_chunk_info(0)
+            return info.byte_offset, info.size, (NONE if p.data[0][2] else p.codec)
+        return 0, stored, p.codec
+
+    def _dcpl(self, chunk: Optional[Tuple[int, ...]], codec: Codec):
+        key = (chunk, codec.spec)
+        dcpl = self._dcpls.get(key)
+        if dcpl is None:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            if chunk is not None:
+                dcpl.set_chunk(chunk)
+                codec.set_filter(dcpl)
+            else:
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_LATE)
+            self._dcpls[key] = dcpl
+        return dcpl
+
+    def _type(self, dtype: str):
+        tid = self._types.get(dtype)
+        if tid is None:
+            tid = self._types[dtype] = h5py.h5t.py_create(np.dtype(dtype))
+        return tid
+
+    def _set_attr(self, objid, name: str, value: str) -> None:
+        attr = h5py.h5a.create(objid, name.encode(), self._str_type, self._scalar)
+        attr.write(np.array(value, dtype=h5py.string_dtype("utf-8")))
+
+    def close(self) -> None:
+        """Write the index of every entry added."""
+        write_index(self._f, self._rows)
+
+
+def write_index(f: h5py.File, rows: List[tuple]) -> None:
+    """Store the index group (see :mod:`data2h5.format`) for ``rows`` of
+    ``(key, size, crc32, kind, codec, offset, stored, dtype, shape)``."""
+    group = f.require_group(fmt.INDEX_GROUP)
+    n = len(rows)
+    keys = [r[0].encode("utf-8") for r in rows]
+    width = max((len(k) for k in keys), default=1) or 1
+    columns = {
+        "keys": np.array(keys, dtype=f"S{width}"),
+        "size": np.fromiter((r[1] for r in rows), fmt.INDEX_FIELDS["size"], n),
+        "crc32": np.fromiter((r[2] for r in rows), fmt.INDEX_FIELDS["crc32"], n),
+        "kind": np.fromiter((r[3] for r in rows), fmt.INDEX_FIELDS["kind"], n),
+        "codec": np.fromiter((r[4] for r in rows), fmt.INDEX_FIELDS["codec"], n),
+        "offset": np.fromiter((r[5] for r in rows), fmt.INDEX_FIELDS["offset"], n),
+        "stored": np.fromiter((r[6] for r in rows), fmt.INDEX_FIELDS["stored"], n),
+        "dtype": np.array([r[7].encode() for r in rows], dtype=fmt.INDEX_FIELDS["dtype"]),
+    }
+    shape = np.full((n, fmt.MAX_NDIM), -1, dtype=fmt.INDEX_FIELDS["shape"])
+    for i, r in enumerate(rows):
+        dims = r[8][: fmt.MAX_NDIM]
+        shape[i, : len(dims)] = dims
+        if len(r[8]) > fmt.MAX_NDIM:
+            columns["offset"][i] = 0  # too many dims to describe here: read through h5py
+    columns["shape"] = shape
+    for name, values in columns.items():
+        group.create_dataset(name, data=values, compression="gzip" if n else None, chunks=True if n else None)
