@@ -1,0 +1,202 @@
+"""The ``stacked`` layout: every sample in one N-D array, readable by data2h5 and by h5torch.
+
+When every source decodes to one shape and dtype, :class:`StackedWriter` stores them as rows
+of one chunked dataset and writes, aligned on axis 0::
+
+    /data                 real   (N, *shape) sample dtype, chunked (k, *shape), codec filter
+    /labels               real   (N,) int64: index into /classes of each key's class
+    /keys                 real   (N,) S<n>: each key, UTF-8, gzip
+    /classes              real   (C,) S<n>: sorted class names, UTF-8, gzip
+    /__data2h5__/keys     soft link -> /keys
+    /__data2h5__/size     real   (N,) uint64: source file sizes
+    /__data2h5__/crc32    real   (N,) uint32: source file CRC-32s
+    /central              soft link -> /data      (h5torch's central object)
+    /0/labels             soft link -> /labels    (h5torch's objects aligned to axis 0)
+    /0/keys               soft link -> /keys
+    /unstructured/classes soft link -> /classes
+
+``data``, ``labels``, ``keys`` and ``classes`` carry h5torch's attributes (``mode`` "N-D",
+``shape``, ``dtypes`` [save, load], ``filled_to``), so ``h5torch.Dataset(path)`` yields
+``{"central": data[i], "0/labels": labels[i], "0/keys": keys[i]}``; h5torch only inspects
+``central`` and the digit-named groups, so the other root members do not disturb it.
+
+A key's class is its first path component (``cat/x/1.png`` → ``cat``); files directly in the
+source folder have the class :data:`ROOT_CLASS` (``"."``, a name no folder can have).
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Sequence
+
+import h5py
+import numpy as np
+
+from .codecs import Codec, choose_codec
+from .errors import LayoutError
+from .format import (
+    INDEX_GROUP,
+    STACKED_CLASSES,
+    STACKED_DATA,
+    STACKED_KEYS,
+    STACKED_LABELS,
+    Kind,
+)
+
+log = logging.getLogger(__name__)
+
+ROOT_CLASS = "."
+H5TORCH_CENTRAL = "central"
+H5TORCH_AXIS0 = "0"
+H5TORCH_UNSTRUCTURED = "unstructured"
+LABEL_DTYPE = np.dtype("<i8")  # what torch's cross-entropy wants, without a cast
+
+_REMEDY = "use --layout files, or a reader plugin that gives every sample one shape and dtype (e.g. plugins/resize_gray.py)"
+
+
+def class_of(key: str) -> str:
+    """The class of a key: its first path component, or :data:`ROOT_CLASS` for a top-level file."""
+    head, sep, _ = key.partition("/")
+    return head if sep else ROOT_CLASS
+
+
+class StackedWriter:
+    """Write samples of one shape and dtype as rows of ``/data`` in an open, writable file.
+
+    ``n`` is an upper bound on the rows (skipped sources make it fewer; :meth:`close` trims).
+    ``codec`` None means ``auto`` (lzf for arrays). Rows are buffered and written one chunk
+    of about ``chunk_bytes`` at a time, so HDF5 compresses each chunk exactly once.
+    """
+
+    def __init__(self, f: h5py.File, n: int, codec: Optional[Codec], chunk_bytes: int = 1 << 20):
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self.f = f
+        self.n = n
+        self.codec = choose_codec(codec, Kind.ARRAY, "")
+        self.chunk_bytes = max(1, int(chunk_bytes))
+        self.keys: List[str] = []
+        self.sizes: List[int] = []
+        self.crcs: List[int] = []
+        self._dset: Optional[h5py.Dataset] = None
+        self._buf: Optional[np.ndarray] = None
+        self._fill = 0  # rows in the buffer
+        self._written = 0  # rows already written to the dataset
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, key: str, value, size: int, crc32: int, kind: Kind = Kind.ARRAY) -> None:
+        """Append one sample. Raises :class:`LayoutError` if it is not a decoded numeric array,
+        or if its shape or dtype differs from the first sample's."""
+        if self._closed:
+            raise RuntimeError("StackedWriter is closed")
+        arr = self._check(key, value, kind)
+        if self._dset is None:
+            self._create(key, arr)
+        elif arr.shape != self._buf.shape[1:] or arr.dtype != self._buf.dtype:
+            first = self.keys[0]
+            raise LayoutError(
+                f"{key}: shape {arr.shape} {arr.dtype} differs from {first}: shape "
+                f"{self._buf.shape[1:]} {self._buf.dtype}; the stacked layout needs one shape "
+                f"and dtype for all samples: {_REMEDY}"
+            )
+        self._buf[self._fill] = arr
+        self._fill += 1
+        self.keys.append(key)
+        self.sizes.append(int(size))
+        self.crcs.append(int(crc32))
+        if self._fill == len(self._buf):
+            self._flush()
+
+    def close(self) -> int:
+        """Write the buffered rows, trim ``/data`` to the rows written, then write labels,
+        classes, keys, the index and the h5torch links. Returns the bytes ``/data`` stores."""
+        if self._closed:
+            raise RuntimeError("StackedWriter is already closed")
+        self._closed = True
+        if self._dset is None:  # nothing was added: an empty, still valid archive
+            self._dset = self.f.create_dataset(STACKED_DATA, shape=(0,), dtype="u1", maxshape=(None,), chunks=(1,))
+        else:
+            self._flush()
+            self._dset.resize(len(self.keys), axis=0)
+        count = len(self.keys)
+        classes = sorted({class_of(k) for k in self.keys})
+        lookup = {name: i for i, name in enumerate(classes)}
+        labels = np.fromiter((lookup[class_of(k)] for k in self.keys), dtype=LABEL_DTYPE, count=count)
+
+        f = self.f
+        _h5torch_attrs(self._dset)
+        _h5torch_attrs(_write_1d(f, STACKED_LABELS, labels))
+        _h5torch_attrs(_write_1d(f, STACKED_KEYS, _utf8_array(self.keys)))
+        _h5torch_attrs(_write_1d(f, STACKED_CLASSES, _utf8_array(classes)))
+        index = f.require_group(INDEX_GROUP)
+        index[STACKED_KEYS] = h5py.SoftLink(f"/{STACKED_KEYS}")
+        _write_1d(index, "size", np.asarray(self.sizes, dtype="<u8"))
+        _write_1d(index, "crc32", np.asarray(self.crcs, dtype="<u4"))
+        f[H5TORCH_CENTRAL] = h5py.SoftLink(f"/{STACKED_DATA}")
+        axis0 = f.require_group(H5TORCH_AXIS0)
+        axis0[STACKED_LABELS] = h5py.SoftLink(f"/{STACKED_LABELS}")
+        axis0[STACKED_KEYS] = h5py.SoftLink(f"/{STACKED_KEYS}")
+        f.require_group(H5TORCH_UNSTRUCTURED)[STACKED_CLASSES] = h5py.SoftLink(f"/{STACKED_CLASSES}")
+
+        stored = self._dset.id.get_storage_size()
+        log.debug("stacked %d samples of %s %s in %d classes: %d bytes stored", count,
+                  self._dset.shape[1:], self._dset.dtype, len(classes), stored)
+        return stored
+
+    def _check(self, key: str, value, kind: Kind) -> np.ndarray:
+        if isinstance(value, (bytes, bytearray, memoryview, str)) or kind != Kind.ARRAY:
+            what = "text" if isinstance(value, str) or kind == Kind.TEXT else "raw bytes"
+            raise LayoutError(
+                f"{key}: the reader gave {what}, not a decoded array; the stacked layout stores "
+                "decoded arrays only: use --layout files, or a reader that decodes this file type"
+            )
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biufc":
+            raise LayoutError(f"{key}: dtype {arr.dtype} cannot be stacked, only numeric arrays: {_REMEDY}")
+        return arr
+
+    def _create(self, key: str, arr: np.ndarray) -> None:
+        rows = max(1, self.chunk_bytes // max(1, arr.nbytes))
+        rows = min(rows, max(1, self.n))
+        chunks = (rows, *arr.shape)
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        self.codec.set_filter(dcpl)  # h5py sets the chunk shape on it, then adds no filter
+        self._dset = self.f.create_dataset(
+            STACKED_DATA, shape=(self.n, *arr.shape), dtype=arr.dtype, maxshape=(None, *arr.shape),
+            chunks=chunks, dcpl=dcpl,
+        )
+        self._buf = np.empty(chunks, dtype=arr.dtype)
+        log.debug("stacking %s %s from %s, %d rows per chunk, codec %s", arr.shape, arr.dtype, key,
+                  rows, self.codec.spec)
+
+    def _flush(self) -> None:
+        if not self._fill:
+            return
+        start, stop = self._written, self._written + self._fill
+        if stop > self._dset.shape[0]:  # more rows than n promised: grow rather than fail
+            self._dset.resize(stop, axis=0)
+        self._dset[start:stop] = self._buf[: self._fill]
+        self._written, self._fill = stop, 0
+
+
+def _utf8_array(texts: Sequence[str]) -> np.ndarray:
+    encoded = [t.encode("utf-8") for t in texts]
+    width = max([1, *map(len, encoded)])
+    return np.array(encoded, dtype=f"S{width}")
+
+
+def _write_1d(group: h5py.Group, name: str, values: np.ndarray) -> h5py.Dataset:
+    """A gzip-compressed 1-D dataset (shuffled for numbers, which then compress far better)."""
+    if not len(values):
+        return group.create_dataset(name, shape=(0,), dtype=values.dtype, maxshape=(None,), chunks=(1,))
+    return group.create_dataset(name, data=values, compression="gzip", shuffle=values.dtype.kind != "S")
+
+
+def _h5torch_attrs(dset: h5py.Dataset) -> None:
+    """The attributes h5torch reads from an ``N-D`` object: its mode, shape, dtypes, fill."""
+    dset.attrs["mode"] = "N-D"
+    dset.attrs["shape"] = np.asarray(dset.shape, dtype=np.int64)
+    dset.attrs["dtypes"] = [str(dset.dtype)] * 2
+    dset.attrs["filled_to"] = dset.shape[0]
