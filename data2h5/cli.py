@@ -1,0 +1,121 @@
+"""The ``data2h5`` command line: a thin layer over :func:`data2h5.convert` and the index."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Optional, Tuple
+
+import click
+
+from ._version import __version__
+from .convert import convert as convert_folder
+from .errors import Data2H5Error
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+CONVERT_EXAMPLE = """\b
+Example:
+  data2h5 convert --path-images photos/ --path-output photos.h5 --ext jpg
+  python -c "import h5py; print(h5py.File('photos.h5')['cats/0001.jpg'][()].shape)"
+\b
+Store the files' exact bytes instead (about the source size, decoded on read):
+  data2h5 convert --path-images photos/ --path-output photos.h5 --ext jpg --reader bytes
+\b
+Use your own reader or prune function (see plugins/):
+  data2h5 convert ... --reader plugins/my_functions.py:my_read --prune plugins/my_functions.py:my_prune
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="data2h5")
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens, file by file problems included.")
+def main(verbose: bool) -> None:
+    """Turn a folder of loose files into one compressed HDF5 archive."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+
+
+@main.command(epilog=CONVERT_EXAMPLE)
+@click.option("--path-images", "--path_images", "src", required=True, type=click.Path(file_okay=True, dir_okay=True),
+              help="Folder holding the files to convert.")
+@click.option("--path-output", "--path_output", "dst", required=True, type=click.Path(),
+              help="Archive to write (e.g. out.h5).")
+@click.option("--ext", "exts", multiple=True,
+              help="Extension to keep; repeat for several (case-insensitive, dot optional).")
+@click.option("--reader", default=None,
+              help="auto (default), image, bytes, npy, text, module:function or file.py:function.")
+@click.option("--prune", default=None, help="prune(filename, ext) -> bool as module:function or file.py:function.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes decoding files (default: every core; 1 works in-process).")
+@click.option("--single_process", "--single-process", "single_process", is_flag=True, help="Same as --workers 1.")
+@click.option("--compression", default="auto", show_default=True,
+              help="auto, none, lzf, gzip[:LEVEL], zstd[:LEVEL] or blosc-lz4[:LEVEL].")
+@click.option("--no_compress", "--no-compress", "no_compress", is_flag=True, help="Same as --compression none.")
+@click.option("--layout", type=click.Choice(["files", "stacked"]), default="files", show_default=True,
+              help="files: one dataset per file; stacked: one (N, ...) array `data` with labels.")
+@click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
+@click.option("--on-error", "--on_error", "on_error", type=click.Choice(["fail", "skip"]), default="fail",
+              show_default=True, help="Stop at the first unreadable file, or skip it and list it.")
+@click.option("--follow-symlinks", is_flag=True, help="Walk into symlinked folders (never twice).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+def convert(src: str, dst: str, exts: Tuple[str, ...], reader: Optional[str], prune: Optional[str],
+            workers: Optional[int], single_process: bool, compression: str, no_compress: bool, layout: str,
+            overwrite: bool, on_error: str, follow_symlinks: bool, quiet: bool) -> None:
+    """Convert every matching file under a folder into one HDF5 archive, keyed by relative path."""
+    if no_compress and compression != "auto":
+        raise click.UsageError("--no_compress and --compression contradict each other; give one")
+    try:
+        report = convert_folder(
+            src, dst, ext=exts, reader=reader, prune=prune, workers=1 if single_process else workers,
+            compression="none" if no_compress else compression, layout=layout, overwrite=overwrite,
+            on_error=on_error, follow_symlinks=follow_symlinks, progress=not quiet,
+        )
+    except Data2H5Error as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo(f"data2h5: interrupted; nothing was written to {dst}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if not quiet:
+        click.echo(report.summary(), err=True)
+
+
+@main.command()
+@click.argument("archive", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
+def info(archive: str, as_json: bool) -> None:
+    """Show what an archive holds and how it was made."""
+    from .info import describe
+
+    try:
+        facts = describe(archive)
+    except Data2H5Error as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    width = max(len(k) for k in facts)
+    for name, value in facts.items():
+        click.echo(f"{name:<{width}}  {value}")
+
+
+@main.command()
+@click.argument("archive", type=click.Path())
+@click.argument("prefix", required=False, default="")
+def ls(archive: str, prefix: str) -> None:
+    """List the archive's entry keys, optionally only those under PREFIX."""
+    from .info import list_keys
+
+    try:
+        keys = list_keys(archive)
+    except Data2H5Error as exc:
+        _fail(exc)
+    out = sys.stdout
+    for key in keys:
+        if key.startswith(prefix):
+            out.write(key + "\n")
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"data2h5: error: {exc}", err=True)
+    sys.exit(EXIT_ERROR)
