@@ -1,0 +1,436 @@
+"""Read an archive's index, and read single entries from it fast.
+
+:func:`read_index` loads the index group of a data2h5 archive (see :mod:`data2h5.format`) as
+numpy arrays, recognises ``stacked`` archives, and falls back to walking a plain HDF5 file
+(e.g. one written by the original Data2H5 script) for the sorted list of its dataset paths.
+
+:class:`ArchiveReader` reads entries of one archive. An entry stored as one block (its
+``offset`` in the index is non-zero) is read with a single ``os.pread`` on a raw file
+descriptor and decompressed in Python, without touching h5py; anything else goes through
+h5py. Both handles are opened lazily, once per process, so a reader can be pickled to
+spawned workers and used in forked ones.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import h5py
+import numpy as np
+
+from . import codecs, format as fmt
+from .errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError
+from .format import Kind
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+STORED_CRC32 = "stored_crc32"
+"""Optional index field: CRC-32 of each entry's stored bytes, so damage to compressed arrays
+(whose ``crc32`` is that of the source file, not of what is stored) is caught on read."""
+
+LAYOUT_PLAIN = "plain"
+"""Layout of an HDF5 file not written by data2h5: every dataset is an entry."""
+
+
+@dataclass
+class Index:
+    """One archive's entries: ``keys`` plus per-entry arrays aligned with them.
+
+    For ``stacked`` and ``plain`` archives the fields a data2h5 ``files`` index would hold
+    are filled in so readers can treat every layout alike: ``offset`` is 0 (read through
+    h5py) unless the entry's bytes could be located as one uncompressed block.
+    """
+
+    path: str
+    layout: str
+    keys: List[str]
+    size: np.ndarray  # uint64; 0 where unknown
+    crc32: np.ndarray  # uint32; 0 where unknown
+    kind: np.ndarray  # uint8, a Kind
+    codec: np.ndarray  # uint8, a codec id
+    offset: np.ndarray  # uint64; 0: read through h5py
+    stored: np.ndarray  # uint64
+    dtype: np.ndarray  # S16 numpy dtype strings
+    shape: np.ndarray  # int64 (n, MAX_NDIM), padded with -1
+    attrs: Dict[str, Any] = field(default_factory=dict)
+    stored_crc32: Optional[np.ndarray] = None  # uint32 CRC-32 of the bytes at ``offset``, if recorded
+    labels: Optional[np.ndarray] = None  # stacked: class index of each entry
+    classes: Optional[List[str]] = None  # stacked: class names
+    _positions: Optional[Dict[str, int]] = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def position(self, key: str) -> int:
+        """The row of ``key``; raises :class:`ArchiveKeyError` naming key and archive."""
+        if self._positions is None:
+            self._positions = {k: i for i, k in enumerate(self.keys)}
+        try:
+            return self._positions[key]
+        except KeyError:
+            raise ArchiveKeyError(f"no entry {key!r} in archive {self.path}") from None
+
+    def __contains__(self, key: object) -> bool:
+        if self._positions is None:
+            self._positions = {k: i for i, k in enumerate(self.keys)}
+        return key in self._positions
+
+    def entry_shape(self, pos: int) -> tuple:
+        """The stored array's shape of entry ``pos``."""
+        return tuple(int(d) for d in self.shape[pos] if d >= 0)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_positions"] = None  # rebuilt on demand; not worth pickling to workers
+        return state
+
+
+def open_h5(path: PathLike) -> h5py.File:
+    """Open ``path`` read-only with h5py; raises :class:`ArchiveError` naming the path."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ArchiveError(f"{path}: no such archive")
+    if not os.path.isfile(path):
+        raise ArchiveError(f"{path}: not a file; give the path of an .h5 archive")
+    if not h5py.is_hdf5(path):
+        raise ArchiveError(f"{path}: not an HDF5 file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise ArchiveError(f"{path}: cannot open as HDF5: {exc}") from exc
+
+
+def read_index(source: Union[PathLike, h5py.File]) -> Index:
+    """The index of an archive given by path or by an open :class:`h5py.File`.
+
+    A data2h5 ``files`` archive is read from its index group, a ``stacked`` one from its
+    ``keys``/``labels``/``classes`` datasets, and any other HDF5 file by walking it for its
+    datasets (sorted by path; slower, as it visits every object).
+    """
+    if isinstance(source, h5py.File):
+        return _read_index(source)
+    with open_h5(source) as f:
+        return _read_index(f)
+
+
+def _read_index(f: h5py.File) -> Index:
+    path = f.filename
+    attrs = {k: _plain(v) for k, v in f.attrs.items()}
+    layout = attrs.get(fmt.ATTR_LAYOUT)
+    try:
+        if layout == fmt.LAYOUT_STACKED:
+            return _read_stacked(f, attrs)
+        group = f.get(fmt.INDEX_GROUP)
+        if isinstance(group, h5py.Group):
+            return _read_files(f, group, attrs)
+    except (KeyError, ValueError, OSError) as exc:
+        raise ArchiveError(f"{path}: damaged data2h5 index ({exc}); convert the source again") from exc
+    if fmt.ATTR_FORMAT in attrs:
+        raise ArchiveError(f"{path}: data2h5 archive without its {fmt.INDEX_GROUP} index; convert the source again")
+    return _walk_plain(f, attrs)
+
+
+def _read_files(f: h5py.File, group: h5py.Group, attrs: dict) -> Index:
+    keys = _decode_keys(group["keys"][()])
+    n = len(keys)
+    arrays = {name: group[name][()] for name in fmt.INDEX_FIELDS if name != "keys"}
+    if STORED_CRC32 in group:
+        arrays[STORED_CRC32] = group[STORED_CRC32][()]
+    for name, arr in arrays.items():
+        if len(arr) != n:
+            raise ValueError(f"index field {name!r} has {len(arr)} rows for {n} keys")
+    return Index(path=f.filename, layout=fmt.LAYOUT_FILES, keys=keys, attrs=attrs, **arrays)
+
+
+def _read_stacked(f: h5py.File, attrs: dict) -> Index:
+    data = f[fmt.STACKED_DATA]
+    n = len(data)
+    group = f.get(fmt.INDEX_GROUP)
+    source = group if isinstance(group, h5py.Group) and "keys" in group else f
+    keys = _decode_keys(source[fmt.STACKED_KEYS][()]) if fmt.STACKED_KEYS in source else [str(i) for i in range(n)]
+    if len(keys) != n:
+        raise ValueError(f"{len(keys)} keys for {n} samples")
+    index = _blank_index(f.filename, fmt.LAYOUT_STACKED, keys, attrs)
+    if isinstance(group, h5py.Group):
+        for name in ("size", "crc32"):
+            if name in group:
+                getattr(index, name)[:] = group[name][()]
+    index.dtype[:] = data.dtype.str.encode()
+    row_shape = data.shape[1:]
+    index.shape[:, : len(row_shape)] = row_shape
+    # Contiguous, unfiltered data: each row is one block at a computable offset.
+    base = data.id.get_offset()
+    if base is not None and n:
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * data.dtype.itemsize
+        index.offset[:] = base + np.arange(n, dtype=np.uint64) * np.uint64(row_bytes)
+        index.stored[:] = row_bytes
+    if fmt.STACKED_LABELS in f:
+        index.labels = f[fmt.STACKED_LABELS][()]
+    if fmt.STACKED_CLASSES in f:
+        index.classes = _decode_keys(f[fmt.STACKED_CLASSES][()])
+    return index
+
+
+def _walk_plain(f: h5py.File, attrs: dict) -> Index:
+    found: Dict[str, h5py.Dataset] = {}
+
+    def visit(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset):
+            found[name] = obj
+
+    f.visititems(visit)
+    keys = sorted(found)
+    index = _blank_index(f.filename, LAYOUT_PLAIN, keys, attrs)
+    for i, key in enumerate(keys):
+        dset = found[key]
+        index.dtype[i] = dset.dtype.str.encode()[:16]
+        shape = dset.shape or ()
+        index.shape[i, : min(len(shape), fmt.MAX_NDIM)] = shape[: fmt.MAX_NDIM]
+    log.info("%s: not a data2h5 archive; walked %d datasets", f.filename, len(keys))
+    return index
+
+
+def _blank_index(path: str, layout: str, keys: List[str], attrs: dict) -> Index:
+    n = len(keys)
+    return Index(
+        path=path,
+        layout=layout,
+        keys=keys,
+        size=np.zeros(n, np.uint64),
+        crc32=np.zeros(n, np.uint32),
+        kind=np.full(n, int(Kind.ARRAY), np.uint8),
+        codec=np.full(n, codecs.NONE, np.uint8),
+        offset=np.zeros(n, np.uint64),
+        stored=np.zeros(n, np.uint64),
+        dtype=np.zeros(n, "S16"),
+        shape=np.full((n, fmt.MAX_NDIM), -1, np.int64),
+        attrs=attrs,
+    )
+
+
+def _decode_keys(raw: np.ndarray) -> List[str]:
+    return [k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in raw.tolist()]
+
+
+def _plain(value: Any) -> Any:
+    """An attribute value as plain Python (bytes → str, numpy scalars → Python scalars)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def decode_value(stored: np.ndarray, kind: int, key: str) -> Any:
+    """Turn an entry's stored array into what it holds: BYTES are decoded by the key's
+    extension (image, .npy, text; other types stay a uint8 array), TEXT becomes ``str``,
+    arrays are returned as they are. Raises :class:`ReadError` when bytes do not decode."""
+    if kind == Kind.ARRAY:
+        return stored
+    raw = stored.tobytes()
+    if kind == Kind.TEXT:
+        return raw.decode("utf-8")
+    from .readers import BUILTIN_READERS, reader_for_extension
+
+    ext = os.path.splitext(key)[1].lower()
+    reader = reader_for_extension(ext)
+    if reader is BUILTIN_READERS["bytes"]:
+        return stored
+    try:
+        return reader.from_bytes(raw, ext)
+    except Exception as exc:
+        raise ReadError(key, f"cannot decode as {reader.name}: {type(exc).__name__}: {exc}") from exc
+
+
+class ArchiveReader:
+    """Reads the entries of one archive, by row of its :class:`Index`.
+
+    Handles (a raw file descriptor for the fast path, an :class:`h5py.File` for the rest)
+    are opened on first use in each process: after a fork the child never touches its
+    parent's handles, and pickling drops them. Safe to share between threads.
+
+    ``verify`` checks the CRC-32 of entries stored as exact bytes (BYTES, TEXT) against the
+    source file's, and, where the index records :data:`STORED_CRC32`, that of the stored
+    bytes read by ``os.pread``. Without that field, damage to an lzf-compressed array is
+    caught only when it breaks decompression (gzip and zstd carry their own checksums).
+    """
+
+    def __init__(self, path: PathLike, index: Optional[Index] = None, *, verify: bool = True):
+        self.path = os.fspath(path)
+        self.index = read_index(self.path) if index is None else index
+        self.verify = verify
+        self._reset_handles()
+
+    def _reset_handles(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._fd: Optional[int] = None
+        self._h5: Optional[h5py.File] = None
+        self._data: Optional[h5py.Dataset] = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    # -- handles ---------------------------------------------------------------------------
+
+    def _own_process(self) -> None:
+        if self._pid != os.getpid():
+            # Forked: the parent's handles share its file offset and HDF5 state. Close our
+            # copies (that touches only this process) so HDF5 cannot hand back the parent's
+            # shared file when we reopen.
+            self._close_handles()
+            self._reset_handles()
+
+    @property
+    def fd(self) -> int:
+        """This process's raw read-only file descriptor of the archive."""
+        self._own_process()
+        if self._fd is None:
+            with self._lock:
+                if self._fd is None:
+                    try:
+                        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    except OSError as exc:
+                        raise ArchiveError(f"{self.path}: cannot open: {exc.strerror}") from exc
+        return self._fd
+
+    @property
+    def h5file(self) -> h5py.File:
+        """This process's :class:`h5py.File` of the archive."""
+        self._own_process()
+        if self._h5 is None:
+            with self._lock:
+                if self._h5 is None:
+                    self._h5 = open_h5(self.path)
+        return self._h5
+
+    def close(self) -> None:
+        """Close this process's handles; they reopen on the next read."""
+        if getattr(self, "_pid", None) is None:
+            return  # never fully initialised
+        self._close_handles()
+        self._fd = self._h5 = self._data = None
+
+    def _close_handles(self) -> None:
+        fd, h5 = getattr(self, "_fd", None), getattr(self, "_h5", None)
+        self._data = None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if h5 is not None:
+            try:
+                h5.close()
+            except Exception:  # noqa: BLE001 - closing during interpreter shutdown may fail
+                pass
+
+    def __enter__(self) -> "ArchiveReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in ("_pid", "_lock", "_fd", "_h5", "_data"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_handles()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read(self, pos: int, *, decode: bool = True) -> Any:
+        """Entry ``pos``: decoded (see :func:`decode_value`) or, with ``decode=False``, as stored."""
+        stored = self.read_stored(pos)
+        if not decode:
+            return stored
+        kind = int(self.index.kind[pos])
+        try:
+            return decode_value(stored, kind, self.index.keys[pos])
+        except ReadError as exc:
+            raise ReadError(f"{self.path}::{self.index.keys[pos]}", exc.reason) from exc
+
+    def read_stored(self, pos: int) -> np.ndarray:
+        """Entry ``pos`` as stored (a uint8 array for BYTES and TEXT entries).
+
+        Raises :class:`CorruptEntryError` naming archive and entry when the stored bytes do
+        not decompress to the recorded size or fail their checksum.
+        """
+        index = self.index
+        offset = int(index.offset[pos])
+        codec_id = int(index.codec[pos])
+        if offset and codec_id in _DIRECT_CODECS:
+            arr = self._read_direct(pos, offset, codec_id)
+        else:
+            arr = self._read_h5(pos)
+        if self.verify and index.kind[pos] != Kind.ARRAY and index.size[pos]:
+            if arr.nbytes != index.size[pos] or zlib.crc32(arr) != index.crc32[pos]:
+                raise self._corrupt(pos, "checksum mismatch")
+        return arr
+
+    def _read_direct(self, pos: int, offset: int, codec_id: int) -> np.ndarray:
+        index = self.index
+        stored = int(index.stored[pos])
+        dtype = np.dtype(index.dtype[pos].decode())
+        shape = self.index.entry_shape(pos)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        data = os.pread(self.fd, stored, offset)
+        if len(data) != stored:
+            raise self._corrupt(pos, f"file ends {stored - len(data)} bytes before the entry does")
+        if self.verify and index.stored_crc32 is not None and zlib.crc32(data) != index.stored_crc32[pos]:
+            raise self._corrupt(pos, "checksum of the stored bytes does not match")
+        # A chunk lzf could not shrink is stored raw, as HDF5 does for an optional filter.
+        if codec_id != codecs.NONE and not (codec_id == codecs.LZF and stored == nbytes):
+            try:
+                data = codecs.codec_by_id(codec_id).decompress(data, nbytes)
+            except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
+                raise self._corrupt(pos, f"{type(exc).__name__}: {exc}") from exc
+        if len(data) != nbytes:
+            raise self._corrupt(pos, f"{len(data)} bytes where {nbytes} were expected")
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+    def _read_h5(self, pos: int) -> np.ndarray:
+        try:
+            if self.index.layout == fmt.LAYOUT_STACKED:
+                if self._data is None or self._pid != os.getpid():
+                    self._data = self.h5file[fmt.STACKED_DATA]
+                return self._data[pos]
+            key = self.index.keys[pos]
+            try:
+                dset = self.h5file[key]
+            except KeyError:
+                raise ArchiveError(f"{self.path}: index lists {key!r} but the archive has no such dataset") from None
+            return dset[()]
+        except OSError as exc:
+            raise self._corrupt(pos, str(exc)) from exc
+
+    def attr(self, pos: int, name: str) -> Any:
+        """HDF5 attribute ``name`` of entry ``pos``'s dataset; :class:`ArchiveError` if missing."""
+        key = self.index.keys[pos]
+        if self.index.layout == fmt.LAYOUT_STACKED:
+            raise ArchiveError(f"{self.path}: a stacked archive has no per-entry attributes (asked {name!r} of {key!r})")
+        attrs = self.h5file[key].attrs
+        if name not in attrs:
+            raise ArchiveError(f"{self.path}: entry {key!r} has no attribute {name!r}")
+        return _plain(attrs[name])
+
+    def _corrupt(self, pos: int, why: str) -> CorruptEntryError:
+        return CorruptEntryError(
+            f"{self.path}: entry {self.index.keys[pos]!r} is damaged ({why}); convert the source again"
+        )
+
+
+_DIRECT_CODECS = frozenset(c.id for c in codecs.CODECS.values() if c.in_worker)
