@@ -14,6 +14,8 @@ from data2h5.errors import LayoutError
 from data2h5.format import INDEX_GROUP, Kind
 from data2h5.stacked import ROOT_CLASS, StackedWriter, class_of
 
+from conftest import write_images
+
 SHAPE = (6, 5, 3)
 
 
@@ -266,3 +268,75 @@ def test_closing_twice_is_an_error(tmp_path):
             writer.close()
         with pytest.raises(RuntimeError):
             writer.add("a/c.png", np.ones(3, np.uint8), 3, 0)
+
+
+def image_tree(root: Path, names, size: int = 16) -> dict:
+    """One same-shape RGB PNG per name (``write_images`` varies the shape with the position)."""
+    files = {}
+    for seed, name in enumerate(names):
+        files.update(write_images(root, [name], size=size, seed=seed))
+    return files
+
+
+CLASS_TREE = ["cat/c0", "cat/c1", "cat/deep/c2", "dog/d0", "dog/d1", "top"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_convert_stacked_end_to_end(tmp_path, workers):
+    import imageio.v3 as iio
+
+    from data2h5 import convert
+
+    files = image_tree(tmp_path / "src", CLASS_TREE)
+    dst = tmp_path / "out.h5"
+    convert(tmp_path / "src", dst, ext="png", layout="stacked", workers=workers)
+    with h5py.File(dst, "r") as f:
+        assert f.attrs["layout"] == "stacked"
+        keys = [k.decode() for k in f["keys"][()]]
+        assert sorted(keys) == sorted(files)
+        assert f["data"].shape == (6, 16, 16, 3) and f["data"].chunks[1:] == (16, 16, 3)
+        for i, key in enumerate(keys):
+            np.testing.assert_array_equal(f["data"][i], iio.imread(files[key]))
+        classes, labels = expected_labels(keys)
+        assert [c.decode() for c in f["classes"][()]] == classes == [".", "cat", "dog"]
+        assert f["labels"][()].tolist() == labels
+        raw = [files[k].read_bytes() for k in keys]
+        assert f[INDEX_GROUP]["size"][()].tolist() == [len(b) for b in raw]
+        assert f[INDEX_GROUP]["crc32"][()].tolist() == [zlib.crc32(b) for b in raw]
+        data = f["data"][()]
+
+    pytest.importorskip("torch")
+    h5torch = pytest.importorskip("h5torch")
+    ds = h5torch.Dataset(str(dst))
+    try:
+        assert len(ds) == 6
+        for i in range(6):
+            np.testing.assert_array_equal(ds[i]["central"], data[i])
+            assert ds[i]["0/labels"] == labels[i] and ds[i]["0/keys"].decode() == keys[i]
+    finally:
+        ds.close()
+
+
+def test_convert_stacked_skips_unreadable_files_and_trims(tmp_path):
+    from data2h5 import convert
+
+    files = image_tree(tmp_path / "src", CLASS_TREE[:4])
+    (tmp_path / "src" / "dog" / "broken.png").write_bytes(b"not a png")
+    dst = tmp_path / "out.h5"
+    report = convert(tmp_path / "src", dst, ext="png", layout="stacked", workers=1, on_error="skip")
+    assert [k for k, _ in report.skipped] == ["dog/broken.png"]
+    with h5py.File(dst, "r") as f:
+        assert f["data"].shape == (4, 16, 16, 3)
+        assert sorted(k.decode() for k in f["keys"][()]) == sorted(files)
+        assert f["central"].attrs["filled_to"] == f["central"].attrs["shape"][0] == 4
+
+
+def test_convert_stacked_refuses_mixed_shapes(tmp_path):
+    from data2h5 import convert
+
+    image_tree(tmp_path / "src", ["cat/a", "cat/b"])
+    write_images(tmp_path / "src", ["dog/big"], size=20)
+    dst = tmp_path / "out.h5"
+    with pytest.raises(LayoutError, match=r"dog/big\.png.*\(20, 20, 3\).*\(16, 16, 3\).*--layout files"):
+        convert(tmp_path / "src", dst, ext="png", layout="stacked", workers=1, on_error="skip")
+    assert not dst.exists()
