@@ -6,14 +6,24 @@ import json
 from pathlib import Path
 from types import ModuleType
 
+import h5py
 import imageio.v3 as iio
 import numpy as np
 import pytest
 from PIL import Image
 
+import data2h5
+from data2h5 import format as fmt
 from conftest import photo_like
 
-PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+REPO = Path(__file__).resolve().parent.parent
+PLUGINS = REPO / "plugins"
+SAMPLES = REPO / "tests" / "samples"
+
+
+def spec(name: str, func: str) -> str:
+    """The command-line form of a plugin: ``path/to/file.py:function``."""
+    return f"{PLUGINS / name}.py:{func}"
 
 
 def load_plugin(name: str) -> ModuleType:
@@ -95,6 +105,16 @@ def test_resize_gray_size_from_environment(tmp_path: Path, monkeypatch: pytest.M
     assert load_plugin("resize_gray").read(str(path)).shape == shape
 
 
+def test_resize_gray_follows_a_size_set_after_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "img.png"
+    Image.fromarray(photo_like(np.random.default_rng(4), 50, 70)).save(path)
+    monkeypatch.delenv("RESIZE_GRAY_SIZE", raising=False)
+    module = load_plugin("resize_gray")
+    assert module.read(str(path)).shape == (64, 64)
+    monkeypatch.setenv("RESIZE_GRAY_SIZE", "20x10")
+    assert module.read(str(path)).shape == (10, 20)
+
+
 @pytest.mark.parametrize("value", ["0", "64x", "big", "-3x4", "3x4x5"])
 def test_resize_gray_rejects_a_bad_size(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("RESIZE_GRAY_SIZE", value)
@@ -156,3 +176,82 @@ def test_json_reader_fails_on_invalid_json(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(ValueError):
         load_plugin("json_reader").read(str(path))
+
+
+# -- end to end: data2h5.convert with each plugin ----------------------------------------------
+
+
+def test_samples_folder_converts(tmp_path: Path) -> None:
+    """The README's first command, on the sample folder that ships in the repository."""
+    out = tmp_path / "samples.h5"
+    report = data2h5.convert(SAMPLES, out, ext=["png", "jpg"], workers=2)
+    images = sorted(p.relative_to(SAMPLES).as_posix() for p in SAMPLES.rglob("*") if p.suffix in (".png", ".jpg"))
+    assert report.entries == len(images) >= 6
+    with h5py.File(out, "r") as f:
+        for key in images:
+            np.testing.assert_array_equal(f[key][()], iio.imread(SAMPLES / key))
+        assert "README.txt" not in f
+
+
+@pytest.mark.parametrize("layout", ["files", "stacked"])
+def test_convert_with_resize_gray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """Images of different sizes and channels all come out grey at the size asked for."""
+    monkeypatch.setenv("RESIZE_GRAY_SIZE", "24x16")
+    src = tmp_path / "src"
+    shapes = {"a/big.jpg": (90, 120, 3), "a/grey.png": (30, 20), "b/rgba.png": (16, 24, 4), "b/small.jpg": (8, 8, 3)}
+    rng = np.random.default_rng(5)
+    for key, shape in shapes.items():
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo_like(rng, shape[0], shape[1], shape[2] if len(shape) == 3 else 0)).save(src / key)
+    out = tmp_path / "out.h5"
+    report = data2h5.convert(src, out, ext=["jpg", "png"], reader=spec("resize_gray", "read"), layout=layout, workers=2)
+    assert report.entries == len(shapes)
+    reader = load_plugin("resize_gray").read
+    with h5py.File(out, "r") as f:
+        if layout == "stacked":
+            keys = [k.decode() for k in f["keys"][()]]
+            assert sorted(keys) == sorted(shapes) and f["data"].shape == (len(shapes), 16, 24)
+            stored = dict(zip(keys, f["data"][()]))
+        else:
+            stored = {key: f[key][()] for key in shapes}
+    for key in shapes:
+        np.testing.assert_array_equal(stored[key], reader(str(src / key)))
+
+
+def test_convert_with_template_reader_and_prune(tmp_path: Path) -> None:
+    """``--ext foo`` with my_prune keeps ``x.FoO0345`` and ``y.foo``, not ``z.food`` or ``notes.txt``."""
+    src = tmp_path / "src"
+    (src / "deep").mkdir(parents=True)
+    rng = np.random.default_rng(6)
+    kept = {"x.FoO0345": photo_like(rng, 12, 14), "deep/y.foo": photo_like(rng, 10, 10, 0)}
+    for key, img in kept.items():
+        iio.imwrite(src / key, img, extension=".png")
+    iio.imwrite(src / "z.food", photo_like(rng, 8, 8), extension=".png")
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "out.h5"
+    report = data2h5.convert(
+        src, out, ext="foo", reader=spec("my_functions", "my_read"), prune=spec("my_functions", "my_prune"), workers=2
+    )
+    assert report.entries == len(kept)
+    with h5py.File(out, "r") as f:
+        for key, img in kept.items():
+            np.testing.assert_array_equal(f[key][()], img)
+        assert "z.food" not in f and "notes.txt" not in f
+
+
+def test_convert_with_json_reader(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = {"matrix.json": [[1, 2, 3], [4, 5, 6]], "floats.json": [0.25, -1], "meta.json": {"name": "café", "n": [1, "x"]}}
+    for name, doc in docs.items():
+        (src / name).write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    out = tmp_path / "out.h5"
+    report = data2h5.convert(src, out, ext="json", reader=spec("json_reader", "read"), workers=2)
+    assert report.entries == len(docs)
+    with h5py.File(out, "r") as f:
+        np.testing.assert_array_equal(f["matrix.json"][()], np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64))
+        assert f["matrix.json"].dtype == np.int64
+        np.testing.assert_array_equal(f["floats.json"][()], np.array([0.25, -1.0]))
+        meta = f["meta.json"]
+        assert meta.attrs[fmt.ATTR_ENTRY_KIND] == "text"
+        assert bytes(meta[()]).decode("utf-8") == '{"n":[1,"x"],"name":"café"}'
