@@ -1,0 +1,232 @@
+"""``H5Dataset``: a map-style dataset over one or more archives, safe in DataLoader workers.
+
+Each archive is listed from its index at construction (open, read, close: the parent keeps
+no handle), and opened lazily once per process when read, so the dataset works under the
+fork, spawn and forkserver start methods alike. It is a ``torch.utils.data.Dataset`` when
+torch is installed and a plain sequence otherwise.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import format as fmt
+from .errors import ArchiveError, ArchiveKeyError
+from .index import ArchiveReader, PathLike
+from .stacked import class_of
+
+log = logging.getLogger(__name__)
+
+try:  # torch is optional: subclass its Dataset when it is there, so isinstance checks pass.
+    from torch.utils.data import Dataset as _Base
+except ImportError:  # pragma: no cover - exercised only without torch
+    _Base = object
+
+Target = Union[None, str, Callable[[str], Any]]
+
+
+class H5Dataset(_Base):
+    """Samples of one archive, or of several read as one concatenated dataset.
+
+    ``dataset[i]`` returns the sample alone when there is no ``target`` and no
+    ``return_key``; otherwise a tuple ``(sample, target)``, ``(sample, key)`` or
+    ``(sample, target, key)``. Samples are numpy arrays (the DataLoader's default collate
+    makes tensors of them); TEXT entries are ``str``.
+
+    Args:
+        paths: an archive path or a list of them.
+        prefix: keep only keys starting with this string (or any of these strings).
+        keys: keep exactly these keys, in this order; an unknown key raises
+            :class:`ArchiveKeyError`. With several archives a key is taken from the first
+            archive holding it.
+        limit: at most this many samples (after ``prefix``/``keys``).
+        target: ``None``; ``"folder"`` for an ImageFolder-style class index, the key's first
+            path component (``"."`` for files at the top, as in stacked archives, whose
+            ``labels`` are used); ``"attr:NAME"`` for the HDF5 attribute ``NAME`` of the
+            entry's dataset; or a callable ``target(key)``. With ``"folder"`` the dataset
+            has ``classes`` (sorted, over the samples selected before ``limit``), ``class_to_idx`` and
+            ``targets``.
+        return_key: also return the entry's key, last.
+        decode: decode entries stored as file bytes (images, .npy, text); ``False`` returns
+            a uint8 array of the file's exact bytes.
+        transform: applied to each sample after decoding.
+        verify: check the CRC-32 of entries stored as exact bytes on every read.
+    """
+
+    def __init__(
+        self,
+        paths: Union[PathLike, Sequence[PathLike]],
+        *,
+        prefix: Union[None, str, Sequence[str]] = None,
+        keys: Optional[Sequence[str]] = None,
+        limit: Optional[int] = None,
+        target: Target = None,
+        return_key: bool = False,
+        decode: bool = True,
+        transform: Optional[Callable[[Any], Any]] = None,
+        verify: bool = True,
+    ):
+        if isinstance(paths, (str, bytes, os.PathLike)):
+            paths = [paths]
+        if not paths:
+            raise ArchiveError("H5Dataset needs at least one archive path")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        self.readers: List[ArchiveReader] = [ArchiveReader(p, verify=verify) for p in paths]
+        self.prefixes = [prefix] if isinstance(prefix, str) else (list(prefix) if prefix is not None else None)
+        self.return_key = return_key
+        self.decode = decode
+        self.transform = transform
+        self.target = target
+        self._archive, self._row = self._select(keys)
+        self.classes: Optional[List[str]] = None
+        self.class_to_idx: Optional[Dict[str, int]] = None
+        self._targets: Optional[np.ndarray] = None
+        self._attr: Optional[str] = None
+        self._setup_target(target)  # before ``limit``, so classes do not depend on it
+        if limit is not None:
+            self._archive, self._row = self._archive[:limit], self._row[:limit]
+            if self._targets is not None:
+                self._targets = self._targets[:limit]
+
+    # -- selection -------------------------------------------------------------------------
+
+    def _select(self, keys: Optional[Sequence[str]]):
+        if keys is not None:
+            return self._select_keys(keys)
+        archives, rows = [], []
+        for a, reader in enumerate(self.readers):
+            if self.prefixes is None:
+                selected = range(len(reader.index))
+            else:
+                selected = [i for i, k in enumerate(reader.index.keys) if self._matching_prefix(k) is not None]
+            archives.append(np.full(len(selected), a, np.int32))
+            rows.append(np.asarray(selected, np.int64))
+        return np.concatenate(archives), np.concatenate(rows)
+
+    def _select_keys(self, keys: Sequence[str]):
+        archives, rows = np.empty(len(keys), np.int32), np.empty(len(keys), np.int64)
+        for i, key in enumerate(keys):
+            for a, reader in enumerate(self.readers):
+                if key in reader.index:
+                    archives[i], rows[i] = a, reader.index.position(key)
+                    break
+            else:
+                where = self.readers[0].path if len(self.readers) == 1 else f"any of {len(self.readers)} archives"
+                raise ArchiveKeyError(f"no entry {key!r} in {where}")
+            if self._matching_prefix(key) is None:
+                raise ArchiveKeyError(f"entry {key!r} does not start with prefix {self.prefixes}")
+        return archives, rows
+
+    def _matching_prefix(self, key: str) -> Optional[str]:
+        """The first of ``prefixes`` that ``key`` starts with ("" when there is no prefix)."""
+        if self.prefixes is None:
+            return ""
+        return next((p for p in self.prefixes if key.startswith(p)), None)
+
+    # -- targets ---------------------------------------------------------------------------
+
+    def _setup_target(self, target: Target) -> None:
+        if target is None or callable(target):
+            return
+        if not isinstance(target, str):
+            raise ValueError(f"target must be None, 'folder', 'attr:NAME' or a callable, got {target!r}")
+        if target == "folder":
+            self._setup_folder()
+        elif target.startswith("attr:") and len(target) > 5:
+            self._attr = target[5:]
+        else:
+            raise ValueError(f"unknown target {target!r}: use None, 'folder', 'attr:NAME' or a callable")
+
+    def _setup_folder(self) -> None:
+        names = [self._folder_class(i) for i in range(len(self))]
+        self.classes = sorted(set(names))
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self._targets = np.array([self.class_to_idx[c] for c in names], np.int64)
+
+    def _folder_class(self, i: int) -> str:
+        reader = self.readers[self._archive[i]]
+        row = int(self._row[i])
+        index = reader.index
+        if index.layout == fmt.LAYOUT_STACKED:
+            if index.labels is None:
+                raise ArchiveError(f"{reader.path}: stacked archive without {fmt.STACKED_LABELS!r}; cannot give folder targets")
+            label = int(index.labels[row])
+            return index.classes[label] if index.classes is not None else str(label)
+        return class_of(index.keys[row])
+
+    @property
+    def targets(self) -> Optional[List[int]]:
+        """Class index of every sample with ``target='folder'`` (as ImageFolder has)."""
+        return None if self._targets is None else self._targets.tolist()
+
+    def _target_of(self, i: int, reader: ArchiveReader, row: int, key: str) -> Any:
+        if self._targets is not None:
+            return int(self._targets[i])
+        if self._attr is not None:
+            return reader.attr(row, self._attr)
+        return self.target(key)
+
+    # -- sequence --------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def key(self, i: int) -> str:
+        """The key of sample ``i``."""
+        i = self._check(i)
+        return self.readers[self._archive[i]].index.keys[self._row[i]]
+
+    @property
+    def keys(self) -> List[str]:
+        """The key of every sample, in order."""
+        return [self.readers[a].index.keys[r] for a, r in zip(self._archive.tolist(), self._row.tolist())]
+
+    def _check(self, i: int) -> int:
+        n = len(self._row)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sample {i} out of range for a dataset of {n}")
+        return i
+
+    def __getitem__(self, i: int) -> Any:
+        i = self._check(i)
+        reader = self.readers[self._archive[i]]
+        row = int(self._row[i])
+        sample = reader.read(row, decode=self.decode)
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.target is None and not self.return_key:
+            return sample
+        key = reader.index.keys[row]
+        out = (sample,) if self.target is None else (sample, self._target_of(i, reader, row, key))
+        return out + (key,) if self.return_key else out
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    # -- handles ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every archive handle this process opened; they reopen on the next read."""
+        for reader in getattr(self, "readers", ()):
+            reader.close()
+
+    def __enter__(self) -> "H5Dataset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        paths = ", ".join(r.path for r in self.readers)
+        return f"H5Dataset({paths}; {len(self)} samples)"
