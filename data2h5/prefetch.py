@@ -1,0 +1,893 @@
+"""Asynchronous batch reader: threads prefetch minibatches of an HDF5 ``data``/``labels`` pair.
+
+While the caller trains on one batch, worker threads fill the next ones into preallocated
+buffers. Where it can, a worker reads a chunk's stored bytes with ``os.pread`` at the address
+HDF5 reports and decompresses them itself: h5py serialises every call behind one global lock,
+while ``pread``, zlib and zstandard release the GIL, so only this path lets threads overlap.
+Datasets whose filters it cannot decode (shuffle, blosc, fletcher32...) are read through h5py.
+
+Shuffling never reads one row at a time: an epoch permutes the chunks along the sample axis,
+then mixes rows within windows of whole chunks; a worker decodes each chunk of a window once
+(an LRU cache shared by the workers) and gathers its batch from the decoded chunks.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import threading
+import warnings
+import weakref
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import h5py
+import numpy as np
+
+from .codecs import CODECS, FILTER_LZF, FILTER_ZSTD
+from .errors import ArchiveError, CorruptEntryError, PluginError
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+Postprocess = Callable[[Any, Any], Tuple[Any, Any]]
+
+THREAD_PREFIX = "data2h5-prefetch"
+FILTER_DEFLATE = 1
+LABELS_IN_MEMORY_BYTES = 64 << 20  # labels at most this big are read once, at open
+WINDOW_BYTES = 64 << 20  # default shuffle window: the rows that fit in this many bytes
+
+
+# --------------------------------------------------------------------------- chunk decoding
+
+_tls = threading.local()
+
+
+def _inflate(data: bytes, nbytes: int) -> bytes:
+    return zlib.decompress(data, 15, max(nbytes, 1))
+
+
+def _unlzf(data: bytes, nbytes: int) -> bytes:
+    return CODECS["lzf"].decompress(data, nbytes)
+
+
+def _unzstd(data: bytes, nbytes: int) -> bytes:
+    # zstandard decompressors must not be shared by threads that use them at once.
+    dctx = getattr(_tls, "zstd", None)
+    if dctx is None:
+        import zstandard
+
+        dctx = _tls.zstd = zstandard.ZstdDecompressor()
+    return dctx.decompress(data, max_output_size=nbytes)
+
+
+def _decoder(filter_id: int) -> Optional[Callable[[bytes, int], bytes]]:
+    """The decompressor for one HDF5 filter id, or None if this module cannot decode it."""
+    try:
+        if filter_id == FILTER_LZF:
+            import lzf  # noqa: F401
+
+            return _unlzf
+        if filter_id == FILTER_ZSTD:
+            import zstandard  # noqa: F401
+
+            return _unzstd
+    except ImportError:
+        return None
+    return _inflate if filter_id == FILTER_DEFLATE else None
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    """Read exactly ``size`` bytes (fewer only at end of file)."""
+    data = os.pread(fd, size, offset)
+    while 0 < len(data) < size:
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+# --------------------------------------------------------------------------- row readers
+
+
+class _Rows:
+    """Reads rows (samples) of one dataset into a sample-first output view."""
+
+    method = ""
+    slab_rows = 0  # rows per chunk along the sample axis; 0 when reads have no chunk grain
+
+    def fill(self, indices: np.ndarray, out: np.ndarray) -> None:
+        """Write row ``indices[i]`` to ``out[i]``; ``indices`` holds no duplicates."""
+        raise NotImplementedError
+
+
+def _scatter(out: np.ndarray, pos: np.ndarray, src: np.ndarray, rows: np.ndarray) -> None:
+    """``out[pos] = src[rows]``, with plain slices when both are runs (the sequential case)."""
+    n = len(pos)
+    if pos[-1] - pos[0] == n - 1 and rows[-1] - rows[0] == n - 1 and (n < 3 or np.all(np.diff(pos) == 1)):
+        out[pos[0] : pos[0] + n] = src[rows[0] : rows[0] + n]
+    else:
+        out[pos] = src[rows]
+
+
+def _runs(sorted_idx: np.ndarray) -> List[Tuple[int, int]]:
+    """``[start, stop)`` positions of the runs of consecutive values in a sorted array."""
+    breaks = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
+    edges = [0, *breaks.tolist(), len(sorted_idx)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+class _MemoryRows(_Rows):
+    """A small dataset read whole at open (labels, usually)."""
+
+    method = "memory"
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def fill(self, indices: np.ndarray, out: np.ndarray) -> None:
+        out[...] = self.array[indices]
+
+
+class _Slab:
+    """One cache entry: a decoded chunk row, or the error decoding it raised."""
+
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Optional[np.ndarray] = None
+        self.error: Optional[BaseException] = None
+
+
+class _SlabRows(_Rows):
+    """Rows of a chunked dataset, gathered from whole decoded chunk rows ("slabs").
+
+    A slab is every chunk at one position along the sample axis: ``slab_rows`` samples.
+    Decoded slabs stay in a small LRU cache shared by the worker threads, so a chunk that
+    several batches need (a shuffle window, or a chunk straddling two batches) is decoded once.
+    """
+
+    def __init__(self, load: Callable[[int], np.ndarray], slab_rows: int, method: str, capacity: int):
+        self._load = load
+        self.slab_rows = slab_rows
+        self.method = method
+        self.capacity = max(1, capacity)
+        self._lock = threading.Lock()
+        self._cache: "collections.OrderedDict[int, _Slab]" = collections.OrderedDict()
+
+    def slab(self, s: int) -> np.ndarray:
+        with self._lock:
+            entry = self._cache.get(s)
+            owner = entry is None
+            if owner:
+                entry = self._cache[s] = _Slab()
+                while len(self._cache) > self.capacity:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(s)
+        if owner:
+            try:
+                entry.value = self._load(s)
+            except BaseException as exc:
+                entry.error = exc
+                with self._lock:
+                    if self._cache.get(s) is entry:
+                        del self._cache[s]
+                raise
+            finally:
+                entry.done.set()
+        else:
+            entry.done.wait()
+            if entry.error is not None:
+                raise entry.error
+        return entry.value
+
+    def fill(self, indices: np.ndarray, out: np.ndarray) -> None:
+        order = np.argsort(indices, kind="stable")
+        srt = indices[order]
+        k = self.slab_rows
+        slabs = srt // k
+        for a, b in _runs_of_equal(slabs):
+            s = int(slabs[a])
+            _scatter(out, order[a:b], self.slab(s), srt[a:b] - s * k)
+
+
+def _runs_of_equal(values: np.ndarray) -> List[Tuple[int, int]]:
+    breaks = np.flatnonzero(np.diff(values)) + 1
+    edges = [0, *breaks.tolist(), len(values)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+@dataclass
+class _Field:
+    """What the readers need to know about one dataset."""
+
+    path: str
+    name: str
+    dset: h5py.Dataset
+    sample_axis: int
+
+    @property
+    def rows(self) -> int:
+        return self.dset.shape[self.sample_axis]
+
+    def where(self, lo: int, hi: int) -> str:
+        return f"{self.path}: dataset {self.name!r} rows {lo}-{hi - 1}"
+
+    def sample_first(self, arr: np.ndarray) -> np.ndarray:
+        return np.moveaxis(arr, self.sample_axis, 0)
+
+    def along(self, sel) -> tuple:
+        return (slice(None),) * self.sample_axis + (sel,)
+
+
+class _RawChunks:
+    """Loads slabs of a chunked dataset by ``pread`` of each chunk and decompression in Python."""
+
+    def __init__(self, field: _Field, fd: int, decode: Optional[Callable[[bytes, int], bytes]]):
+        dset = field.dset
+        self.field, self.fd, self.decode = field, fd, decode
+        self.dtype = dset.dtype
+        self.shape = dset.shape
+        self.chunks = dset.chunks
+        self.nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
+        self.fill_value = dset.fillvalue
+        self.index: Dict[Tuple[int, ...], Tuple[int, int, int]] = {}
+        try:
+            dset.id.chunk_iter(self._add)
+        except (AttributeError, NotImplementedError):  # HDF5 older than 1.14
+            for i in range(dset.id.get_num_chunks()):
+                self._add(dset.id.get_chunk_info(i))
+        sa = field.sample_axis
+        grids = [range(0, n, c) for d, (n, c) in enumerate(zip(self.shape, self.chunks)) if d != sa]
+        self._others = [tuple(int(x) for x in o) for o in itertools.product(*grids)]
+        # One chunk spans every non-sample axis (data2h5's own archives): no assembly copy.
+        self._whole = all(c >= n for d, (n, c) in enumerate(zip(self.shape, self.chunks)) if d != sa)
+
+    def _add(self, info) -> None:
+        self.index[tuple(info.chunk_offset)] = (info.filter_mask, info.byte_offset, info.size)
+
+    def chunk(self, offset: Tuple[int, ...]) -> np.ndarray:
+        """One whole chunk, decoded, in file axis order."""
+        found = self.index.get(offset)
+        if found is None:  # never written: HDF5 returns the fill value
+            return np.full(self.chunks, self.fill_value, dtype=self.dtype)
+        mask, addr, size = found
+        sa = self.field.sample_axis
+        where = f"{self.field.path}: dataset {self.field.name!r} chunk at {offset} (rows {offset[sa]}-" \
+                f"{min(offset[sa] + self.chunks[sa], self.shape[sa]) - 1})"
+        try:
+            data = _pread(self.fd, size, addr)
+        except OSError as exc:
+            raise ArchiveError(f"{where}: read failed: {exc}") from exc
+        if len(data) != size:
+            raise CorruptEntryError(f"{where}: file ends after {len(data)} of {size} bytes; the archive is truncated")
+        if self.decode is not None and not mask & 1:
+            try:
+                data = self.decode(data, self.nbytes)
+            except Exception as exc:
+                raise CorruptEntryError(f"{where} does not decompress ({exc}); the archive is damaged") from exc
+        if len(data) != self.nbytes:
+            raise CorruptEntryError(f"{where} holds {len(data)} bytes, not {self.nbytes}; the archive is damaged")
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)
+
+    def load(self, s: int) -> np.ndarray:
+        sa, k = self.field.sample_axis, self.chunks[self.field.sample_axis]
+        lo, hi = s * k, min((s + 1) * k, self.shape[sa])
+        if self._whole:
+            arr = self.chunk(self._others[0][:sa] + (lo,) + self._others[0][sa:])
+            clip = tuple(slice(0, hi - lo) if d == sa else slice(0, n) for d, n in enumerate(self.shape))
+            return self.field.sample_first(arr[clip])
+        slab_shape = tuple(hi - lo if d == sa else n for d, n in enumerate(self.shape))
+        out = np.empty(slab_shape, dtype=self.dtype)
+        for other in self._others:
+            offset = other[:sa] + (lo,) + other[sa:]
+            dst = tuple(slice(o - (lo if d == sa else 0), min(o - (lo if d == sa else 0) + c, m))
+                        for d, (o, c, m) in enumerate(zip(offset, self.chunks, slab_shape)))
+            out[dst] = self.chunk(offset)[tuple(slice(0, x.stop - x.start) for x in dst)]
+        return self.field.sample_first(out)
+
+
+class _H5pyChunks:
+    """Loads slabs through h5py: HDF5 decodes the chunks (any filter it has a plugin for)."""
+
+    def __init__(self, field: _Field):
+        self.field = field
+
+    def load(self, s: int) -> np.ndarray:
+        f = self.field
+        k = f.dset.chunks[f.sample_axis]
+        lo, hi = s * k, min((s + 1) * k, f.rows)
+        try:
+            arr = f.dset[f.along(slice(lo, hi))]
+        except OSError as exc:
+            raise CorruptEntryError(f"{f.where(lo, hi)} cannot be read ({exc}); the archive is damaged") from exc
+        return f.sample_first(arr)
+
+
+class _ContiguousRows(_Rows):
+    """Rows of an uncompressed contiguous dataset, read by ``pread`` of whole runs of rows."""
+
+    method = "direct-contiguous"
+
+    def __init__(self, field: _Field, fd: int, offset: int):
+        dset = field.dset
+        self.field, self.fd, self.offset = field, fd, offset
+        self.dtype = dset.dtype
+        self.row_shape = dset.shape[1:]
+        self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
+
+    def fill(self, indices: np.ndarray, out: np.ndarray) -> None:
+        order = np.argsort(indices, kind="stable")
+        srt = indices[order]
+        for a, b in _runs(srt):
+            lo, n = int(srt[a]), b - a
+            size = n * self.row_bytes
+            try:
+                data = _pread(self.fd, size, self.offset + lo * self.row_bytes)
+            except OSError as exc:
+                raise ArchiveError(f"{self.field.where(lo, lo + n)}: read failed: {exc}") from exc
+            if len(data) != size:
+                raise CorruptEntryError(
+                    f"{self.field.where(lo, lo + n)}: file ends early; the archive is truncated"
+                )
+            rows = np.frombuffer(data, dtype=self.dtype).reshape((n, *self.row_shape))
+            _scatter(out, order[a:b], rows, np.arange(n))
+
+
+class _H5pyRows(_Rows):
+    """Rows read through h5py, one selection per batch (contiguous datasets h5py must read)."""
+
+    method = "h5py"
+
+    def __init__(self, field: _Field):
+        self.field = field
+
+    def fill(self, indices: np.ndarray, out: np.ndarray) -> None:
+        f = self.field
+        order = np.argsort(indices, kind="stable")
+        srt = indices[order]
+        lo, hi = int(srt[0]), int(srt[-1]) + 1
+        sel = slice(lo, hi) if hi - lo == len(srt) else srt
+        try:
+            arr = f.sample_first(f.dset[f.along(sel)])
+        except OSError as exc:
+            raise CorruptEntryError(f"{f.where(lo, hi)} cannot be read ({exc}); the archive is damaged") from exc
+        out[order] = arr
+
+
+def _filters(dset: h5py.Dataset) -> List[int]:
+    dcpl = dset.id.get_create_plist()
+    return [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
+
+
+def _require_filters(path: str, name: str, filters: Sequence[int]) -> None:
+    """Make sure HDF5 can decode every filter (hdf5plugin registers zstd, blosc... on import)."""
+    if all(h5py.h5z.filter_avail(f) for f in filters):
+        return
+    try:
+        import hdf5plugin  # noqa: F401
+    except ImportError:
+        pass
+    missing = [f for f in filters if not h5py.h5z.filter_avail(f)]
+    if missing:
+        raise ArchiveError(
+            f"{path}: dataset {name!r} needs HDF5 filter(s) {missing} that are not installed: "
+            "pip install 'data2h5[compress]' (hdf5plugin)"
+        )
+
+
+def _open_rows(field: _Field, fd: int, direct: bool, cache_slabs: int) -> _Rows:
+    """Pick the fastest reader that can decode this dataset's storage."""
+    dset = field.dset
+    dcpl = dset.id.get_create_plist()
+    layout = dcpl.get_layout()
+    plain = (
+        direct
+        and dset.dtype.kind in "biufc"
+        and dset.dtype.fields is None
+        and dset.id.get_type().get_size() == dset.dtype.itemsize
+        and dcpl.get_external_count() == 0
+    )
+    if layout == h5py.h5d.CHUNKED:
+        filters = _filters(dset)
+        decode = _decoder(filters[0]) if len(filters) == 1 else None
+        k = dset.chunks[field.sample_axis]
+        if plain and (not filters or decode is not None):
+            raw = _RawChunks(field, fd, decode)
+            return _SlabRows(raw.load, k, "direct-chunks", cache_slabs)
+        _require_filters(field.path, field.name, filters)
+        return _SlabRows(_H5pyChunks(field).load, k, "h5py-chunks", cache_slabs)
+    if layout == h5py.h5d.CONTIGUOUS and plain and field.sample_axis == 0:
+        offset = dset.id.get_offset()
+        if offset is not None and dset.id.get_storage_size() == dset.size * dset.dtype.itemsize:
+            return _ContiguousRows(field, fd, offset)
+    return _H5pyRows(field)
+
+
+# --------------------------------------------------------------------------- epochs
+
+
+def _epoch_order(n: int, shuffle: bool, rng: np.random.Generator, slab_rows: int, window: int) -> np.ndarray:
+    """The order of the rows in one epoch.
+
+    Shuffled reads of a chunked dataset permute whole slabs, then mix the rows of each window
+    of ``window`` rows (rounded up to whole slabs), so a batch needs few decoded chunks.
+    """
+    if not shuffle:
+        return np.arange(n)
+    if slab_rows <= 1 or window >= n:
+        return rng.permutation(n)
+    k = slab_rows
+    slabs = rng.permutation(-(-n // k))
+    per = max(1, -(-window // k))
+    parts = []
+    for i in range(0, len(slabs), per):
+        rows = (slabs[i : i + per, None] * k + np.arange(k)).ravel()
+        rows = rows[rows < n]
+        rng.shuffle(rows)
+        parts.append(rows)
+    return np.concatenate(parts)
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _axes(file_layout: Optional[str], layout: Optional[str], ndim: int, where: str) -> Tuple[int, List[int]]:
+    """The sample axis in the file and the permutation from file axes to output axes."""
+    if file_layout is None:
+        if layout is not None:
+            raise ValueError(f"{where}: layout={layout!r} needs file_layout= to say what the stored axes are")
+        return 0, list(range(ndim))
+    layout = file_layout if layout is None else layout
+    for name, text in (("file_layout", file_layout), ("layout", layout)):
+        if len(text) != ndim or len(set(text)) != ndim or "N" not in text:
+            raise ValueError(
+                f"{where}: {name}={text!r} must name each of the {ndim} axes once, the sample axis 'N'"
+            )
+    if set(file_layout) != set(layout):
+        raise ValueError(f"{where}: layout={layout!r} must use the letters of file_layout={file_layout!r}")
+    return file_layout.index("N"), [file_layout.index(a) for a in layout]
+
+
+# --------------------------------------------------------------------------- ring buffers
+
+
+class _Slot:
+    """One preallocated batch: output-layout arrays and the views the readers write through."""
+
+    def __init__(self, out_shape, dtype, n_axis: int, sf_axes, labels_shape, labels_dtype, torch_mod, pin: bool):
+        self.data = _alloc(out_shape, dtype, torch_mod, pin)
+        self.labels = None if labels_shape is None else _alloc(labels_shape, labels_dtype, torch_mod, pin)
+        self.n_axis = n_axis
+        self.data_sf = self.data.transpose(sf_axes)  # sample first, other axes in file order
+        self.torch = torch_mod
+        self.event = None  # CUDA event of the last non-blocking copy out of this slot
+
+    def out(self, arr: np.ndarray, n: int, axis: int = 0):
+        view = arr[(slice(None),) * axis + (slice(0, n),)]
+        if self.torch is not None and view.dtype.kind in "biufc":
+            return self.torch.from_numpy(view)
+        return view
+
+
+def _alloc(shape, dtype: np.dtype, torch_mod, pin: bool) -> np.ndarray:
+    if pin and dtype.kind in "biufc":
+        tdtype = torch_mod.from_numpy(np.empty(0, dtype)).dtype
+        return torch_mod.empty(shape, dtype=tdtype, pin_memory=True).numpy()
+    return np.empty(shape, dtype=dtype)
+
+
+@dataclass
+class _State:
+    """What a worker needs to fill a batch; never references the BatchReader."""
+
+    path: str
+    data: _Rows
+    labels: Optional[_Rows]
+    postprocess: Optional[Postprocess]
+
+
+def _fill(state: _State, slot: _Slot, indices: np.ndarray):
+    """Worker: read one batch into ``slot`` and post-process it."""
+    if slot.event is not None:  # the last copy out of these pinned buffers must be done
+        slot.event.synchronize()
+        slot.event = None
+    n = len(indices)
+    state.data.fill(indices, slot.data_sf[:n])
+    labels = None
+    if state.labels is not None:
+        state.labels.fill(indices, slot.labels[:n])
+        labels = slot.out(slot.labels, n)
+    data = slot.out(slot.data, n, slot.n_axis)
+    if state.postprocess is not None:
+        try:
+            data, labels = state.postprocess(data, labels)
+        except Exception as exc:
+            name = getattr(state.postprocess, "__qualname__", repr(state.postprocess))
+            raise PluginError(f"{state.path}: postprocess {name} raised {type(exc).__name__}: {exc}") from exc
+    return data, labels
+
+
+@dataclass
+class _Pending:
+    epoch: int
+    batch: int
+    slot: int
+    future: Any
+
+
+class _Resources:
+    """Threads and handles, shut down by close() or by the reader's finalizer."""
+
+    def __init__(self) -> None:
+        self.executor: Optional[ThreadPoolExecutor] = None
+        self.h5: Optional[h5py.File] = None
+        self.fd: Optional[int] = None
+
+    def stop_threads(self) -> None:
+        executor, self.executor = self.executor, None
+        if executor is not None:
+            # A finalizer may run on a worker thread (a cycle collected there): never join it.
+            own = threading.current_thread() in getattr(executor, "_threads", ())
+            executor.shutdown(wait=not own, cancel_futures=True)
+
+    def release(self) -> None:
+        self.stop_threads()
+        if self.h5 is not None:
+            try:
+                self.h5.close()
+            except Exception:  # noqa: BLE001 - interpreter shutdown may have torn h5py down
+                pass
+            self.h5 = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+class BatchReader:
+    """Minibatches of an HDF5 ``data`` (+ ``labels``) pair, prefetched by background threads.
+
+    ``data`` is any dataset of shape (N, ...) (or with the samples on another axis, see
+    ``file_layout``); ``labels``, if present, has N rows on axis 0. Iterating yields one epoch
+    of ``(data, labels)`` batches; ``labels`` is None when ``labels_field=None``::
+
+        with BatchReader("train.h5", batch_size=64, shuffle=True, seed=0,
+                         file_layout="NHWC", layout="NCHW") as reader:
+            for epoch in range(10):
+                for data, labels in reader:
+                    train(data, labels)
+
+    or, as in torch.async-hdf5-reader, ``fetch()`` starts reading a batch in the background
+    and ``next_batch()`` blocks until the oldest fetched batch is ready.
+
+    **Buffer reuse.** Batches are read into ``prefetch + 1`` preallocated buffers used in a
+    ring: the arrays a batch returns stay valid only until the next batch is requested, after
+    which a worker may overwrite them. Pass ``copy=True`` to get arrays of your own (or copy
+    what you keep). A ``postprocess`` that returns new arrays also gives you arrays of your own.
+
+    **Threads.** ``threads`` workers read batches in order; they stop on :meth:`close`, on
+    leaving a ``with`` block, when the reader is garbage collected, and when an epoch's loop
+    is left early (``break`` or an exception), after which the next loop starts a fresh epoch.
+    An error in a worker is raised by the call that asks for that batch.
+
+    Args:
+        path: the HDF5 file.
+        batch_size: rows per batch; the last batch of an epoch may be smaller unless
+            ``drop_last``.
+        shuffle: visit rows in a new random order every epoch. Rows are mixed within windows
+            of ``shuffle_window`` rows (whole chunks); the chunks themselves in any order.
+        seed: seed of the shuffle; epoch ``e`` uses ``(seed, e)``. None: a random seed.
+        shuffle_window: rows mixed together (decoded and cached at once, so it bounds memory).
+            Default: the rows that fit in 64 MiB, at least 4 batches.
+        threads: worker threads. 2 suits a 2-core machine where chunks are zlib or zstd
+            compressed; lzf and h5py-read datasets hold the GIL, so more threads add little.
+        prefetch: batches read ahead of the one the caller holds.
+        postprocess: ``f(data, labels) -> (data, labels)``, run in the worker thread on each
+            batch (torch tensors when ``device`` is set, else numpy arrays).
+        data_field, labels_field: dataset names; ``labels_field=None`` reads no labels.
+        file_layout, layout: the stored axes and the axes wanted, one letter per axis with
+            ``N`` for samples, e.g. ``file_layout="NHWC", layout="NCHW"``. Default: as stored,
+            samples on axis 0.
+        drop_last: drop the last batch of an epoch if it is smaller than ``batch_size``.
+        copy: return arrays the reader never reuses.
+        device: return torch tensors moved to this device (``"cpu"`` for CPU tensors).
+        pin_memory: allocate the ring in pinned memory so copies to the GPU run
+            asynchronously; without CUDA it warns and does nothing.
+        direct: read and decompress chunks in the worker threads instead of through h5py
+            wherever the filters allow (the fast path; False forces h5py, for comparison).
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        batch_size: int = 1,
+        *,
+        shuffle: bool = False,
+        seed: Optional[int] = None,
+        shuffle_window: Optional[int] = None,
+        threads: int = 2,
+        prefetch: int = 2,
+        postprocess: Optional[Postprocess] = None,
+        data_field: str = "data",
+        labels_field: Optional[str] = "labels",
+        file_layout: Optional[str] = None,
+        layout: Optional[str] = None,
+        drop_last: bool = False,
+        copy: bool = False,
+        device: Any = None,
+        pin_memory: bool = False,
+        direct: bool = True,
+    ):
+        self.path = os.fspath(path)
+        for name, value in (("batch_size", batch_size), ("threads", threads), ("prefetch", prefetch)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+        self.batch_size, self.threads, self.prefetch = int(batch_size), int(threads), int(prefetch)
+        self.shuffle, self.drop_last, self.copy = bool(shuffle), bool(drop_last), bool(copy)
+        self.postprocess = postprocess
+        self._torch, self._device, pin = _torch_options(device, pin_memory)
+        self._pinned = pin
+
+        self._res = _Resources()
+        self._finalizer = weakref.finalize(self, self._res.release)
+        try:
+            self._open(data_field, labels_field, file_layout, layout, shuffle_window, direct)
+        except BaseException:
+            self._finalizer()
+            raise
+        self._seed = np.random.SeedSequence(seed).entropy
+        self._slots = [
+            _Slot(self._out_shape, self._data_dtype, self._n_axis, self._sf_axes, self._labels_shape,
+                  self._labels_dtype, self._torch, pin)
+            for _ in range(self.prefetch + 1)
+        ]
+        self._free: Deque[int] = collections.deque(range(len(self._slots)))
+        self._held: Optional[int] = None  # the slot of the batch the caller holds
+        self._pending: Deque[_Pending] = collections.deque()
+        self._cursor = (0, 0)  # (epoch, batch) of the next batch to fetch
+        self._order: Tuple[int, Optional[np.ndarray]] = (-1, None)
+        self.epoch = -1  # epoch of the last batch returned
+        self._at_boundary = True  # whether the last batch returned ended its epoch
+
+    def _open(self, data_field, labels_field, file_layout, layout, shuffle_window, direct) -> None:
+        path = self.path
+        if not os.path.exists(path):
+            raise ArchiveError(f"{path}: no such file")
+        if os.path.isdir(path) or not h5py.is_hdf5(path):
+            raise ArchiveError(f"{path}: not an HDF5 file")
+        try:
+            self._res.h5 = h5 = h5py.File(path, "r")
+            self._res.fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ArchiveError(f"{path}: cannot open: {exc}") from exc
+        data = _dataset(h5, path, data_field)
+        if data.ndim == 0:
+            raise ArchiveError(f"{path}: dataset {data_field!r} is a scalar, not rows of samples")
+        if data.dtype.hasobject:
+            raise ArchiveError(f"{path}: dataset {data_field!r} holds variable-length values; BatchReader "
+                               "reads fixed-size arrays only")
+        sa, perm = _axes(file_layout, layout, data.ndim, f"{path}: dataset {data_field!r}")
+        self.num_rows = n = data.shape[sa]
+        row_bytes = max(1, data.size // max(n, 1) * data.dtype.itemsize)
+        window = shuffle_window or max(4 * self.batch_size, WINDOW_BYTES // row_bytes)
+        field = _Field(path, data_field, data, sa)
+        k = data.chunks[sa] if data.chunks else 1
+        batch_slabs = -(-self.batch_size // k) + 1
+        capacity = (self.prefetch + 1) * batch_slabs + self.threads
+        if self.shuffle:
+            capacity += 2 * -(-window // k)
+        self._data_rows = _open_rows(field, self._res.fd, direct, capacity)
+        self._window = window
+
+        self._labels_rows: Optional[_Rows] = None
+        self._labels_shape = self._labels_dtype = None
+        if labels_field is not None:
+            labels = _dataset(h5, path, labels_field)
+            if labels.ndim == 0 or labels.shape[0] != n or labels.dtype.hasobject:
+                raise ArchiveError(
+                    f"{path}: dataset {labels_field!r} has shape {labels.shape}, {labels.dtype}; labels need "
+                    f"{n} fixed-size rows on axis 0, one per sample of {data_field!r}"
+                )
+            lfield = _Field(path, labels_field, labels, 0)
+            if labels.size * labels.dtype.itemsize <= LABELS_IN_MEMORY_BYTES:
+                try:
+                    self._labels_rows = _MemoryRows(labels[()])
+                except OSError as exc:
+                    raise CorruptEntryError(f"{path}: dataset {labels_field!r} cannot be read ({exc})") from exc
+            else:
+                self._labels_rows = _open_rows(lfield, self._res.fd, direct, 2 * (self.prefetch + 1))
+            self._labels_shape = (self.batch_size, *labels.shape[1:])
+            self._labels_dtype = labels.dtype.newbyteorder("=")
+
+        file_shape = list(data.shape)
+        file_shape[sa] = self.batch_size
+        self._out_shape = tuple(file_shape[p] for p in perm)
+        self._n_axis = perm.index(sa)
+        self._sf_axes = [perm.index(sa)] + [perm.index(d) for d in range(data.ndim) if d != sa]
+        self._data_dtype = data.dtype.newbyteorder("=")
+        self._state = _State(path, self._data_rows, self._labels_rows, self.postprocess)
+        log.debug("%s: %d rows of %r read by %s", path, n, data_field, self._data_rows.method)
+
+    # ---- public API
+
+    @property
+    def method(self) -> str:
+        """How rows of ``data`` are read: ``direct-chunks``, ``direct-contiguous``,
+        ``h5py-chunks`` (HDF5 decodes whole chunks) or ``h5py``."""
+        return self._data_rows.method
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        full, rest = divmod(self.num_rows, self.batch_size)
+        return full if self.drop_last or not rest else full + 1
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self.method
+        return f"<BatchReader {self.path!r} {self.num_rows} rows, batch_size={self.batch_size}, {state}>"
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def fetch(self) -> None:
+        """Start reading the next batch in the background; returns at once.
+
+        Batches follow each other epoch after epoch. At most ``prefetch`` batches may be
+        fetched and not yet returned by :meth:`next_batch`.
+        """
+        self._check_open()
+        if len(self._pending) >= self.prefetch:
+            raise RuntimeError(
+                f"BatchReader on {self.path}: {len(self._pending)} batches already fetched (prefetch="
+                f"{self.prefetch}); call next_batch() first"
+            )
+        if not len(self):
+            raise ValueError(f"BatchReader on {self.path}: no batch to fetch, the epoch has no full batch")
+        epoch, batch = self._cursor
+        indices = self._epoch_indices(epoch)[batch * self.batch_size : (batch + 1) * self.batch_size]
+        self._cursor = (epoch, batch + 1) if batch + 1 < len(self) else (epoch + 1, 0)
+        if self._res.executor is None:
+            self._res.executor = ThreadPoolExecutor(self.threads, thread_name_prefix=THREAD_PREFIX)
+        slot = self._free.popleft()
+        future = self._res.executor.submit(_fill, self._state, self._slots[slot], indices)
+        self._pending.append(_Pending(epoch, batch, slot, future))
+
+    def next_batch(self) -> Tuple[Any, Any]:
+        """Block until the oldest fetched batch is read (fetching one if none is) and return
+        ``(data, labels)``. The previous batch's arrays may be reused from now on."""
+        self._check_open()
+        return self._next(top_up=False)
+
+    def __iter__(self) -> Iterator[Tuple[Any, Any]]:
+        """One epoch of ``(data, labels)`` batches, read ``prefetch`` batches ahead."""
+        self._check_open()
+        if not self._at_boundary or (self._pending and self._pending[0].batch != 0):
+            self._drop_pending()
+        return self._epoch_iter()
+
+    def epochs(self, n: Optional[int] = None) -> Iterator[Tuple[int, Any, Any]]:
+        """``(epoch, data, labels)`` for ``n`` epochs (forever if None), prefetching across
+        epoch boundaries."""
+        count = 0
+        while n is None or count < n:
+            for data, labels in self:
+                yield self.epoch, data, labels
+            count += 1
+
+    def close(self) -> None:
+        """Stop the threads and close the file. Arrays already returned stay usable."""
+        self._pending.clear()
+        self._finalizer()
+
+    def __enter__(self) -> "BatchReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- internals
+
+    def _epoch_iter(self) -> Iterator[Tuple[Any, Any]]:
+        done = False
+        try:
+            for _ in range(len(self)):
+                yield self._next(top_up=True)
+            done = True
+        finally:
+            if not done and not self.closed:
+                self._drop_pending()
+
+    def _next(self, top_up: bool):
+        if self._held is not None:  # the caller is done with the previous batch
+            self._free.append(self._held)
+            self._held = None
+        if not self._pending:
+            self.fetch()
+        job = self._pending.popleft()
+        self._held = job.slot
+        if top_up:
+            while len(self._pending) < self.prefetch:
+                self.fetch()
+        data, labels = job.future.result()
+        self.epoch = job.epoch
+        self._at_boundary = job.batch == len(self) - 1
+        data, labels = self._deliver(data), self._deliver(labels)
+        if self._pinned and self._device is not None and self._device.type == "cuda":
+            # The copies run asynchronously: a worker must not refill this slot before they end.
+            event = self._torch.cuda.Event()
+            event.record()
+            self._slots[job.slot].event = event
+        return data, labels
+
+    def _deliver(self, value):
+        """Move a batch array to the device and/or copy it out of the ring, as asked."""
+        if value is None:
+            return None
+        torch = self._torch
+        if torch is not None and isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
+            value = torch.from_numpy(value)
+        if torch is not None and isinstance(value, torch.Tensor):
+            if self._device is not None and value.device != self._device:
+                value = value.to(self._device, non_blocking=self._pinned)
+            elif self.copy:
+                value = value.clone()
+            return value
+        return np.array(value, copy=True) if self.copy else value
+
+    def _drop_pending(self) -> None:
+        """Stop the threads, forget fetched batches, and move on to the next epoch's start."""
+        resume = (self._pending[0].epoch, self._pending[0].batch) if self._pending else self._cursor
+        for job in self._pending:
+            self._free.append(job.slot)
+        self._pending.clear()
+        self._res.stop_threads()  # cancels what has not started, waits for what has
+        if resume[1] != 0:
+            resume = (resume[0] + 1, 0)
+        self._cursor = resume
+        self._at_boundary = True
+
+    def _epoch_indices(self, epoch: int) -> np.ndarray:
+        if self._order[0] != epoch:
+            rng = np.random.default_rng([self._seed, epoch])
+            order = _epoch_order(self.num_rows, self.shuffle, rng, self._data_rows.slab_rows, self._window)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError(f"BatchReader on {self.path} is closed")
+
+
+def _dataset(h5: h5py.File, path: str, name: str) -> h5py.Dataset:
+    obj = h5.get(name)
+    if not isinstance(obj, h5py.Dataset):
+        found = sorted(k for k, v in h5.items() if isinstance(v, h5py.Dataset))
+        what = "no dataset" if obj is None else "a group, not a dataset,"
+        raise ArchiveError(f"{path}: {what} {name!r} (datasets at the root: {', '.join(found) or 'none'})")
+    return obj
+
+
+def _torch_options(device: Any, pin_memory: bool):
+    """(torch module or None, torch.device or None, whether to pin) for the options given."""
+    if device is None and not pin_memory:
+        return None, None, False
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("BatchReader(device=..., pin_memory=...) needs torch: pip install 'data2h5[torch]'") from None
+    dev = None if device is None else torch.device(device)
+    pin = bool(pin_memory)
+    if pin and not torch.cuda.is_available():
+        warnings.warn("BatchReader(pin_memory=True): CUDA is not available, so memory is not pinned",
+                      stacklevel=3)
+        pin = False
+    return torch, dev, pin
