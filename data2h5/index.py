@@ -12,6 +12,7 @@ spawned workers and used in forked ones.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -192,8 +193,41 @@ def _walk_plain(f: h5py.File, attrs: dict) -> Index:
         index.dtype[i] = dset.dtype.str.encode()[:16]
         shape = dset.shape or ()
         index.shape[i, : min(len(shape), fmt.MAX_NDIM)] = shape[: fmt.MAX_NDIM]
+        block = _one_block(dset)
+        if block is not None:
+            index.codec[i], index.offset[i], index.stored[i] = block
     log.info("%s: not a data2h5 archive; walked %d datasets", f.filename, len(keys))
     return index
+
+
+# HDF5 filters whose chunks the fast path can decompress, by the codec that does it.
+_FILTER_CODECS = {h5py.h5z.FILTER_DEFLATE: codecs.GZIP, codecs.FILTER_LZF: codecs.LZF}
+
+
+def _one_block(dset: h5py.Dataset) -> Optional[tuple]:
+    """``(codec id, offset, stored bytes)`` when a plain dataset's data is one block the fast
+    path can read (contiguous, or a single chunk with at most one lzf/deflate filter)."""
+    if dset.dtype.kind not in "biufc" or dset.dtype.itemsize > 16 or dset.ndim > fmt.MAX_NDIM or not dset.size:
+        return None
+    dsid = dset.id
+    if dset.chunks is None:
+        offset = dsid.get_offset()
+        return None if offset is None else (codecs.NONE, offset, dset.size * dset.dtype.itemsize)
+    if dset.chunks != dset.shape or dsid.get_num_chunks() != 1:
+        return None
+    dcpl = dsid.get_create_plist()
+    nfilters = dcpl.get_nfilters()
+    if nfilters > 1:
+        return None
+    codec = codecs.NONE
+    if nfilters == 1:
+        codec = _FILTER_CODECS.get(dcpl.get_filter(0)[0])
+        if codec is None:
+            return None
+    info = dsid.get_chunk_info(0)
+    if info.filter_mask:  # the filter was skipped for this chunk: stored raw
+        codec = codecs.NONE
+    return codec, info.byte_offset, info.size
 
 
 def _blank_index(path: str, layout: str, keys: List[str], attrs: dict) -> Index:
@@ -243,9 +277,47 @@ def decode_value(stored: np.ndarray, kind: int, key: str) -> Any:
     if reader is BUILTIN_READERS["bytes"]:
         return stored
     try:
+        if ext in _JPEG_EXTENSIONS and _pillow() is not None:
+            decoded = _decode_jpeg(raw)
+            if decoded is not None:
+                return decoded
         return reader.from_bytes(raw, ext)
     except Exception as exc:
         raise ReadError(key, f"cannot decode as {reader.name}: {type(exc).__name__}: {exc}") from exc
+
+
+_JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
+_PIL: list = []
+
+
+def _pillow():
+    """PIL.Image, or None when Pillow is missing (looked up once)."""
+    if not _PIL:
+        try:
+            from PIL import Image
+        except ImportError:
+            Image = None
+        _PIL.append(Image)
+    return _PIL[0]
+
+
+def _decode_jpeg(raw: bytes) -> Optional[np.ndarray]:
+    """A JPEG decoded by Pillow directly, or None if it is not a plain L/RGB/CMYK JPEG.
+
+    For these imageio's Pillow plugin returns exactly ``np.array(image)``, but its per-call
+    set-up (plugin lookup, failed optional imports) costs about as much again as decoding a
+    small photo, which would lose to reading loose files.
+    """
+    from PIL import UnidentifiedImageError
+
+    try:
+        image = _pillow().open(io.BytesIO(raw), formats=("JPEG",))
+    except UnidentifiedImageError:
+        return None  # not a JPEG after all: let imageio find out what it is
+    with image:
+        if image.mode not in ("L", "RGB", "CMYK"):
+            return None
+        return np.array(image)
 
 
 class ArchiveReader:

@@ -182,12 +182,14 @@ def test_stacked_archive(tmp_path):
         assert np.array_equal(img, iio.imread(tmp_path / "s" / key))
 
 
-def test_plain_hdf5_like_the_original_script(tmp_path, image_tree):
+@pytest.mark.parametrize("split", [False, True])
+def test_plain_hdf5_like_the_original_script(tmp_path, image_tree, split):
     """The fallback: an HDF5 file without a data2h5 index is walked for its datasets."""
     files = image_tree[1]
-    plain = write_plain(tmp_path / "orig.h5", {key: expected_image(files, key) for key in reversed(TREE_KEYS)})
+    plain = write_plain(tmp_path / "orig.h5", {key: expected_image(files, key) for key in reversed(TREE_KEYS)}, split=split)
     ds = H5Dataset(plain, target="folder", return_key=True)
     assert ds.keys == TREE_KEYS
+    assert (ds.readers[0].index.offset > 0).all() != split  # one chunk each: read without h5py
     for img, target, key in ds:
         assert np.array_equal(img, expected_image(files, key))
         assert ds.classes[target] == key.split("/")[0]
@@ -205,7 +207,7 @@ def test_damaged_entry_raises(tmp_path, image_tree, reader, compression):
 
 
 def test_pickling_drops_handles(decoded, raw, tmp_path, image_tree):
-    plain = write_plain(tmp_path / "orig.h5", {"k/x.png": expected_image(image_tree[1], "a/img_000.png")})
+    plain = write_plain(tmp_path / "orig.h5", {"k/x.png": expected_image(image_tree[1], "a/img_000.png")}, split=True)
     ds = H5Dataset([decoded, raw, plain])
     for i in (0, len(ds) - 2, len(ds) - 1):
         ds[i]
@@ -259,7 +261,7 @@ def _read_in_child(ds: H5Dataset, queue) -> None:
 def test_forked_child_reopens_its_own_handles(decoded, tmp_path, image_tree):
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork start method here")
-    plain = write_plain(tmp_path / "orig.h5", {"p/x.png": expected_image(image_tree[1], "cat/img_003.png")})
+    plain = write_plain(tmp_path / "orig.h5", {"p/x.png": expected_image(image_tree[1], "cat/img_003.png")}, split=True)
     ds = H5Dataset([decoded, plain])
     expected = [ds[i] for i in range(len(ds))]
     parent_handles = (ds.readers[0]._fd, ds.readers[1]._h5)
@@ -287,7 +289,7 @@ def test_dataloader_workers_after_parent_reads(context, decoded, raw, tmp_path, 
     if context not in multiprocessing.get_all_start_methods():
         pytest.skip(f"no {context} start method here")
     sources = {**image_tree[1], **jpegs}
-    plain = write_plain(tmp_path / "orig.h5", {f"p/{k}": expected_image(sources, k) for k in ("dog/img_004.png", "bird/j_1.jpg")})
+    plain = write_plain(tmp_path / "orig.h5", {f"p/{k}": expected_image(sources, k) for k in ("dog/img_004.png", "bird/j_1.jpg")}, split=True)
     sources.update({f"p/{k}": sources[k] for k in ("dog/img_004.png", "bird/j_1.jpg")})
     ds = H5Dataset([decoded, raw, plain], return_key=True)
     for i in range(len(ds)):  # the parent reads everything first: all its handles are open

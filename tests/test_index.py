@@ -16,7 +16,7 @@ import pytest
 from conftest import photo_like
 from data2h5 import codecs
 from data2h5 import format as fmt
-from data2h5.errors import ArchiveError, ArchiveKeyError, CorruptEntryError
+from data2h5.errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError
 from data2h5.format import Kind
 from data2h5.index import LAYOUT_PLAIN, STORED_CRC32, ArchiveReader, Index, decode_value, read_index
 
@@ -78,11 +78,15 @@ def write_archive(
     return path
 
 
-def write_plain(path: Path, entries: Dict[str, np.ndarray]) -> Path:
-    """An HDF5 file like the original Data2H5 script's: datasets by relative path, lzf, no index."""
+def write_plain(path: Path, entries: Dict[str, np.ndarray], *, split: bool = False) -> Path:
+    """An HDF5 file like the original Data2H5 script's: datasets by relative path, lzf, no index.
+
+    Each dataset is one chunk, unless ``split`` cuts it into several (then only h5py reads it).
+    """
     with h5py.File(path, "w") as f:
         for key, arr in entries.items():
-            f.create_dataset(key, data=arr, compression="lzf")
+            chunks = tuple(max(1, (d + 1) // 2) for d in arr.shape) if split else arr.shape
+            f.create_dataset(key, data=arr, compression="lzf", chunks=chunks)
     return path
 
 
@@ -160,6 +164,20 @@ def test_bytes_and_text_entries_decode_or_stay_exact(tmp_path, arrays):
             assert exact.tobytes() == (raw.encode() if isinstance(raw, str) else raw)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # imageio's legacy plugins, tried on the junk
+def test_bytes_that_do_not_decode(tmp_path, arrays):
+    img = arrays["a/img_0.png"]
+    entries = {"png_named.jpg": png_bytes(img), "grey.jpg": iio.imwrite("<bytes>", img[..., 0], extension=".jpg"),
+               "junk.jpg": b"not an image at all"}
+    path = write_archive(tmp_path / "b.h5", entries, codec="none")
+    with ArchiveReader(path) as reader:
+        assert np.array_equal(reader.read(0), img)  # not a JPEG after all: imageio finds it is a PNG
+        grey = reader.read(1)
+        assert grey.ndim == 2 and np.array_equal(grey, iio.imread(entries["grey.jpg"], extension=".jpg"))
+        with pytest.raises(ReadError, match=r"b\.h5::junk\.jpg"):
+            reader.read(2)
+
+
 def test_decode_value_leaves_arrays_alone():
     arr = np.arange(6, dtype=np.uint8)
     assert decode_value(arr, Kind.ARRAY, "x.png") is arr
@@ -174,16 +192,26 @@ def test_unknown_key_names_key_and_archive(tmp_path, arrays):
     assert "nope.png" not in index and "a/img_0.png" in index
 
 
-def test_plain_hdf5_is_walked_in_sorted_order(tmp_path, arrays):
+@pytest.mark.parametrize("split", [False, True])
+def test_plain_hdf5_is_walked_in_sorted_order(tmp_path, arrays, split):
     plain = {"z/last.jpg": arrays["a/img_0.png"], "a/b/deep.jpg": arrays["a/b/img_1.png"], "m.jpg": arrays["c/img_2.png"]}
-    path = write_plain(tmp_path / "orig.h5", plain)
+    path = write_plain(tmp_path / "orig.h5", plain, split=split)
+    with h5py.File(path, "r+") as f:
+        f["raw/contiguous.npy"] = arrays["d/vec.npy"]
+        f.create_dataset("raw/gzip.npy", data=arrays["d/vec.npy"], compression="gzip", chunks=(3, 5))
+        f.create_dataset("raw/text", data="not an array")
+    plain.update({"raw/contiguous.npy": arrays["d/vec.npy"], "raw/gzip.npy": arrays["d/vec.npy"]})
     index = read_index(path)
     assert index.layout == LAYOUT_PLAIN
-    assert index.keys == sorted(plain)
+    assert index.keys == sorted([*plain, "raw/text"])
     assert index.entry_shape(0) == plain["a/b/deep.jpg"].shape
+    direct = {k for k, o in zip(index.keys, index.offset) if o}
+    expected_direct = {"raw/contiguous.npy", "raw/gzip.npy"} | (set() if split else {"z/last.jpg", "a/b/deep.jpg", "m.jpg"})
+    assert direct == expected_direct
     with ArchiveReader(path, index) as reader:
-        for pos, key in enumerate(index.keys):
-            assert np.array_equal(reader.read(pos), plain[key])
+        for key, arr in plain.items():
+            assert np.array_equal(reader.read(index.position(key)), arr)
+        assert reader.read(index.position("raw/text")) == b"not an array"  # as h5py gives it
 
 
 def test_stacked_archive_is_recognised(tmp_path):
@@ -258,7 +286,7 @@ def test_truncated_archive_raises_corrupt_entry_error(tmp_path, arrays):
 
 
 def test_reader_pickles_without_handles(tmp_path, arrays):
-    plain = write_plain(tmp_path / "plain.h5", arrays)  # read through h5py
+    plain = write_plain(tmp_path / "plain.h5", arrays, split=True)  # read through h5py
     packed = write_archive(tmp_path / "a.h5", arrays)  # read through os.pread
     for path in (plain, packed):
         reader = ArchiveReader(path)
