@@ -271,6 +271,7 @@ def convert_original(root: Path, keys: Sequence[str], out: Path) -> None:
             arrays = pool.map(_imageio_read, [str(root / key) for key in batch])
             for key, arr in zip(batch, arrays):
                 h5.create_dataset(key, data=arr, chunks=arr.shape, compression="lzf")
+    fsync_tree(out)
 
 
 def _limit_work(path: str) -> int:
@@ -298,6 +299,7 @@ def convert_webdataset(root: Path, keys: Sequence[str], out: Path) -> None:
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=10000, verbose=0) as sink:
         for key in keys:
             sink.write({"__key__": key[: -len(".jpg")], "jpg": (root / key).read_bytes(), "cls": key[6:8]})
+    fsync_tree(out)
 
 
 def convert_data2h5(root: Path, out: Path, *, reader: str, workers: int, compression: str = "auto", layout: str = "files"):
@@ -313,6 +315,28 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def fresh(path: Path) -> Callable[[], None]:
+    """Untimed set-up of a conversion: remove the last output and flush every dirty page, so
+    that no run pays for the write-back of the one before."""
+
+    def setup() -> None:
+        remove(path)
+        os.sync()
+
+    return setup
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush ``path`` (a file, or every file under a folder) to disk. data2h5 syncs its archive
+    before it returns; the baselines are timed to the same point, a durable output."""
+    for item in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @dataclass
@@ -351,17 +375,17 @@ def run_convert(args, root: Path, keys: List[str], outs: Outputs, results: Resul
     src = tree_size(root)
     results.note(f"source: {n} JPEGs, {src / 1e6:.1f} MB ({src / n / 1e3:.1f} KB each)")
 
-    times = timed(lambda: convert_original(root, keys, outs.original), args.repeat, lambda: remove(outs.original))
+    times = timed(lambda: convert_original(root, keys, outs.original), args.repeat, fresh(outs.original))
     results.add("original", Row(sec, "original Data2H5 emulation (lzf per dataset)", n, times, tree_size(outs.original)))
     made.add("original")
 
-    times = timed(lambda: convert_limit(root, keys), args.repeat)
+    times = timed(lambda: convert_limit(root, keys), args.repeat, os.sync)
     results.add("limit", Row(sec, "limit: read+decode+lzf in a Pool, no writes", n, times, None, "ceiling"))
 
     if missing("webdataset"):
         results.note("webdataset is not installed: skipped its conversion (pip install 'data2h5[bench]')")
     else:
-        times = timed(lambda: convert_webdataset(root, keys, outs.shards), args.repeat, lambda: remove(outs.shards))
+        times = timed(lambda: convert_webdataset(root, keys, outs.shards), args.repeat, fresh(outs.shards))
         results.add("wds", Row(sec, "webdataset ShardWriter (raw bytes, 1 process)", n, times, tree_size(outs.shards)))
 
     for key, reader, label in (("d2h_decoded", "image", "data2h5 decoded (image, lzf)"), ("d2h_bytes", "bytes", "data2h5 bytes")):
@@ -370,7 +394,7 @@ def run_convert(args, root: Path, keys: List[str], outs: Outputs, results: Resul
         times = timed(
             lambda: convert_data2h5(root, path, reader=reader, workers=args.workers, compression=compression),
             args.repeat,
-            lambda: remove(path),
+            fresh(path),
         )
         results.add(key, Row(sec, label, n, times, tree_size(path)))
         made.add(key)
@@ -447,6 +471,18 @@ class NaiveH5:
         return self.h5[self.keys[i]][:]
 
 
+def find_h5dataset():
+    """``data2h5.H5Dataset``, or None if this checkout does not have it yet."""
+    try:
+        from data2h5 import H5Dataset
+    except ImportError:
+        try:
+            from data2h5.dataset import H5Dataset
+        except ImportError:
+            return None
+    return H5Dataset
+
+
 def stack_collate(batch: list):
     """Stack same-shape samples into one tensor (a sample may be an array or a tuple led by one)."""
     import torch
@@ -481,10 +517,8 @@ def run_load(args, root: Path, keys: List[str], outs: Outputs, made: set, result
     if missing("PIL"):
         results.note("pillow is not installed: skipped the load section (pip install 'data2h5[bench]')")
         return
-    try:
-        from data2h5 import H5Dataset
-    except ImportError:
-        H5Dataset = None
+    H5Dataset = find_h5dataset()
+    if H5Dataset is None:
         results.note("data2h5.H5Dataset is not available yet: skipped its variants")
     ensure_outputs(args, root, keys, outs, made, ["original", "d2h_decoded", "d2h_bytes"])
 
@@ -532,15 +566,97 @@ def run_load(args, root: Path, keys: List[str], outs: Outputs, made: set, result
 # -- batch: the asynchronous batch reader -------------------------------------------------------
 
 
-def run_batch(args, root: Path, keys: List[str], outs: Outputs, made: set, results: Results) -> None:
-    print("\n== batch: BatchReader over a stacked archive", flush=True)
+def find_batch_reader():
+    """``data2h5.BatchReader``, or None if this checkout does not have it yet."""
     try:
-        from data2h5 import BatchReader  # noqa: F401
+        from data2h5 import BatchReader
     except ImportError:
+        try:
+            from data2h5.prefetch import BatchReader
+        except ImportError:
+            return None
+    return BatchReader
+
+
+def plain_epoch(path: Path, batch_size: int, step_s: float = 0.0) -> int:
+    """The loop people write first: slice each batch out of ``data``/``labels`` with h5py, in
+    order, then train on it; reading and training take turns."""
+    with h5py.File(path, "r") as f:
+        data, labels = f["data"], f["labels"]
+        n = data.shape[0]
+        for start in range(0, n, batch_size):
+            data[start : start + batch_size], labels[start : start + batch_size]
+            if step_s:
+                time.sleep(step_s)
+    return n
+
+
+def h5py_shuffled_epoch(path: Path, batch_size: int, max_batches: int, seed: int = 0) -> int:
+    """Random rows per batch through h5py (sorted fancy indexing), for ``max_batches`` batches:
+    what shuffling costs without a reader that works chunk by chunk."""
+    with h5py.File(path, "r") as f:
+        data, labels = f["data"], f["labels"]
+        order = np.random.default_rng(seed).permutation(data.shape[0])
+        seen = 0
+        for b in range(min(max_batches, -(-len(order) // batch_size))):
+            rows = np.sort(order[b * batch_size : (b + 1) * batch_size])
+            data[rows], labels[rows]
+            seen += len(rows)
+    return seen
+
+
+def reader_epoch(reader, step_s: float = 0.0) -> int:
+    """One epoch from a BatchReader, sleeping ``step_s`` per batch as a stand-in for training."""
+    seen = 0
+    for data, _labels in reader:
+        seen += data.shape[0]
+        if step_s:
+            time.sleep(step_s)
+    return seen
+
+
+def run_batch(args, root: Path, keys: List[str], outs: Outputs, made: set, results: Results) -> None:
+    print(f"\n== batch: BatchReader over a stacked archive, batch {args.batch_size}, {args.threads} threads", flush=True)
+    BatchReader = find_batch_reader()
+    if BatchReader is None:
         results.note("data2h5.BatchReader is not available yet: skipped the batch section")
         return
-    # TODO(batch): overlap test and shuffled/sequential throughput once BatchReader's API is known.
-    results.note("batch section: BatchReader found but its measurements are not written yet")
+    ensure_outputs(args, root, keys, outs, made, ["d2h_stacked"])
+    path, n, bs, sec = outs.stacked, len(keys), args.batch_size, "batch"
+    batches = -(-n // bs)
+    warm_files([path])
+
+    with BatchReader(path, bs, shuffle=False, threads=args.threads) as seq, BatchReader(
+        path, bs, shuffle=True, seed=0, threads=args.threads
+    ) as shuf:
+        print(f"  {path.name}: {n} rows, read by {seq.method}", flush=True)
+        times = timed(lambda: plain_epoch(path, bs), args.repeat)
+        results.add("plain", Row(sec, "h5py loop, sequential slices", n, times))
+        times = timed(lambda: reader_epoch(seq), args.repeat)
+        results.add("br_seq", Row(sec, "BatchReader sequential", n, times))
+        times = timed(lambda: reader_epoch(shuf), args.repeat)
+        results.add("br_shuf", Row(sec, "BatchReader shuffled", n, times))
+        sample_batches = max(1, min(batches, 3))  # ~1 s per batch: a sample is enough
+        times = timed(lambda: h5py_shuffled_epoch(path, bs, sample_batches), args.repeat)
+        rows = min(n, sample_batches * bs)
+        results.add("h5py_shuf", Row(sec, "h5py shuffled rows (fancy index)", rows, times, note=f"first {sample_batches} batches"))
+
+        # Overlap: a simulated training step of T ms per batch against the read cost R.
+        read_ms = results.rows["br_shuf"].best / batches * 1e3
+        step_ms = args.step_ms if args.step_ms is not None else read_ms
+        step_s = step_ms / 1e3
+        times = timed(lambda: plain_epoch(path, bs, step_s), args.repeat)
+        results.add("plain_step", Row(sec, f"h5py loop + {step_ms:.1f} ms step per batch", n, times))
+        times = timed(lambda: reader_epoch(shuf, step_s), args.repeat)
+        results.add("br_step", Row(sec, f"BatchReader shuffled + {step_ms:.1f} ms step", n, times))
+
+    ideal = max(step_ms, read_ms) / 1e3 * batches
+    results.note(f"batch: read cost R = {read_ms:.1f} ms per batch (BatchReader shuffled), step T = {step_ms:.1f} ms")
+    results.value("batch: BatchReader+step epoch / (max(T,R) × batches)", results.rows["br_step"].best / ideal, 1.15, True)
+    results.ratio("batch: BatchReader+step / h5py loop+step (speed-up)", "br_step", "plain_step", None)
+    results.ratio("batch: BatchReader shuffled / sequential", "br_shuf", "br_seq", None)
+    results.ratio("batch: BatchReader sequential / h5py loop", "br_seq", "plain", None)
+    results.ratio("batch: BatchReader shuffled / h5py shuffled rows", "br_shuf", "h5py_shuf", None)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -557,6 +673,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable)")
     p.add_argument("--work-dir", type=Path, default=Path("bench-data"), help="data and outputs (default ./bench-data)")
     p.add_argument("--cold", action="store_true", help="also load with the page cache dropped before each epoch (root)")
+    p.add_argument("--threads", type=int, default=2, help="BatchReader threads (default 2)")
     p.add_argument("--step-ms", type=float, default=None, help="batch section: simulated train step (default: the read cost)")
     args = p.parse_args(argv)
     if args.files < 1 or args.repeat < 1 or args.workers < 1 or args.batch_size < 1:
