@@ -6,9 +6,9 @@ HDF5 reports and decompresses them itself: h5py serialises every call behind one
 while ``pread``, zlib and zstandard release the GIL, so only this path lets threads overlap.
 Datasets whose filters it cannot decode (shuffle, blosc, fletcher32...) are read through h5py.
 
-Shuffling never reads one row at a time: an epoch permutes the chunks along the sample axis,
-then mixes rows within windows of whole chunks; a worker decodes each chunk of a window once
-(an LRU cache shared by the workers) and gathers its batch from the decoded chunks.
+Shuffling never reads one row at a time: an epoch permutes the chunks along the sample axis
+and mixes the rows within windows of whole chunks; the workers decode each chunk of a window
+once into one array, and a batch is one fancy-indexed copy out of it.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ THREAD_PREFIX = "data2h5-prefetch"
 FILTER_DEFLATE = 1
 LABELS_IN_MEMORY_BYTES = 64 << 20  # labels at most this big are read once, at open
 WINDOW_BYTES = 64 << 20  # default shuffle window: the rows that fit in this many bytes
+CONTIGUOUS_BLOCK = 1 << 20  # contiguous datasets are read in blocks of this size, like chunks
 
 
 # --------------------------------------------------------------------------- chunk decoding
@@ -104,6 +105,9 @@ class _Rows:
         """Write row ``indices[i]`` to ``out[i]``; ``indices`` holds no duplicates."""
         raise NotImplementedError
 
+    def reset(self) -> None:
+        """Forget state kept between batches (called while no worker runs)."""
+
 
 def _scatter(out: np.ndarray, pos: np.ndarray, src: np.ndarray, rows: np.ndarray) -> None:
     """``out[pos] = src[rows]``, with plain slices when both are runs (the sequential case)."""
@@ -114,11 +118,16 @@ def _scatter(out: np.ndarray, pos: np.ndarray, src: np.ndarray, rows: np.ndarray
         out[pos] = src[rows]
 
 
-def _runs(sorted_idx: np.ndarray) -> List[Tuple[int, int]]:
-    """``[start, stop)`` positions of the runs of consecutive values in a sorted array."""
-    breaks = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
-    edges = [0, *breaks.tolist(), len(sorted_idx)]
+def _runs_of_equal(values: np.ndarray) -> List[Tuple[int, int]]:
+    """``[start, stop)`` of each run of equal values."""
+    breaks = np.flatnonzero(np.diff(values)) + 1
+    edges = [0, *breaks.tolist(), len(values)]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def _is_run(indices: np.ndarray) -> bool:
+    n = len(indices)
+    return bool(indices[-1] - indices[0] == n - 1 and (n < 3 or np.all(np.diff(indices) == 1)))
 
 
 class _MemoryRows(_Rows):
@@ -131,76 +140,6 @@ class _MemoryRows(_Rows):
 
     def fill(self, indices: np.ndarray, out: np.ndarray) -> None:
         out[...] = self.array[indices]
-
-
-class _Slab:
-    """One cache entry: a decoded chunk row, or the error decoding it raised."""
-
-    __slots__ = ("done", "value", "error")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.value: Optional[np.ndarray] = None
-        self.error: Optional[BaseException] = None
-
-
-class _SlabRows(_Rows):
-    """Rows of a chunked dataset, gathered from whole decoded chunk rows ("slabs").
-
-    A slab is every chunk at one position along the sample axis: ``slab_rows`` samples.
-    Decoded slabs stay in a small LRU cache shared by the worker threads, so a chunk that
-    several batches need (a shuffle window, or a chunk straddling two batches) is decoded once.
-    """
-
-    def __init__(self, load: Callable[[int], np.ndarray], slab_rows: int, method: str, capacity: int):
-        self._load = load
-        self.slab_rows = slab_rows
-        self.method = method
-        self.capacity = max(1, capacity)
-        self._lock = threading.Lock()
-        self._cache: "collections.OrderedDict[int, _Slab]" = collections.OrderedDict()
-
-    def slab(self, s: int) -> np.ndarray:
-        with self._lock:
-            entry = self._cache.get(s)
-            owner = entry is None
-            if owner:
-                entry = self._cache[s] = _Slab()
-                while len(self._cache) > self.capacity:
-                    self._cache.popitem(last=False)
-            else:
-                self._cache.move_to_end(s)
-        if owner:
-            try:
-                entry.value = self._load(s)
-            except BaseException as exc:
-                entry.error = exc
-                with self._lock:
-                    if self._cache.get(s) is entry:
-                        del self._cache[s]
-                raise
-            finally:
-                entry.done.set()
-        else:
-            entry.done.wait()
-            if entry.error is not None:
-                raise entry.error
-        return entry.value
-
-    def fill(self, indices: np.ndarray, out: np.ndarray) -> None:
-        order = np.argsort(indices, kind="stable")
-        srt = indices[order]
-        k = self.slab_rows
-        slabs = srt // k
-        for a, b in _runs_of_equal(slabs):
-            s = int(slabs[a])
-            _scatter(out, order[a:b], self.slab(s), srt[a:b] - s * k)
-
-
-def _runs_of_equal(values: np.ndarray) -> List[Tuple[int, int]]:
-    breaks = np.flatnonzero(np.diff(values)) + 1
-    edges = [0, *breaks.tolist(), len(values)]
-    return list(zip(edges[:-1], edges[1:]))
 
 
 @dataclass
@@ -226,122 +165,8 @@ class _Field:
         return (slice(None),) * self.sample_axis + (sel,)
 
 
-class _RawChunks:
-    """Loads slabs of a chunked dataset by ``pread`` of each chunk and decompression in Python."""
-
-    def __init__(self, field: _Field, fd: int, decode: Optional[Callable[[bytes, int], bytes]]):
-        dset = field.dset
-        self.field, self.fd, self.decode = field, fd, decode
-        self.dtype = dset.dtype
-        self.shape = dset.shape
-        self.chunks = dset.chunks
-        self.nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
-        self.fill_value = dset.fillvalue
-        self.index: Dict[Tuple[int, ...], Tuple[int, int, int]] = {}
-        try:
-            dset.id.chunk_iter(self._add)
-        except (AttributeError, NotImplementedError):  # HDF5 older than 1.14
-            for i in range(dset.id.get_num_chunks()):
-                self._add(dset.id.get_chunk_info(i))
-        sa = field.sample_axis
-        grids = [range(0, n, c) for d, (n, c) in enumerate(zip(self.shape, self.chunks)) if d != sa]
-        self._others = [tuple(int(x) for x in o) for o in itertools.product(*grids)]
-        # One chunk spans every non-sample axis (data2h5's own archives): no assembly copy.
-        self._whole = all(c >= n for d, (n, c) in enumerate(zip(self.shape, self.chunks)) if d != sa)
-
-    def _add(self, info) -> None:
-        self.index[tuple(info.chunk_offset)] = (info.filter_mask, info.byte_offset, info.size)
-
-    def chunk(self, offset: Tuple[int, ...]) -> np.ndarray:
-        """One whole chunk, decoded, in file axis order."""
-        found = self.index.get(offset)
-        if found is None:  # never written: HDF5 returns the fill value
-            return np.full(self.chunks, self.fill_value, dtype=self.dtype)
-        mask, addr, size = found
-        sa = self.field.sample_axis
-        where = f"{self.field.path}: dataset {self.field.name!r} chunk at {offset} (rows {offset[sa]}-" \
-                f"{min(offset[sa] + self.chunks[sa], self.shape[sa]) - 1})"
-        try:
-            data = _pread(self.fd, size, addr)
-        except OSError as exc:
-            raise ArchiveError(f"{where}: read failed: {exc}") from exc
-        if len(data) != size:
-            raise CorruptEntryError(f"{where}: file ends after {len(data)} of {size} bytes; the archive is truncated")
-        if self.decode is not None and not mask & 1:
-            try:
-                data = self.decode(data, self.nbytes)
-            except Exception as exc:
-                raise CorruptEntryError(f"{where} does not decompress ({exc}); the archive is damaged") from exc
-        if len(data) != self.nbytes:
-            raise CorruptEntryError(f"{where} holds {len(data)} bytes, not {self.nbytes}; the archive is damaged")
-        return np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)
-
-    def load(self, s: int) -> np.ndarray:
-        sa, k = self.field.sample_axis, self.chunks[self.field.sample_axis]
-        lo, hi = s * k, min((s + 1) * k, self.shape[sa])
-        if self._whole:
-            arr = self.chunk(self._others[0][:sa] + (lo,) + self._others[0][sa:])
-            clip = tuple(slice(0, hi - lo) if d == sa else slice(0, n) for d, n in enumerate(self.shape))
-            return self.field.sample_first(arr[clip])
-        slab_shape = tuple(hi - lo if d == sa else n for d, n in enumerate(self.shape))
-        out = np.empty(slab_shape, dtype=self.dtype)
-        for other in self._others:
-            offset = other[:sa] + (lo,) + other[sa:]
-            dst = tuple(slice(o - (lo if d == sa else 0), min(o - (lo if d == sa else 0) + c, m))
-                        for d, (o, c, m) in enumerate(zip(offset, self.chunks, slab_shape)))
-            out[dst] = self.chunk(offset)[tuple(slice(0, x.stop - x.start) for x in dst)]
-        return self.field.sample_first(out)
-
-
-class _H5pyChunks:
-    """Loads slabs through h5py: HDF5 decodes the chunks (any filter it has a plugin for)."""
-
-    def __init__(self, field: _Field):
-        self.field = field
-
-    def load(self, s: int) -> np.ndarray:
-        f = self.field
-        k = f.dset.chunks[f.sample_axis]
-        lo, hi = s * k, min((s + 1) * k, f.rows)
-        try:
-            arr = f.dset[f.along(slice(lo, hi))]
-        except OSError as exc:
-            raise CorruptEntryError(f"{f.where(lo, hi)} cannot be read ({exc}); the archive is damaged") from exc
-        return f.sample_first(arr)
-
-
-class _ContiguousRows(_Rows):
-    """Rows of an uncompressed contiguous dataset, read by ``pread`` of whole runs of rows."""
-
-    method = "direct-contiguous"
-
-    def __init__(self, field: _Field, fd: int, offset: int):
-        dset = field.dset
-        self.field, self.fd, self.offset = field, fd, offset
-        self.dtype = dset.dtype
-        self.row_shape = dset.shape[1:]
-        self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
-
-    def fill(self, indices: np.ndarray, out: np.ndarray) -> None:
-        order = np.argsort(indices, kind="stable")
-        srt = indices[order]
-        for a, b in _runs(srt):
-            lo, n = int(srt[a]), b - a
-            size = n * self.row_bytes
-            try:
-                data = _pread(self.fd, size, self.offset + lo * self.row_bytes)
-            except OSError as exc:
-                raise ArchiveError(f"{self.field.where(lo, lo + n)}: read failed: {exc}") from exc
-            if len(data) != size:
-                raise CorruptEntryError(
-                    f"{self.field.where(lo, lo + n)}: file ends early; the archive is truncated"
-                )
-            rows = np.frombuffer(data, dtype=self.dtype).reshape((n, *self.row_shape))
-            _scatter(out, order[a:b], rows, np.arange(n))
-
-
 class _H5pyRows(_Rows):
-    """Rows read through h5py, one selection per batch (contiguous datasets h5py must read)."""
+    """Rows read through h5py, one selection per batch (datasets with no chunk grain)."""
 
     method = "h5py"
 
@@ -359,6 +184,296 @@ class _H5pyRows(_Rows):
         except OSError as exc:
             raise CorruptEntryError(f"{f.where(lo, hi)} cannot be read ({exc}); the archive is damaged") from exc
         out[order] = arr
+
+
+# Slab loaders: a slab is every chunk at one position along the sample axis, ``rows`` samples.
+# ``load(s)`` returns slab ``s`` sample-first; ``load_into(s, dst)`` writes it into ``dst``.
+
+
+class _RawChunks:
+    """Slabs of a chunked dataset read by ``pread`` of each chunk and decompressed here."""
+
+    def __init__(self, field: _Field, fd: int, decode: Optional[Callable[[bytes, int], bytes]]):
+        dset = field.dset
+        self.field, self.fd, self.decode = field, fd, decode
+        self.dtype, self.shape, self.chunks = dset.dtype, dset.shape, dset.chunks
+        self.rows = self.chunks[field.sample_axis]
+        self.nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
+        self.fill_value = dset.fillvalue
+        self.index: Dict[Tuple[int, ...], Tuple[int, int, int]] = {}
+        try:
+            dset.id.chunk_iter(self._add)
+        except (AttributeError, NotImplementedError):  # HDF5 older than 1.14
+            for i in range(dset.id.get_num_chunks()):
+                self._add(dset.id.get_chunk_info(i))
+        sa = field.sample_axis
+        grids = [range(0, n, c) for d, (n, c) in enumerate(zip(self.shape, self.chunks)) if d != sa]
+        self._others = [tuple(int(x) for x in o) for o in itertools.product(*grids)]
+        # One chunk spans every non-sample axis (data2h5's own archives): no assembly copy.
+        self._whole = all(c >= n for d, (n, c) in enumerate(zip(self.shape, self.chunks)) if d != sa)
+
+    def _add(self, info) -> None:
+        self.index[tuple(info.chunk_offset)] = (info.filter_mask, info.byte_offset, info.size)
+
+    def _offset(self, s: int, other: Tuple[int, ...]) -> Tuple[int, ...]:
+        sa = self.field.sample_axis
+        return other[:sa] + (s * self.rows,) + other[sa:]
+
+    def _where(self, offset: Tuple[int, ...]) -> str:
+        sa = self.field.sample_axis
+        last = min(offset[sa] + self.rows, self.shape[sa]) - 1
+        return f"{self.field.path}: dataset {self.field.name!r} chunk at {offset} (rows {offset[sa]}-{last})"
+
+    def _pread(self, offset: Tuple[int, ...], size: int, addr: int, into=None):
+        try:
+            got = os.preadv(self.fd, [into], addr) if into is not None else _pread(self.fd, size, addr)
+        except OSError as exc:
+            raise ArchiveError(f"{self._where(offset)}: read failed: {exc}") from exc
+        if (got if into is not None else len(got)) != size:
+            raise CorruptEntryError(f"{self._where(offset)}: the file ends inside it; the archive is truncated")
+        return got
+
+    def chunk(self, offset: Tuple[int, ...]) -> np.ndarray:
+        """One whole chunk, decoded, in file axis order."""
+        found = self.index.get(offset)
+        if found is None:  # never written: HDF5 returns the fill value
+            return np.full(self.chunks, self.fill_value, dtype=self.dtype)
+        mask, addr, size = found
+        data = self._pread(offset, size, addr)
+        if self.decode is not None and not mask & 1:
+            try:
+                data = self.decode(data, self.nbytes)
+            except Exception as exc:
+                raise CorruptEntryError(f"{self._where(offset)} does not decompress ({exc}); the archive is damaged") from exc
+        if len(data) != self.nbytes:
+            raise CorruptEntryError(f"{self._where(offset)} holds {len(data)} bytes, not {self.nbytes}; the archive is damaged")
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)
+
+    def load(self, s: int) -> np.ndarray:
+        sa = self.field.sample_axis
+        lo, hi = s * self.rows, min((s + 1) * self.rows, self.shape[sa])
+        if self._whole:
+            clip = tuple(slice(0, hi - lo) if d == sa else slice(0, n) for d, n in enumerate(self.shape))
+            return self.field.sample_first(self.chunk(self._offset(s, self._others[0]))[clip])
+        slab_shape = tuple(hi - lo if d == sa else n for d, n in enumerate(self.shape))
+        out = np.empty(slab_shape, dtype=self.dtype)
+        for other in self._others:
+            offset = self._offset(s, other)
+            dst = tuple(slice(o - (lo if d == sa else 0), min(o - (lo if d == sa else 0) + c, m))
+                        for d, (o, c, m) in enumerate(zip(offset, self.chunks, slab_shape)))
+            out[dst] = self.chunk(offset)[tuple(slice(0, x.stop - x.start) for x in dst)]
+        return self.field.sample_first(out)
+
+    def load_into(self, s: int, dst: np.ndarray) -> None:
+        offset = self._offset(s, self._others[0])
+        found = self.index.get(offset)
+        stored_raw = found is not None and (self.decode is None or found[0] & 1)
+        if self._whole and self.field.sample_axis == 0 and stored_raw and dst.flags.c_contiguous:
+            self._pread(offset, dst.nbytes, found[1], into=dst)  # the rows are the chunk's first bytes
+        else:
+            dst[...] = self.load(s)
+
+
+class _H5pyChunks:
+    """Slabs read through h5py: HDF5 decodes the chunks (any filter it has a plugin for)."""
+
+    def __init__(self, field: _Field):
+        self.field = field
+        self.rows = field.dset.chunks[field.sample_axis]
+
+    def _read(self, s: int, into: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+        f = self.field
+        lo, hi = s * self.rows, min((s + 1) * self.rows, f.rows)
+        try:
+            if into is None:
+                return f.sample_first(f.dset[f.along(slice(lo, hi))])
+            f.dset.read_direct(into, np.s_[lo:hi])
+        except OSError as exc:
+            raise CorruptEntryError(f"{f.where(lo, hi)} cannot be read ({exc}); the archive is damaged") from exc
+        return None
+
+    def load(self, s: int) -> np.ndarray:
+        return self._read(s)
+
+    def load_into(self, s: int, dst: np.ndarray) -> None:
+        if self.field.sample_axis == 0 and dst.flags.c_contiguous and dst.dtype == self.field.dset.dtype:
+            self._read(s, into=dst)
+        else:
+            dst[...] = self._read(s)
+
+
+class _ContiguousBlocks:
+    """An uncompressed contiguous dataset read with ``pread``, in blocks of about
+    :data:`CONTIGUOUS_BLOCK` bytes treated as chunks (so shuffled reads of small rows do not
+    cost one system call each); a run of rows can also be read straight into a batch."""
+
+    def __init__(self, field: _Field, fd: int, offset: int):
+        dset = field.dset
+        self.field, self.fd, self.offset, self.dtype = field, fd, offset, dset.dtype
+        self.row_shape = dset.shape[1:]
+        self.row_bytes = max(1, int(np.prod(self.row_shape)) * self.dtype.itemsize)
+        self.rows = max(1, CONTIGUOUS_BLOCK // self.row_bytes)
+
+    def read(self, lo: int, hi: int, into: Optional[np.ndarray] = None):
+        size, offset = (hi - lo) * self.row_bytes, self.offset + lo * self.row_bytes
+        try:
+            got = os.preadv(self.fd, [into], offset) if into is not None else _pread(self.fd, size, offset)
+        except OSError as exc:
+            raise ArchiveError(f"{self.field.where(lo, hi)}: read failed: {exc}") from exc
+        if (got if into is not None else len(got)) != size:
+            raise CorruptEntryError(f"{self.field.where(lo, hi)}: the file ends early; the archive is truncated")
+        return got
+
+    def _span(self, s: int) -> Tuple[int, int]:
+        return s * self.rows, min((s + 1) * self.rows, self.field.rows)
+
+    def load(self, s: int) -> np.ndarray:
+        lo, hi = self._span(s)
+        return np.frombuffer(self.read(lo, hi), dtype=self.dtype).reshape((hi - lo, *self.row_shape))
+
+    def load_into(self, s: int, dst: np.ndarray) -> None:
+        if dst.flags.c_contiguous and dst.dtype == self.dtype:
+            self.read(*self._span(s), into=dst)
+        else:
+            dst[...] = self.load(s)
+
+
+class _Slab:
+    """A cache entry: a decoded slab, or the error decoding it raised."""
+
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Optional[np.ndarray] = None
+        self.error: Optional[BaseException] = None
+
+
+class _SlabRows(_Rows):
+    """Rows of a dataset read a slab at a time (chunked, or contiguous in blocks).
+
+    Sequential batches come from a small LRU cache of decoded slabs shared by the workers, so
+    a chunk straddling two batches is decoded once. Shuffled batches come from windows
+    (:class:`_Window`): each slab of a window is decoded once into one array, and a batch is
+    one fancy-indexed copy out of it.
+    """
+
+    def __init__(self, loader, method: str, capacity: int, dtype: np.dtype, row_shape: Tuple[int, ...]):
+        self.loader, self.method = loader, method
+        self.slab_rows = loader.rows
+        self.capacity = max(1, capacity)
+        self.dtype, self.row_shape = dtype, row_shape
+        self._lock = threading.Lock()
+        self._cache: "collections.OrderedDict[int, _Slab]" = collections.OrderedDict()
+        self._windows: Dict[Any, _Window] = {}
+        self._spare: List[np.ndarray] = []  # a window array to reuse: fresh memory page-faults
+
+    def slab(self, s: int) -> np.ndarray:
+        with self._lock:
+            entry = self._cache.get(s)
+            owner = entry is None
+            if owner:
+                entry = self._cache[s] = _Slab()
+                while len(self._cache) > self.capacity:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(s)
+        if owner:
+            try:
+                entry.value = self.loader.load(s)
+            except BaseException as exc:
+                entry.error = exc
+                with self._lock:
+                    if self._cache.get(s) is entry:
+                        del self._cache[s]
+                raise
+            finally:
+                entry.done.set()
+        else:
+            if not entry.done.is_set():
+                entry.done.wait()
+            if entry.error is not None:
+                raise entry.error
+        return entry.value
+
+    def fill(self, indices: np.ndarray, out: np.ndarray) -> None:
+        if isinstance(self.loader, _ContiguousBlocks) and out.flags.c_contiguous and _is_run(indices):
+            self.loader.read(int(indices[0]), int(indices[0]) + len(indices), into=out)
+            return
+        order = np.argsort(indices, kind="stable")
+        srt = indices[order]
+        k = self.slab_rows
+        for a, b in _runs_of_equal(srt // k):
+            s = int(srt[a]) // k
+            _scatter(out, order[a:b], self.slab(s), srt[a:b] - s * k)
+
+    def gather(self, part: "_Part", out: np.ndarray) -> None:
+        """Copy one window's share of a shuffled batch into ``out``."""
+        window = self._window(part)
+        try:
+            window.ensure(np.unique(np.searchsorted(part.starts, part.local, side="right") - 1), self.loader)
+            if out.flags.c_contiguous and out.dtype == window.array.dtype:
+                np.take(window.array, part.local, axis=0, out=out, mode="clip")  # "raise" would buffer
+            else:
+                out[...] = window.array[part.local]
+        finally:
+            self._release(part.key)
+
+    def _window(self, part: "_Part") -> "_Window":
+        with self._lock:
+            window = self._windows.get(part.key)
+            if window is None:
+                rows = int(part.starts[-1])
+                spare = self._spare.pop() if self._spare else None
+                if spare is None or len(spare) < rows:
+                    spare = np.empty((rows, *self.row_shape), dtype=self.dtype)
+                window = self._windows[part.key] = _Window(spare, part.slabs, part.starts, part.refs)
+            return window
+
+    def _release(self, key) -> None:
+        with self._lock:
+            window = self._windows.get(key)
+            if window is not None:
+                window.refs -= 1
+                if window.refs <= 0:
+                    del self._windows[key]
+                    if not self._spare:  # one is enough: windows are made one after another
+                        self._spare.append(window.base)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._windows.clear()
+
+
+class _Window:
+    """Rows of a few slabs decoded into one array; shuffled batches are drawn from it.
+
+    Each slab is loaded once, by the first worker that needs it; the others wait for it.
+    """
+
+    def __init__(self, base: np.ndarray, slabs: np.ndarray, starts: np.ndarray, refs: int):
+        self.base = base
+        self.array = base[: int(starts[-1])]
+        self.slabs, self.starts, self.refs = slabs, starts, refs
+        self.state = np.zeros(len(slabs), np.uint8)  # 0 to load, 1 loading, 2 loaded
+        self.cond = threading.Condition()
+
+    def ensure(self, needed: np.ndarray, loader) -> None:
+        for i in needed[self.state[needed] != 2].tolist():
+            with self.cond:
+                while self.state[i] == 1:
+                    self.cond.wait()
+                if self.state[i] == 2:
+                    continue
+                self.state[i] = 1
+            loaded = False
+            try:
+                loader.load_into(int(self.slabs[i]), self.array[self.starts[i] : self.starts[i + 1]])
+                loaded = True
+            finally:
+                with self.cond:
+                    self.state[i] = 2 if loaded else 0
+                    self.cond.notify_all()
 
 
 def _filters(dset: h5py.Dataset) -> List[int]:
@@ -382,7 +497,7 @@ def _require_filters(path: str, name: str, filters: Sequence[int]) -> None:
         )
 
 
-def _open_rows(field: _Field, fd: int, direct: bool, cache_slabs: int) -> _Rows:
+def _open_rows(field: _Field, fd: int, direct: bool, capacity: Callable[[int], int]) -> _Rows:
     """Pick the fastest reader that can decode this dataset's storage."""
     dset = field.dset
     dcpl = dset.id.get_create_plist()
@@ -394,45 +509,93 @@ def _open_rows(field: _Field, fd: int, direct: bool, cache_slabs: int) -> _Rows:
         and dset.id.get_type().get_size() == dset.dtype.itemsize
         and dcpl.get_external_count() == 0
     )
+    loader, method = None, ""
     if layout == h5py.h5d.CHUNKED:
         filters = _filters(dset)
         decode = _decoder(filters[0]) if len(filters) == 1 else None
-        k = dset.chunks[field.sample_axis]
         if plain and (not filters or decode is not None):
-            raw = _RawChunks(field, fd, decode)
-            return _SlabRows(raw.load, k, "direct-chunks", cache_slabs)
-        _require_filters(field.path, field.name, filters)
-        return _SlabRows(_H5pyChunks(field).load, k, "h5py-chunks", cache_slabs)
-    if layout == h5py.h5d.CONTIGUOUS and plain and field.sample_axis == 0:
+            loader, method = _RawChunks(field, fd, decode), "direct-chunks"
+        else:
+            _require_filters(field.path, field.name, filters)
+            loader, method = _H5pyChunks(field), "h5py-chunks"
+    elif layout == h5py.h5d.CONTIGUOUS and plain and field.sample_axis == 0:
         offset = dset.id.get_offset()
         if offset is not None and dset.id.get_storage_size() == dset.size * dset.dtype.itemsize:
-            return _ContiguousRows(field, fd, offset)
-    return _H5pyRows(field)
+            loader, method = _ContiguousBlocks(field, fd, offset), "direct-contiguous"
+    if loader is None:
+        return _H5pyRows(field)
+    row_shape = tuple(n for d, n in enumerate(dset.shape) if d != field.sample_axis)
+    return _SlabRows(loader, method, capacity(loader.rows), dset.dtype, row_shape)
 
 
 # --------------------------------------------------------------------------- epochs
 
 
-def _epoch_order(n: int, shuffle: bool, rng: np.random.Generator, slab_rows: int, window: int) -> np.ndarray:
-    """The order of the rows in one epoch.
+@dataclass
+class _Part:
+    """The rows of one batch that come from one shuffle window."""
 
-    Shuffled reads of a chunked dataset permute whole slabs, then mix the rows of each window
-    of ``window`` rows (rounded up to whole slabs), so a batch needs few decoded chunks.
+    key: Tuple[int, int]  # (epoch, window)
+    slabs: np.ndarray  # the window's slabs, in the order their rows are laid out
+    starts: np.ndarray  # first row of each slab in the window array, then its length
+    local: np.ndarray  # rows of the window array, in batch order
+    lo: int  # where they go in the batch
+    hi: int
+    refs: int  # batches that read from this window
+
+
+class _Plan:
+    """One epoch: the order of its rows and, for shuffled slab reads, its windows.
+
+    Shuffled reads of a chunked dataset permute whole slabs, group them into windows of
+    about ``window`` rows, and permute the rows within each window; a batch then needs only
+    the slabs of one or two windows, each decoded once.
     """
-    if not shuffle:
-        return np.arange(n)
-    if slab_rows <= 1 or window >= n:
-        return rng.permutation(n)
-    k = slab_rows
-    slabs = rng.permutation(-(-n // k))
-    per = max(1, -(-window // k))
-    parts = []
-    for i in range(0, len(slabs), per):
-        rows = (slabs[i : i + per, None] * k + np.arange(k)).ravel()
-        rows = rows[rows < n]
-        rng.shuffle(rows)
-        parts.append(rows)
-    return np.concatenate(parts)
+
+    def __init__(self, epoch: int, n: int, shuffle: bool, rng: np.random.Generator, k: int, window: int,
+                 batch_size: int, batches: int):
+        self.epoch, self.batch_size = epoch, batch_size
+        self.windows: List[Tuple[np.ndarray, np.ndarray]] = []
+        if not shuffle:
+            self.order = np.arange(n)
+            return
+        if k <= 1:  # no chunk grain, or one row a chunk: any order reads as fast
+            self.order = rng.permutation(n)
+            return
+        slabs = rng.permutation(-(-n // k))
+        per = max(1, -(-window // k))
+        orders, locals_, window_of = [], [], []
+        for w, i in enumerate(range(0, len(slabs), per)):
+            group = slabs[i : i + per]
+            sizes = np.minimum(k, n - group * k)
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            rows = (group[:, None] * k + np.arange(k)).ravel()
+            rows = rows[rows < n]  # laid out slab after slab: row j of this is window row j
+            local = rng.permutation(len(rows))
+            orders.append(rows[local])
+            locals_.append(local)
+            window_of.append(np.full(len(rows), w))
+            self.windows.append((group, starts))
+        self.order = np.concatenate(orders)
+        self.local = np.concatenate(locals_)
+        self.window_of = np.concatenate(window_of)
+        # Batches that read from each window: the window's rows span batch first..last.
+        ends = np.cumsum([int(s[-1]) for _, s in self.windows])
+        firsts, lasts = (ends - [int(s[-1]) for _, s in self.windows]) // batch_size, (ends - 1) // batch_size
+        self.refs = np.clip(np.minimum(lasts, batches - 1) - firsts + 1, 0, None)
+
+    def batch(self, b: int) -> Tuple[np.ndarray, Optional[List[_Part]]]:
+        lo, hi = b * self.batch_size, (b + 1) * self.batch_size
+        indices = self.order[lo:hi]
+        if not self.windows:
+            return indices, None
+        parts = []
+        window_of = self.window_of[lo:hi]
+        for a, z in _runs_of_equal(window_of):
+            w = int(window_of[a])
+            slabs, starts = self.windows[w]
+            parts.append(_Part((self.epoch, w), slabs, starts, self.local[lo + a : lo + z], a, z, int(self.refs[w])))
+        return indices, parts
 
 
 # --------------------------------------------------------------------------- layouts
@@ -493,13 +656,17 @@ class _State:
     postprocess: Optional[Postprocess]
 
 
-def _fill(state: _State, slot: _Slot, indices: np.ndarray):
+def _fill(state: _State, slot: _Slot, indices: np.ndarray, parts: Optional[List[_Part]]):
     """Worker: read one batch into ``slot`` and post-process it."""
     if slot.event is not None:  # the last copy out of these pinned buffers must be done
         slot.event.synchronize()
         slot.event = None
     n = len(indices)
-    state.data.fill(indices, slot.data_sf[:n])
+    if parts is None:
+        state.data.fill(indices, slot.data_sf[:n])
+    else:
+        for part in parts:
+            state.data.gather(part, slot.data_sf[part.lo : part.hi])
     labels = None
     if state.labels is not None:
         state.labels.fill(indices, slot.labels[:n])
@@ -586,8 +753,9 @@ class BatchReader:
         shuffle: visit rows in a new random order every epoch. Rows are mixed within windows
             of ``shuffle_window`` rows (whole chunks); the chunks themselves in any order.
         seed: seed of the shuffle; epoch ``e`` uses ``(seed, e)``. None: a random seed.
-        shuffle_window: rows mixed together (decoded and cached at once, so it bounds memory).
-            Default: the rows that fit in 64 MiB, at least 4 batches.
+        shuffle_window: rows mixed together, rounded up to whole chunks. About three windows
+            are held in memory at once, decoded. Default: the rows that fit in 64 MiB, at least
+            4 batches. A window of at least the dataset's length shuffles it fully.
         threads: worker threads. 2 suits a 2-core machine where chunks are zlib or zstd
             compressed; lzf and h5py-read datasets hold the GIL, so more threads add little.
         prefetch: batches read ahead of the one the caller holds.
@@ -654,7 +822,7 @@ class BatchReader:
         self._held: Optional[int] = None  # the slot of the batch the caller holds
         self._pending: Deque[_Pending] = collections.deque()
         self._cursor = (0, 0)  # (epoch, batch) of the next batch to fetch
-        self._order: Tuple[int, Optional[np.ndarray]] = (-1, None)
+        self._plan: Optional[_Plan] = None
         self.epoch = -1  # epoch of the last batch returned
         self._at_boundary = True  # whether the last batch returned ended its epoch
 
@@ -679,14 +847,9 @@ class BatchReader:
         self.num_rows = n = data.shape[sa]
         row_bytes = max(1, data.size // max(n, 1) * data.dtype.itemsize)
         window = shuffle_window or max(4 * self.batch_size, WINDOW_BYTES // row_bytes)
-        field = _Field(path, data_field, data, sa)
-        k = data.chunks[sa] if data.chunks else 1
-        batch_slabs = -(-self.batch_size // k) + 1
-        capacity = (self.prefetch + 1) * batch_slabs + self.threads
-        if self.shuffle:
-            capacity += 2 * -(-window // k)
-        self._data_rows = _open_rows(field, self._res.fd, direct, capacity)
         self._window = window
+        field = _Field(path, data_field, data, sa)
+        self._data_rows = _open_rows(field, self._res.fd, direct, self._cache_slabs)
 
         self._labels_rows: Optional[_Rows] = None
         self._labels_shape = self._labels_dtype = None
@@ -704,7 +867,7 @@ class BatchReader:
                 except OSError as exc:
                     raise CorruptEntryError(f"{path}: dataset {labels_field!r} cannot be read ({exc})") from exc
             else:
-                self._labels_rows = _open_rows(lfield, self._res.fd, direct, 2 * (self.prefetch + 1))
+                self._labels_rows = _open_rows(lfield, self._res.fd, direct, self._cache_slabs)
             self._labels_shape = (self.batch_size, *labels.shape[1:])
             self._labels_dtype = labels.dtype.newbyteorder("=")
 
@@ -716,6 +879,15 @@ class BatchReader:
         self._data_dtype = data.dtype.newbyteorder("=")
         self._state = _State(path, self._data_rows, self._labels_rows, self.postprocess)
         log.debug("%s: %d rows of %r read by %s", path, n, data_field, self._data_rows.method)
+
+    def _cache_slabs(self, k: int) -> int:
+        """Decoded chunk rows of ``k`` samples to cache: those of every batch in the ring, and
+        two shuffle windows (the one being read and the next)."""
+        batch_slabs = -(-self.batch_size // k) + 1
+        capacity = (self.prefetch + 1) * batch_slabs + self.threads
+        if self.shuffle:
+            capacity += 2 * -(-self._window // k)
+        return capacity
 
     # ---- public API
 
@@ -753,12 +925,12 @@ class BatchReader:
         if not len(self):
             raise ValueError(f"BatchReader on {self.path}: no batch to fetch, the epoch has no full batch")
         epoch, batch = self._cursor
-        indices = self._epoch_indices(epoch)[batch * self.batch_size : (batch + 1) * self.batch_size]
+        indices, parts = self._epoch_plan(epoch).batch(batch)
         self._cursor = (epoch, batch + 1) if batch + 1 < len(self) else (epoch + 1, 0)
         if self._res.executor is None:
             self._res.executor = ThreadPoolExecutor(self.threads, thread_name_prefix=THREAD_PREFIX)
         slot = self._free.popleft()
-        future = self._res.executor.submit(_fill, self._state, self._slots[slot], indices)
+        future = self._res.executor.submit(_fill, self._state, self._slots[slot], indices, parts)
         self._pending.append(_Pending(epoch, batch, slot, future))
 
     def next_batch(self) -> Tuple[Any, Any]:
@@ -850,17 +1022,18 @@ class BatchReader:
             self._free.append(job.slot)
         self._pending.clear()
         self._res.stop_threads()  # cancels what has not started, waits for what has
+        self._data_rows.reset()
         if resume[1] != 0:
             resume = (resume[0] + 1, 0)
         self._cursor = resume
         self._at_boundary = True
 
-    def _epoch_indices(self, epoch: int) -> np.ndarray:
-        if self._order[0] != epoch:
+    def _epoch_plan(self, epoch: int) -> _Plan:
+        if self._plan is None or self._plan.epoch != epoch:
             rng = np.random.default_rng([self._seed, epoch])
-            order = _epoch_order(self.num_rows, self.shuffle, rng, self._data_rows.slab_rows, self._window)
-            self._order = (epoch, order)
-        return self._order[1]
+            self._plan = _Plan(epoch, self.num_rows, self.shuffle, rng, self._data_rows.slab_rows, self._window,
+                               self.batch_size, len(self))
+        return self._plan
 
     def _check_open(self) -> None:
         if self.closed:
