@@ -12,8 +12,10 @@ spawned workers and used in forked ones.
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
+import math
 import os
 import threading
 import zlib
@@ -84,7 +86,7 @@ class Index:
 
     def entry_shape(self, pos: int) -> tuple:
         """The stored array's shape of entry ``pos``."""
-        return tuple(int(d) for d in self.shape[pos] if d >= 0)
+        return tuple(d for d in self.shape[pos].tolist() if d >= 0)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -286,6 +288,18 @@ def decode_value(stored: np.ndarray, kind: int, key: str) -> Any:
         raise ReadError(key, f"cannot decode as {reader.name}: {type(exc).__name__}: {exc}") from exc
 
 
+_FORK_LOCK = threading.Lock()
+
+
+def _new_fork_lock() -> None:
+    """A lock another thread held at fork time stays held in the child: replace it there."""
+    global _FORK_LOCK
+    _FORK_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_fork_lock)
+
 _JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
 _PIL: list = []
 
@@ -318,6 +332,43 @@ def _decode_jpeg(raw: bytes) -> Optional[np.ndarray]:
         if image.mode not in ("L", "RGB", "CMYK"):
             return None
         return np.array(image)
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int) -> int:
+    """Read ``buf.nbytes`` bytes at ``offset`` into the uint8 array ``buf``; returns how many
+    were there (fewer only where the file ends)."""
+    if not hasattr(os, "preadv"):
+        data = os.pread(fd, buf.nbytes, offset)
+        buf[: len(data)] = np.frombuffer(data, np.uint8)
+        return len(data)
+    view, got = memoryview(buf), 0
+    while got < len(view):  # a read may return less than asked
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def _decompress_errors() -> tuple:
+    """What the codecs raise on damaged data (and nothing else, so bugs are not hidden)."""
+    errors = [ValueError, zlib.error]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_DECOMPRESS_ERRORS = _decompress_errors()
+_ARRAY = int(Kind.ARRAY)
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype(text: bytes) -> np.dtype:
+    return np.dtype(text.decode())
 
 
 class ArchiveReader:
@@ -353,11 +404,13 @@ class ArchiveReader:
 
     def _own_process(self) -> None:
         if self._pid != os.getpid():
-            # Forked: the parent's handles share its file offset and HDF5 state. Close our
-            # copies (that touches only this process) so HDF5 cannot hand back the parent's
-            # shared file when we reopen.
-            self._close_handles()
-            self._reset_handles()
+            with _FORK_LOCK:
+                if self._pid != os.getpid():
+                    # Forked: the handles are the parent's. Close this process's copies
+                    # (the parent's stay open) so HDF5 cannot hand the parent's open file
+                    # state back to us when we reopen.
+                    self._close_handles()
+                    self._reset_handles()
 
     @property
     def fd(self) -> int:
@@ -410,7 +463,10 @@ class ArchiveReader:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter shutdown modules may be gone
+            pass
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -448,31 +504,42 @@ class ArchiveReader:
             arr = self._read_direct(pos, offset, codec_id)
         else:
             arr = self._read_h5(pos)
-        if self.verify and index.kind[pos] != Kind.ARRAY and index.size[pos]:
+        if self.verify and int(index.kind[pos]) != _ARRAY and index.size[pos]:
             if arr.nbytes != index.size[pos] or zlib.crc32(arr) != index.crc32[pos]:
-                raise self._corrupt(pos, "checksum mismatch")
+                raise self._corrupt(pos, "checksum of the source file's bytes does not match")
         return arr
 
     def _read_direct(self, pos: int, offset: int, codec_id: int) -> np.ndarray:
         index = self.index
         stored = int(index.stored[pos])
-        dtype = np.dtype(index.dtype[pos].decode())
-        shape = self.index.entry_shape(pos)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        data = os.pread(self.fd, stored, offset)
-        if len(data) != stored:
-            raise self._corrupt(pos, f"file ends {stored - len(data)} bytes before the entry does")
-        if self.verify and index.stored_crc32 is not None and zlib.crc32(data) != index.stored_crc32[pos]:
-            raise self._corrupt(pos, "checksum of the stored bytes does not match")
+        dtype = _dtype(index.dtype[pos])
+        shape = index.entry_shape(pos)
+        nbytes = math.prod(shape) * dtype.itemsize
         # A chunk lzf could not shrink is stored raw, as HDF5 does for an optional filter.
-        if codec_id != codecs.NONE and not (codec_id == codecs.LZF and stored == nbytes):
-            try:
-                data = codecs.codec_by_id(codec_id).decompress(data, nbytes)
-            except Exception as exc:  # noqa: BLE001 - each codec raises its own error type
-                raise self._corrupt(pos, f"{type(exc).__name__}: {exc}") from exc
+        raw = codec_id == codecs.NONE or (codec_id == codecs.LZF and stored == nbytes)
+        if raw and stored != nbytes:
+            raise self._corrupt(pos, f"index says {stored} bytes are stored for {nbytes} bytes of data")
+        # Samples must be writable, as h5py's and imageio's are (in-place transforms, torch):
+        # raw data is read straight into a new array, decompressed data is copied once.
+        if raw:
+            buf = np.empty(stored, np.uint8)
+            got = _pread_into(self.fd, buf, offset)
+        else:
+            buf = os.pread(self.fd, stored, offset)  # the codecs take bytes
+            got = len(buf)
+        if got != stored:
+            raise self._corrupt(pos, f"file ends {stored - got} bytes before the entry does")
+        if self.verify and index.stored_crc32 is not None and zlib.crc32(buf) != index.stored_crc32[pos]:
+            raise self._corrupt(pos, "checksum of the stored bytes does not match")
+        if raw:
+            return buf.view(dtype).reshape(shape)
+        try:
+            data = codecs.codec_by_id(codec_id).decompress(buf, nbytes)
+        except _DECOMPRESS_ERRORS as exc:
+            raise self._corrupt(pos, f"{type(exc).__name__}: {exc}") from exc
         if len(data) != nbytes:
             raise self._corrupt(pos, f"{len(data)} bytes where {nbytes} were expected")
-        return np.frombuffer(data, dtype=dtype).reshape(shape)
+        return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
     def _read_h5(self, pos: int) -> np.ndarray:
         try:

@@ -118,6 +118,7 @@ def arrays() -> Dict[str, np.ndarray]:
         "a/b/img_1.png": photo_like(rng, 7, 5, 0),
         "c/img_2.png": rng.integers(0, 255, (6, 4, 4), dtype=np.uint8),  # lzf cannot shrink it
         "d/vec.npy": rng.normal(size=(3, 5)).astype("<f4"),
+        "e/flat.png": np.full((20, 16, 3), 7, np.uint8),  # compresses well with any codec
     }
 
 
@@ -127,14 +128,16 @@ def test_index_rows_match_entries_and_reads_skip_h5py(tmp_path, arrays, codec):
     index = read_index(path)
     assert index.layout == fmt.LAYOUT_FILES
     assert index.keys == list(arrays)
-    assert len(index) == 4
+    assert len(index) == 5
     assert (index.offset > 0).all()
+    assert (index.stored[-1] < 20 * 16 * 3) == (codec != "none")
     assert index.position("c/img_2.png") == 2
     assert index.entry_shape(1) == (7, 5)
     with ArchiveReader(path, index) as reader:
         for pos, expected in enumerate(arrays.values()):
             got = reader.read(pos)
             assert got.dtype == expected.dtype and np.array_equal(got, expected)
+            assert got.flags.writeable  # as h5py's arrays are: in-place transforms work
         assert reader._h5 is None  # every entry came through os.pread
 
 
