@@ -625,25 +625,29 @@ class _Slot:
     """One preallocated batch: output-layout arrays and the views the readers write through."""
 
     def __init__(self, out_shape, dtype, n_axis: int, sf_axes, labels_shape, labels_dtype, torch_mod, pin: bool):
-        self.data = _alloc(out_shape, dtype, torch_mod, pin)
-        self.labels = None if labels_shape is None else _alloc(labels_shape, labels_dtype, torch_mod, pin)
+        self.data, self.data_t = _alloc(out_shape, dtype, torch_mod, pin)
+        self.labels, self.labels_t = (None, None) if labels_shape is None else \
+            _alloc(labels_shape, labels_dtype, torch_mod, pin)
         self.n_axis = n_axis
         self.data_sf = self.data.transpose(sf_axes)  # sample first, other axes in file order
-        self.torch = torch_mod
         self.event = None  # CUDA event of the last non-blocking copy out of this slot
 
-    def out(self, arr: np.ndarray, n: int, axis: int = 0):
-        view = arr[(slice(None),) * axis + (slice(0, n),)]
-        if self.torch is not None and view.dtype.kind in "biufc":
-            return self.torch.from_numpy(view)
-        return view
+    def batch(self, n: int) -> Tuple[Any, Any]:
+        """The first ``n`` rows, as torch tensors where the ring is made of them."""
+        data = self.data if self.data_t is None else self.data_t
+        labels = self.labels if self.labels_t is None else self.labels_t
+        data = data[(slice(None),) * self.n_axis + (slice(0, n),)]
+        return data, None if labels is None else labels[:n]
 
 
-def _alloc(shape, dtype: np.dtype, torch_mod, pin: bool) -> np.ndarray:
-    if pin and dtype.kind in "biufc":
+def _alloc(shape, dtype: np.dtype, torch_mod, pin: bool) -> Tuple[np.ndarray, Any]:
+    """A numpy array and, when torch is wanted and can hold the dtype, a tensor sharing it."""
+    try:
         tdtype = torch_mod.from_numpy(np.empty(0, dtype)).dtype
-        return torch_mod.empty(shape, dtype=tdtype, pin_memory=True).numpy()
-    return np.empty(shape, dtype=dtype)
+    except (AttributeError, TypeError):  # no torch wanted, or a dtype torch has not (bytes)
+        return np.empty(shape, dtype=dtype), None
+    tensor = torch_mod.empty(shape, dtype=tdtype, pin_memory=pin)
+    return tensor.numpy(), tensor
 
 
 @dataclass
@@ -667,11 +671,9 @@ def _fill(state: _State, slot: _Slot, indices: np.ndarray, parts: Optional[List[
     else:
         for part in parts:
             state.data.gather(part, slot.data_sf[part.lo : part.hi])
-    labels = None
     if state.labels is not None:
         state.labels.fill(indices, slot.labels[:n])
-        labels = slot.out(slot.labels, n)
-    data = slot.out(slot.data, n, slot.n_axis)
+    data, labels = slot.batch(n)
     if state.postprocess is not None:
         try:
             data, labels = state.postprocess(data, labels)
@@ -769,9 +771,16 @@ class BatchReader:
         copy: return arrays the reader never reuses.
         device: return torch tensors moved to this device (``"cpu"`` for CPU tensors).
         pin_memory: allocate the ring in pinned memory so copies to the GPU run
-            asynchronously; without CUDA it warns and does nothing.
+            asynchronously; without CUDA it warns and does nothing. With ``device`` set, the
+            reader waits for each copy to end before it refills the buffer; without it, finish
+            your own ``non_blocking`` copy before asking for the next batch.
         direct: read and decompress chunks in the worker threads instead of through h5py
             wherever the filters allow (the fast path; False forces h5py, for comparison).
+
+    Attributes:
+        epoch: the epoch of the last batch returned (-1 before the first).
+        num_rows: samples in the dataset.
+        method: how ``data`` is read (see the property).
     """
 
     def __init__(
@@ -796,7 +805,8 @@ class BatchReader:
         direct: bool = True,
     ):
         self.path = os.fspath(path)
-        for name, value in (("batch_size", batch_size), ("threads", threads), ("prefetch", prefetch)):
+        for name, value in (("batch_size", batch_size), ("threads", threads), ("prefetch", prefetch),
+                            ("shuffle_window", 1 if shuffle_window is None else shuffle_window)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be at least 1, not {value}")
         self.batch_size, self.threads, self.prefetch = int(batch_size), int(threads), int(prefetch)
