@@ -381,6 +381,23 @@ def test_corrupt_chunk(tmp_path, storage):
     assert workers() == []
 
 
+def test_batches_after_a_corrupt_chunk_raise_or_are_right(tmp_path):
+    data = rows()
+    path = write(tmp_path / "d.h5", data, chunks=(10, *SHAPE), compression="gzip")
+    corrupt_chunk(path)
+    errors = 0
+    with BatchReader(path, 16, shuffle=True, seed=0, threads=2) as reader:  # one window: all rows
+        for _ in range(len(reader)):
+            try:
+                d, l = reader.next_batch()
+            except CorruptEntryError:
+                errors += 1
+                continue
+            assert not set(l.tolist()) & set(range(20, 30))
+            np.testing.assert_array_equal(d, data[l])
+    assert errors >= 1
+
+
 def test_truncated_file(tmp_path):
     path = write(tmp_path / "d.h5", rows(), chunks=(10, *SHAPE), compression="gzip")
     with h5py.File(path, "r") as f:
