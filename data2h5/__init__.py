@@ -17,6 +17,7 @@ from .errors import (
     PluginError,
     ReadError,
     SourceError,
+    WorkerError,
 )
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "Report",
     "Data2H5Error",
     "SourceError",
+    "WorkerError",
     "OutputError",
     "ReadError",
     "PluginError",

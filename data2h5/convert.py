@@ -10,6 +10,8 @@ import sys
 import time
 import zlib
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,11 +22,12 @@ import h5py
 from . import format as fmt
 from ._version import __version__
 from .codecs import Codec, choose_codec, parse_compression
-from .errors import Data2H5Error, LayoutError, PluginError, ReadError, SourceError
+from .errors import LayoutError, PluginError, ReadError, SourceError, WorkerError
 from .format import Kind
 from .plugins import Plugin, PluginSpec, load
 from .prune import keeps, match_extension, normalize_extensions
 from .readers import AUTO, BUILTIN_READERS, read_source
+from .transport import Slots, share
 from .walk import SourceFile, walk
 from .writer import FilesWriter, Packed, open_output, pack, temp_path
 
@@ -37,6 +40,7 @@ LAYOUTS = (fmt.LAYOUT_FILES, fmt.LAYOUT_STACKED)
 TASK_BYTES = 4 << 20
 MAX_TASK_FILES = 64
 INFLIGHT_PER_WORKER = 4
+SLOT_BYTES = 2 * TASK_BYTES
 
 
 @dataclass
@@ -109,11 +113,12 @@ def _resolve_reader(spec: Optional[PluginSpec]) -> Optional[Plugin]:
     return load(spec, "reader", BUILTIN_READERS)
 
 
-def _process(files: Sequence[SourceFile]) -> list:
+def _process(files: Sequence[SourceFile], slot: Optional[str] = None, slot_size: int = 0) -> list:
     """Worker task: read, checksum, decode and compress each file.
 
     Returns a list of ``Packed`` or ``(key, error class name, message)`` for failures, since
-    exceptions are reported, not raised, so one bad file does not lose the batch.
+    exceptions are reported, not raised, so one bad file does not lose the batch. Payloads go
+    into the shared ``slot`` when one is given.
     """
     out = []
     for src in files:
@@ -121,7 +126,7 @@ def _process(files: Sequence[SourceFile]) -> list:
             out.append(_process_one(src))
         except (ReadError, PluginError) as exc:
             out.append((src.key, type(exc).__name__, str(exc)))
-    return out
+    return share(out, slot, slot_size)
 
 
 def _process_one(src: SourceFile) -> Packed:
@@ -290,28 +295,42 @@ def _run(files: List[SourceFile], job: _Job, workers: int, start_method: Optiona
             yield from _process([src])
         return
     ctx = multiprocessing.get_context(start_method)
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job,))
+    limit = workers * INFLIGHT_PER_WORKER
+    slots = Slots(limit, SLOT_BYTES)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job,))
+    finished = False
     try:
         pending: deque = deque()
         batch = 4  # grows once the size of results is known
         pos, done_files, done_bytes = 0, 0, 0
-        limit = workers * INFLIGHT_PER_WORKER
         while pos < len(files) or pending:
-            while pos < len(files) and len(pending) < limit:
-                pending.append(pool.apply_async(_process, (files[pos : pos + batch],)))
+            while pos < len(files) and slots.free:
+                slot = slots.free.pop()
+                task = (files[pos : pos + batch], slots.paths[slot], slots.size)
+                pending.append((slot, pool.submit(_process, *task)))
                 pos += batch
-            results = pending.popleft().get()
-            for item in results:
+            slot, future = pending.popleft()
+            try:
+                results = future.result()
+            except BrokenProcessPool as exc:
+                raise WorkerError(
+                    "a worker process died (out of memory, or a crash in a decoder); "
+                    "rerun with --workers 1 to see which file"
+                ) from exc
+            for item in slots.resolve(slot, results):
                 done_files += 1
                 done_bytes += item.nbytes if isinstance(item, Packed) else 0
                 yield item
+            slots.free.append(slot)  # its items are written: the slot can take the next task
             per_file = max(done_bytes / max(done_files, 1), 1)
             batch = int(min(MAX_TASK_FILES, max(1, TASK_BYTES // per_file)))
-        pool.close()
-        pool.join()
+        finished = True
     finally:
-        pool.terminate()
-        pool.join()
+        if not finished:  # stop now: do not let workers finish the queue
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        slots.close()
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -31,6 +31,10 @@ class PluginError(Data2H5Error):
     """A reader or prune plugin could not be loaded, raised, or returned something unusable."""
 
 
+class WorkerError(Data2H5Error):
+    """A worker process died before it could report on its files."""
+
+
 class CompressionError(Data2H5Error):
     """The compression asked for is unknown or its codec is not installed."""
 

@@ -1,0 +1,107 @@
+"""Hand workers' results to the writer through shared memory instead of the pool's pipe.
+
+Decoded images are hundreds of KB each. Sent through the pool's pipe they are pickled,
+copied through the kernel twice and unpickled, and the pipe is drained by a thread of the
+writer process that needs the GIL the writer holds while it writes, so workers stall on the
+writer. Instead the writer owns one memory-mapped slot per task in flight; a worker copies
+its payloads into its task's slot and returns small descriptors, and the writer writes
+straight from the slot. The slots are files in ``/dev/shm`` (or the temp folder where there is
+none), deleted when the run ends however it ends.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import tempfile
+from typing import Dict, List, NamedTuple, Optional
+
+import numpy as np
+
+from .writer import Packed
+
+
+class Span(NamedTuple):
+    """Where a payload lies in its task's slot."""
+
+    start: int
+    length: int
+
+
+class Slots:
+    """Writer side: ``count`` shared slots of ``size`` bytes each."""
+
+    def __init__(self, count: int, size: int):
+        shm = "/dev/shm"
+        self.dir = tempfile.mkdtemp(prefix="data2h5-", dir=shm if os.path.isdir(shm) else None)
+        self.size = size
+        self.paths: List[str] = []
+        self._maps: List[mmap.mmap] = []
+        self._views: List[np.ndarray] = []
+        try:
+            for i in range(count):
+                path = os.path.join(self.dir, f"slot{i}")
+                with open(path, "wb+") as fh:
+                    fh.truncate(size)
+                    m = mmap.mmap(fh.fileno(), size)
+                self.paths.append(path)
+                self._maps.append(m)
+                self._views.append(np.frombuffer(m, dtype=np.uint8))
+        except BaseException:
+            self.close()
+            raise
+        self.free = list(range(count))
+
+    def resolve(self, slot: int, items: list) -> list:
+        """Replace the :class:`Span` payloads of ``items`` by views of ``slot``."""
+        view = self._views[slot]
+        out = []
+        for item in items:
+            if isinstance(item, Packed) and isinstance(item.data, Span):
+                item = item._replace(data=view[item.data.start : item.data.start + item.data.length])
+            elif isinstance(item, Packed) and isinstance(item.data, list) and item.data and isinstance(item.data[0][1], Span):
+                item = item._replace(data=[(o, view[s.start : s.start + s.length], m) for o, s, m in item.data])
+            out.append(item)
+        return out
+
+    def close(self) -> None:
+        self._views.clear()
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:  # a view is still alive somewhere; the file goes anyway
+                pass
+        self._maps.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_worker_maps: Dict[str, mmap.mmap] = {}
+
+
+def share(items: list, slot_path: Optional[str], slot_size: int) -> list:
+    """Worker side: copy payloads into the task's slot while they fit; the rest stay inline."""
+    if slot_path is None:
+        return items
+    m = _worker_maps.get(slot_path)
+    if m is None:
+        with open(slot_path, "r+b") as fh:
+            m = _worker_maps[slot_path] = mmap.mmap(fh.fileno(), slot_size)
+    pos, out = 0, []
+    for item in items:
+        if isinstance(item, Packed) and isinstance(item.data, (bytes, bytearray)):
+            n = len(item.data)
+            if pos + n <= slot_size:
+                m[pos : pos + n] = item.data
+                item = item._replace(data=Span(pos, n))
+                pos += n
+        elif isinstance(item, Packed) and isinstance(item.data, list):
+            n = sum(len(d) for _, d, _ in item.data)
+            if pos + n <= slot_size:
+                chunks = []
+                for offset, data, mask in item.data:
+                    m[pos : pos + len(data)] = data
+                    chunks.append((offset, Span(pos, len(data)), mask))
+                    pos += len(data)
+                item = item._replace(data=chunks)
+        out.append(item)
+    return out
