@@ -119,3 +119,7 @@ def ls(archive: str, prefix: str) -> None:
 def _fail(exc: Exception) -> None:
     click.echo(f"data2h5: error: {exc}", err=True)
     sys.exit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    main()
