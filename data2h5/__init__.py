@@ -1,8 +1,9 @@
 """data2h5: turn a folder of loose files into one compressed HDF5 archive, and read it back fast.
 
 >>> report = data2h5.convert("images/", "images.h5", ext="jpg")
->>> h5py.File("images.h5")["cats/0001.jpg"][()]      # the decoded image
->>> ds = data2h5.H5Dataset("images.h5", target="folder")  # for torch DataLoader workers
+>>> h5py.File("images.h5")["cats/0001.jpg"][()]            # the decoded image
+>>> ds = data2h5.H5Dataset("images.h5", target="folder")   # for DataLoader workers
+>>> reader = data2h5.BatchReader("stacked.h5", batch_size=64, shuffle=True)
 """
 from ._version import __version__
 from .convert import Report, convert
@@ -20,16 +21,33 @@ from .errors import (
     WorkerError,
 )
 
+# The loaders import torch when it is installed; importing them only on first use keeps
+# `import data2h5` (and every conversion worker) free of that cost.
+_LAZY = {"H5Dataset": ".dataset", "BatchReader": ".prefetch"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'data2h5' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "convert",
     "Report",
+    "H5Dataset",
+    "BatchReader",
     "Data2H5Error",
     "SourceError",
-    "WorkerError",
     "OutputError",
     "ReadError",
     "PluginError",
+    "WorkerError",
     "CompressionError",
     "LayoutError",
     "ArchiveError",
