@@ -120,7 +120,13 @@ def read_source(reader: Optional[Plugin], path: str, raw: bytes, ext: str) -> Tu
             value = func.from_bytes(raw, ext)
         except Exception as exc:
             raise ReadError(path, f"cannot read as {func.name}: {_reason(exc)}") from exc
-        return to_stored(value)
+        stored = to_stored(value)
+        if stored is None:  # e.g. a .npy of strings or records
+            raise ReadError(
+                path, f"read as {func.name}, it holds {_describe(value)}, which is not stored; "
+                "use --reader bytes, or a reader plugin that returns a numeric array"
+            )
+        return stored
     try:
         value = func(path)
     except Exception as exc:
@@ -128,11 +134,16 @@ def read_source(reader: Optional[Plugin], path: str, raw: bytes, ext: str) -> Tu
     stored = to_stored(value)
     if stored is None:
         raise PluginError(
-            f"reader plugin {reader.spec!r} returned {type(value).__name__}"
-            f"{'[' + str(value.dtype) + ']' if isinstance(value, np.ndarray) else ''} for {path}; "
+            f"reader plugin {reader.spec!r} returned {_describe(value)} for {path}; "
             "return a numeric numpy array, bytes or str"
         )
     return stored
+
+
+def _describe(value) -> str:
+    if isinstance(value, (np.ndarray, np.generic)):
+        return f"an array of {np.asarray(value).dtype}"
+    return type(value).__name__
 
 
 def _reason(exc: BaseException) -> str:
