@@ -165,7 +165,7 @@ def collect(
         if problem is None and (f.key == fmt.INDEX_GROUP or f.key.startswith(fmt.INDEX_GROUP + "/")):
             problem = f"the name {fmt.INDEX_GROUP} is reserved for the archive's index; rename it"
         if problem:
-            bad.append((f.key.encode("utf-8", "backslashreplace").decode("utf-8"), problem))
+            bad.append((f.shown_key, problem))
         else:
             kept.append(f)
     return kept, bad
