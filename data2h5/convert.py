@@ -116,7 +116,7 @@ def _resolve_reader(spec: Optional[PluginSpec]) -> Optional[Plugin]:
 def _process(files: Sequence[SourceFile], slot: Optional[str] = None, slot_size: int = 0) -> list:
     """Worker task: read, checksum, decode and compress each file.
 
-    Returns a list of ``Packed`` or ``(key, error class name, message)`` for failures, since
+    Returns a list of ``Packed`` or ``(key, error class name, message, reason)`` for failures, since
     exceptions are reported, not raised, so one bad file does not lose the batch. Payloads go
     into the shared ``slot`` when one is given.
     """
@@ -125,7 +125,8 @@ def _process(files: Sequence[SourceFile], slot: Optional[str] = None, slot_size:
         try:
             out.append(_process_one(src))
         except (ReadError, PluginError) as exc:
-            out.append((src.key, type(exc).__name__, str(exc)))
+            reason = exc.reason if isinstance(exc, ReadError) else str(exc)
+            out.append((src.key, type(exc).__name__, str(exc), reason))
     return share(out, slot, slot_size)
 
 
@@ -242,11 +243,13 @@ def convert(
         try:
             for item in _run(files, job, workers, start_method):
                 if not isinstance(item, Packed):
-                    key, err_type, message = item
+                    key, err_type, message, reason = item
                     if on_error == "fail":
-                        raise (PluginError if err_type == "PluginError" else _ReadFailure)(message)
+                        if err_type == "PluginError":
+                            raise PluginError(message)
+                        raise ReadError(message[: -len(reason) - 2], reason)  # message is "path: reason"
                     log.warning("skipping %s", message)
-                    report.skipped.append((key, message))
+                    report.skipped.append((key, reason))
                 else:
                     _add(writer, item, job.stacked)
                     report.entries += 1
@@ -265,14 +268,6 @@ def convert(
     report.elapsed = time.perf_counter() - started
     log.info("%s", report.summary())
     return report
-
-
-class _ReadFailure(ReadError):
-    """A worker's ReadError, rebuilt in the parent from its message."""
-
-    def __init__(self, message: str):
-        path, _, reason = message.partition(": ")
-        super().__init__(path, reason)
 
 
 def _add(writer, item: Packed, stacked: bool) -> None:
