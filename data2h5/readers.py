@@ -46,7 +46,12 @@ def _decode_image(raw: bytes, ext: str) -> np.ndarray:
 
     if not raw:
         raise ValueError("the file is empty")
-    return iio.imread(raw, extension=ext or None)
+    try:
+        return iio.imread(raw, extension=ext or None)
+    except OSError as exc:
+        if "Could not find a backend" in str(exc):  # imageio's words for "no decoder accepts these bytes"
+            raise ValueError(f"not a valid {ext or 'image'} file (no image decoder recognises its bytes)") from None
+        raise
 
 
 def _decode_npy(raw: bytes, ext: str) -> np.ndarray:
