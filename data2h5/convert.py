@@ -29,7 +29,7 @@ from .prune import keeps, match_extension, normalize_extensions
 from .readers import AUTO, BUILTIN_READERS, read_source
 from .transport import Slots, share
 from .walk import SourceFile, walk
-from .writer import FilesWriter, Packed, open_output, pack, temp_path
+from .writer import FilesWriter, Packed, check_output, open_output, pack, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,7 @@ def convert(
         raise SourceError(f"{src} does not exist; give the folder holding your files")
     if not src.is_dir():
         raise SourceError(f"{src} is not a folder; give the folder holding your files")
+    check_output(dst, overwrite)  # before walking: a large tree takes a while
     codec = parse_compression(compression)
     prune_plugin = load(prune if prune is not None else "ext", "prune", {"ext": match_extension})
     if prune is None and not exts:

@@ -53,18 +53,23 @@ def temp_path(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}{TEMP_SUFFIX}")
 
 
-@contextmanager
-def open_output(dst: Path, overwrite: bool) -> Iterator[h5py.File]:
-    """Yield a new HDF5 file that becomes ``dst`` only if the block completes.
-
-    On any exception (Ctrl-C included) the temporary is removed and ``dst`` is untouched.
-    """
+def check_output(dst: Path, overwrite: bool) -> None:
+    """Raise :class:`OutputError` if ``dst`` cannot be written (checked again on opening)."""
     if dst.exists() and not overwrite:
         raise OutputError(f"{dst} already exists; pass --overwrite to replace it")
     if dst.exists() and dst.is_dir():
         raise OutputError(f"{dst} is a folder; name a file such as {dst / 'archive.h5'}")
     if not dst.parent.is_dir():
         raise OutputError(f"the folder of {dst} does not exist; create {dst.parent} first")
+
+
+@contextmanager
+def open_output(dst: Path, overwrite: bool) -> Iterator[h5py.File]:
+    """Yield a new HDF5 file that becomes ``dst`` only if the block completes.
+
+    On any exception (Ctrl-C included) the temporary is removed and ``dst`` is untouched.
+    """
+    check_output(dst, overwrite)
     tmp = temp_path(dst)
     try:
         f = h5py.File(tmp, "w", libver=LIBVER)
