@@ -83,11 +83,13 @@ class Report:
 
 
 def _mb(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB"):
         n /= 1000
-    return ""  # unreachable
+        if n < 1000:
+            break
+    return f"{n:.1f} {unit}"
 
 
 @dataclass(frozen=True)
