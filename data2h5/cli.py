@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Optional, Tuple
 
@@ -57,7 +58,7 @@ def main(verbose: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
 @click.option("--on-error", "--on_error", "on_error", type=click.Choice(["fail", "skip"]), default="fail",
               show_default=True, help="Stop at the first unreadable file, or skip it and list it.")
-@click.option("--follow-symlinks", is_flag=True, help="Walk into symlinked folders (never twice).")
+@click.option("--follow-symlinks", is_flag=True, help="Walk into symlinked folders (a link back to a folder above it is not entered).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def convert(src: str, dst: str, exts: Tuple[str, ...], reader: Optional[str], prune: Optional[str],
             workers: Optional[int], single_process: bool, compression: str, no_compress: bool, layout: str,
@@ -65,6 +66,7 @@ def convert(src: str, dst: str, exts: Tuple[str, ...], reader: Optional[str], pr
     """Convert every matching file under a folder into one HDF5 archive, keyed by relative path."""
     if no_compress and compression != "auto":
         raise click.UsageError("--no_compress and --compression contradict each other; give one")
+    _cwd_importable()
     try:
         report = convert_folder(
             src, dst, ext=exts, reader=reader, prune=prune, workers=1 if single_process else workers,
@@ -114,6 +116,15 @@ def ls(archive: str, prefix: str) -> None:
     for key in keys:
         if key.startswith(prefix):
             out.write(key + "\n")
+
+
+def _cwd_importable() -> None:
+    """Let ``--reader mymodule:read`` name a module in the working folder, as ``python -m``
+    would; the console script's ``sys.path`` starts with its own folder instead. Workers
+    inherit ``sys.path`` under every start method."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def _fail(exc: Exception) -> None:
