@@ -38,7 +38,8 @@ Postprocess = Callable[[Any, Any], Tuple[Any, Any]]
 THREAD_PREFIX = "data2h5-prefetch"
 FILTER_DEFLATE = 1
 LABELS_IN_MEMORY_BYTES = 64 << 20  # labels at most this big are read once, at open
-WINDOW_BYTES = 64 << 20  # default shuffle window: the rows that fit in this many bytes
+WINDOW_BYTES = 32 << 20  # default shuffle window: the rows that fit in this many bytes
+SPARE_WINDOWS = 2  # window arrays kept for reuse: fresh memory costs a page fault per 4 KiB
 CONTIGUOUS_BLOCK = 1 << 20  # contiguous datasets are read in blocks of this size, like chunks
 
 
@@ -366,7 +367,7 @@ class _SlabRows(_Rows):
         self._lock = threading.Lock()
         self._cache: "collections.OrderedDict[int, _Slab]" = collections.OrderedDict()
         self._windows: Dict[Any, _Window] = {}
-        self._spare: List[np.ndarray] = []  # a window array to reuse: fresh memory page-faults
+        self._spare: List[np.ndarray] = []  # window arrays to reuse
 
     def slab(self, s: int) -> np.ndarray:
         with self._lock:
@@ -437,11 +438,16 @@ class _SlabRows(_Rows):
                 window.refs -= 1
                 if window.refs <= 0:
                     del self._windows[key]
-                    if not self._spare:  # one is enough: windows are made one after another
-                        self._spare.append(window.base)
+                    self._keep_spare(window.base)
+
+    def _keep_spare(self, base: np.ndarray) -> None:
+        if len(self._spare) < SPARE_WINDOWS:
+            self._spare.append(base)
 
     def reset(self) -> None:
         with self._lock:
+            for window in self._windows.values():
+                self._keep_spare(window.base)
             self._windows.clear()
 
 
@@ -755,9 +761,10 @@ class BatchReader:
         shuffle: visit rows in a new random order every epoch. Rows are mixed within windows
             of ``shuffle_window`` rows (whole chunks); the chunks themselves in any order.
         seed: seed of the shuffle; epoch ``e`` uses ``(seed, e)``. None: a random seed.
-        shuffle_window: rows mixed together, rounded up to whole chunks. About three windows
-            are held in memory at once, decoded. Default: the rows that fit in 64 MiB, at least
-            4 batches. A window of at least the dataset's length shuffles it fully.
+        shuffle_window: rows mixed together, rounded up to whole chunks. Up to four windows
+            are held in memory, decoded (two in use, two kept for reuse). Default: the rows
+            that fit in 32 MiB, at least 4 batches. A window of at least the dataset's length
+            shuffles it fully.
         threads: worker threads. 2 suits a 2-core machine where chunks are zlib or zstd
             compressed; lzf and h5py-read datasets hold the GIL, so more threads add little.
         prefetch: batches read ahead of the one the caller holds.
