@@ -98,7 +98,12 @@ def info(archive: str, as_json: bool) -> None:
         return
     width = max(len(k) for k in facts)
     for name, value in facts.items():
-        click.echo(f"{name:<{width}}  {value}")
+        if name == "skipped":
+            click.echo(f"{name:<{width}}  {len(value)}")
+            for key, reason in value:
+                click.echo(f"  {key}: {reason}")
+        else:
+            click.echo(f"{name:<{width}}  {value}")
 
 
 @main.command()

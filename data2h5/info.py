@@ -45,7 +45,7 @@ def describe(path: Union[str, os.PathLike]) -> Dict[str, object]:
         "archive": os.path.abspath(path),
         "layout": str(attrs.get(fmt.ATTR_LAYOUT, "plain HDF5 (not written by data2h5)")),
         "entries": entries,
-        "skipped": len(skipped),
+        "skipped": [list(s) for s in skipped],  # [relative path, reason]
         "bytes in": bytes_in,
         "bytes out": size,
         "ratio": round(size / bytes_in, 3) if bytes_in else None,
