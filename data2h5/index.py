@@ -94,8 +94,9 @@ class Index:
         return state
 
 
-def open_h5(path: PathLike) -> h5py.File:
-    """Open ``path`` read-only with h5py; raises :class:`ArchiveError` naming the path."""
+def open_h5(path: PathLike, **kwargs: Any) -> h5py.File:
+    """Open ``path`` read-only with h5py (``kwargs`` go to :class:`h5py.File`); raises
+    :class:`ArchiveError` naming the path when it is missing or not HDF5."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ArchiveError(f"{path}: no such archive")
@@ -104,7 +105,7 @@ def open_h5(path: PathLike) -> h5py.File:
     if not h5py.is_hdf5(path):
         raise ArchiveError(f"{path}: not an HDF5 file")
     try:
-        return h5py.File(path, "r")
+        return h5py.File(path, "r", **kwargs)
     except OSError as exc:
         raise ArchiveError(f"{path}: cannot open as HDF5: {exc}") from exc
 
