@@ -7,7 +7,6 @@ torch is installed and a plain sequence otherwise.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -17,8 +16,6 @@ from . import format as fmt
 from .errors import ArchiveError, ArchiveKeyError
 from .index import ArchiveReader, PathLike
 from .stacked import class_of
-
-log = logging.getLogger(__name__)
 
 try:  # torch is optional: subclass its Dataset when it is there, so isinstance checks pass.
     from torch.utils.data import Dataset as _Base
@@ -47,8 +44,8 @@ class H5Dataset(_Base):
             path component (``"."`` for files at the top, as in stacked archives, whose
             ``labels`` are used); ``"attr:NAME"`` for the HDF5 attribute ``NAME`` of the
             entry's dataset; or a callable ``target(key)``. With ``"folder"`` the dataset
-            has ``classes`` (sorted, over the samples selected before ``limit``), ``class_to_idx`` and
-            ``targets``.
+            has ``classes`` (sorted; taken from the samples selected before ``limit``, so
+            ``limit`` does not change class indices), ``class_to_idx`` and ``targets``.
         return_key: also return the entry's key, last.
         decode: decode entries stored as file bytes (images, .npy, text); ``False`` returns
             a uint8 array of the file's exact bytes.
@@ -72,11 +69,11 @@ class H5Dataset(_Base):
         if isinstance(paths, (str, bytes, os.PathLike)):
             paths = [paths]
         if not paths:
-            raise ArchiveError("H5Dataset needs at least one archive path")
+            raise ValueError("H5Dataset needs at least one archive path")
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         self.readers: List[ArchiveReader] = [ArchiveReader(p, verify=verify) for p in paths]
-        self.prefixes = [prefix] if isinstance(prefix, str) else (list(prefix) if prefix is not None else None)
+        self.prefixes = (prefix,) if isinstance(prefix, str) else (tuple(prefix) if prefix is not None else None)
         self.return_key = return_key
         self.decode = decode
         self.transform = transform
@@ -102,7 +99,7 @@ class H5Dataset(_Base):
             if self.prefixes is None:
                 selected = range(len(reader.index))
             else:
-                selected = [i for i, k in enumerate(reader.index.keys) if self._matching_prefix(k) is not None]
+                selected = [i for i, k in enumerate(reader.index.keys) if k.startswith(self.prefixes)]
             archives.append(np.full(len(selected), a, np.int32))
             rows.append(np.asarray(selected, np.int64))
         return np.concatenate(archives), np.concatenate(rows)
@@ -117,15 +114,9 @@ class H5Dataset(_Base):
             else:
                 where = self.readers[0].path if len(self.readers) == 1 else f"any of {len(self.readers)} archives"
                 raise ArchiveKeyError(f"no entry {key!r} in {where}")
-            if self._matching_prefix(key) is None:
-                raise ArchiveKeyError(f"entry {key!r} does not start with prefix {self.prefixes}")
+            if self.prefixes is not None and not key.startswith(self.prefixes):
+                raise ArchiveKeyError(f"entry {key!r} does not start with prefix {' or '.join(self.prefixes)}")
         return archives, rows
-
-    def _matching_prefix(self, key: str) -> Optional[str]:
-        """The first of ``prefixes`` that ``key`` starts with ("" when there is no prefix)."""
-        if self.prefixes is None:
-            return ""
-        return next((p for p in self.prefixes if key.startswith(p)), None)
 
     # -- targets ---------------------------------------------------------------------------
 
@@ -153,7 +144,9 @@ class H5Dataset(_Base):
         index = reader.index
         if index.layout == fmt.LAYOUT_STACKED:
             if index.labels is None:
-                raise ArchiveError(f"{reader.path}: stacked archive without {fmt.STACKED_LABELS!r}; cannot give folder targets")
+                raise ArchiveError(
+                    f"{reader.path}: stacked archive without {fmt.STACKED_LABELS!r}, so no folder targets"
+                )
             label = int(index.labels[row])
             return index.classes[label] if index.classes is not None else str(label)
         return class_of(index.keys[row])
@@ -225,7 +218,10 @@ class H5Dataset(_Base):
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter shutdown modules may be gone
+            pass
 
     def __repr__(self) -> str:
         paths = ", ".join(r.path for r in self.readers)
