@@ -302,26 +302,24 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_fork_lock)
 
 _JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
-_PIL: list = []
 
 
+@functools.lru_cache(maxsize=None)
 def _pillow():
     """PIL.Image, or None when Pillow is missing (looked up once)."""
-    if not _PIL:
-        try:
-            from PIL import Image
-        except ImportError:
-            Image = None
-        _PIL.append(Image)
-    return _PIL[0]
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    return Image
 
 
 def _decode_jpeg(raw: bytes) -> Optional[np.ndarray]:
     """A JPEG decoded by Pillow directly, or None if it is not a plain L/RGB/CMYK JPEG.
 
     For these imageio's Pillow plugin returns exactly ``np.array(image)``, but its per-call
-    set-up (plugin lookup, failed optional imports) costs about as much again as decoding a
-    small photo, which would lose to reading loose files.
+    set-up (plugin lookup, failed optional imports) makes a 256×256 photo cost ~410 µs
+    instead of ~280 µs, which would lose to reading loose files with Pillow.
     """
     from PIL import UnidentifiedImageError
 
