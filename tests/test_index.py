@@ -280,6 +280,24 @@ def test_damaged_entry_raises_corrupt_entry_error(tmp_path, arrays, codec, value
             reader.read(1)
 
 
+def test_damage_found_by_hdf5_raises_corrupt_entry_error(tmp_path):
+    """Entries read through h5py (here: several gzip chunks) report damage the same way."""
+    arr = np.tile(np.arange(64, dtype=np.uint16), (32, 1))
+    path = tmp_path / "plain.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("ok.npy", data=arr, compression="gzip", chunks=(8, 64))
+        dset = f.create_dataset("bad.npy", data=arr, compression="gzip", chunks=(8, 64))
+        chunk = dset.id.get_chunk_info(1)
+    with open(path, "r+b") as fh:
+        fh.seek(chunk.byte_offset + chunk.size // 2)
+        fh.write(b"\xff" * 8)
+    with ArchiveReader(path) as reader:
+        assert reader.index.offset.tolist() == [0, 0]
+        assert np.array_equal(reader.read(reader.index.position("ok.npy")), arr)
+        with pytest.raises(CorruptEntryError, match=r"plain\.h5.*'bad\.npy'"):
+            reader.read(reader.index.position("bad.npy"))
+
+
 def test_truncated_archive_raises_corrupt_entry_error(tmp_path, arrays):
     path = write_archive(tmp_path / "a.h5", {"k.png": png_bytes(arrays["a/img_0.png"])}, codec="none")
     index = read_index(path)
