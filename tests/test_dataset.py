@@ -226,6 +226,7 @@ def test_pickling_drops_handles(decoded, raw, tmp_path, image_tree):
 
 def test_is_a_torch_dataset_when_torch_is_there(decoded):
     torch = pytest.importorskip("torch")
+    assert data2h5.H5Dataset is H5Dataset
     assert isinstance(H5Dataset(decoded), torch.utils.data.Dataset)
 
 
