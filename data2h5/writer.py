@@ -30,6 +30,11 @@ SINGLE_CHUNK_MAX = 4 << 20
 CHUNK_BYTES = 1 << 20
 TEMP_SUFFIX = ".data2h5-tmp"
 LIBVER = ("v110", "v112")  # readable by HDF5 1.12 and later; linear-time group growth
+#: HDF5's metadata cache limit for the file being written. The default (2 MiB of on-disk
+#: metadata) holds ~7,000 object headers of new datasets, which take ~5 KB each in memory:
+#: ~37 MB that grows with the number of entries until then. Entries are written once, so a
+#: small cache costs no speed (measured: same µs per entry at 20,000 and 60,000 entries).
+METADATA_CACHE_BYTES = 256 << 10
 
 
 class Packed(NamedTuple):
@@ -75,6 +80,7 @@ def open_output(dst: Path, overwrite: bool) -> Iterator[h5py.File]:
         f = h5py.File(tmp, "w", libver=LIBVER)
     except OSError as exc:
         raise OutputError(f"cannot create {tmp}: {exc}") from exc
+    _limit_metadata_cache(f, METADATA_CACHE_BYTES)
     try:
         yield f
         f.close()
@@ -90,6 +96,15 @@ def open_output(dst: Path, overwrite: bool) -> Iterator[h5py.File]:
         finally:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _limit_metadata_cache(f: h5py.File, nbytes: int) -> None:
+    config = f.id.get_mdc_config()
+    config.set_initial_size = True
+    config.initial_size = nbytes
+    config.max_size = nbytes
+    config.min_size = min(config.min_size, nbytes // 2)
+    f.id.set_mdc_config(config)
 
 
 def chunk_shape_for(shape: Tuple[int, ...], itemsize: int) -> Tuple[int, ...]:
