@@ -17,6 +17,8 @@ offset      uint64      absolute file offset of the entry's data when it is stor
                         one block (one chunk, or contiguous); 0 when it is not, and the
                         entry must then be read through h5py
 stored      uint64      number of stored (compressed) bytes at ``offset``
+stored_crc32 uint32     CRC-32 of those stored bytes (0 when offset is 0), so damage to
+                        a compressed block is caught even by codecs without a checksum
 dtype       S16         numpy dtype string of the stored array (``|u1``, ``<f4``)
 shape       int64 (8)   shape of the stored array, padded with -1
 ==========  ==========  ===============================================================
@@ -83,6 +85,7 @@ INDEX_FIELDS = {
     "codec": np.dtype("u1"),
     "offset": np.dtype("<u8"),
     "stored": np.dtype("<u8"),
+    "stored_crc32": np.dtype("<u4"),
     "dtype": np.dtype("S16"),
     "shape": np.dtype("<i8"),  # 2-D: (entries, MAX_NDIM)
 }

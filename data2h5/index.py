@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-STORED_CRC32 = "stored_crc32"
+STORED_CRC32 = "stored_crc32"  # see data2h5.format
 """Optional index field: CRC-32 of each entry's stored bytes, so damage to compressed arrays
 (whose ``crc32`` is that of the source file, not of what is stored) is caught on read."""
 
@@ -143,9 +143,8 @@ def _read_index(f: h5py.File) -> Index:
 def _read_files(f: h5py.File, group: h5py.Group, attrs: dict) -> Index:
     keys = _decode_keys(group["keys"][()])
     n = len(keys)
-    arrays = {name: group[name][()] for name in fmt.INDEX_FIELDS if name != "keys"}
-    if STORED_CRC32 in group:
-        arrays[STORED_CRC32] = group[STORED_CRC32][()]
+    optional = {STORED_CRC32}  # absent from archives written before it was recorded
+    arrays = {name: group[name][()] for name in fmt.INDEX_FIELDS if name != "keys" and (name in group or name not in optional)}
     for name, arr in arrays.items():
         if len(arr) != n:
             raise ValueError(f"index field {name!r} has {len(arr)} rows for {n} keys")
@@ -280,10 +279,6 @@ def decode_value(stored: np.ndarray, kind: int, key: str) -> Any:
     if reader is BUILTIN_READERS["bytes"]:
         return stored
     try:
-        if ext in _JPEG_EXTENSIONS and _pillow() is not None:
-            decoded = _decode_jpeg(raw)
-            if decoded is not None:
-                return decoded
         return reader.from_bytes(raw, ext)
     except Exception as exc:
         raise ReadError(key, f"cannot decode as {reader.name}: {type(exc).__name__}: {exc}") from exc
@@ -300,38 +295,6 @@ def _new_fork_lock() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_fork_lock)
-
-_JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
-
-
-@functools.lru_cache(maxsize=None)
-def _pillow():
-    """PIL.Image, or None when Pillow is missing (looked up once)."""
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
-    return Image
-
-
-def _decode_jpeg(raw: bytes) -> Optional[np.ndarray]:
-    """A JPEG decoded by Pillow directly, or None if it is not a plain L/RGB/CMYK JPEG.
-
-    For these imageio's Pillow plugin returns exactly ``np.array(image)``, but its per-call
-    set-up (plugin lookup, failed optional imports) makes a 256×256 photo cost ~410 µs
-    instead of ~280 µs, which would lose to reading loose files with Pillow.
-    """
-    from PIL import UnidentifiedImageError
-
-    try:
-        image = _pillow().open(io.BytesIO(raw), formats=("JPEG",))
-    except UnidentifiedImageError:
-        return None  # not a JPEG after all: let imageio find out what it is
-    with image:
-        if image.mode not in ("L", "RGB", "CMYK"):
-            return None
-        return np.array(image)
-
 
 def _pread_into(fd: int, buf: np.ndarray, offset: int) -> int:
     """Read ``buf.nbytes`` bytes at ``offset`` into the uint8 array ``buf``; returns how many

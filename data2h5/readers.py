@@ -104,7 +104,8 @@ def to_stored(value) -> Optional[Tuple[Kind, np.ndarray]]:
         arr = np.asarray(value)
         if arr.dtype.kind not in "biufc":
             return None
-        return Kind.ARRAY, np.ascontiguousarray(arr)
+        # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
+        return Kind.ARRAY, arr if arr.flags.c_contiguous else arr.copy(order="C")
     if isinstance(value, (bytes, bytearray, memoryview)):
         return Kind.BYTES, np.frombuffer(bytes(value), dtype=np.uint8)
     if isinstance(value, str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional, Tuple
@@ -51,6 +52,7 @@ class Packed(NamedTuple):
     size: int  # source file size
     crc32: int  # source file CRC-32
     nbytes: int  # decoded size
+    stored_crc32: int = 0  # CRC-32 of the stored bytes when the entry is one block
 
 
 def temp_path(dst: Path) -> Path:
@@ -140,12 +142,14 @@ def pack(key: str, kind: int, ext: str, arr: np.ndarray, codec: Codec, size: int
     dtype = arr.dtype.str
     shape = tuple(arr.shape)
     if codec.id == NONE or arr.nbytes == 0 or arr.ndim == 0:
-        return Packed(key, kind, ext, dtype, shape, NONE, None, arr.tobytes(), size, crc32, arr.nbytes)
+        raw = arr.tobytes()
+        return Packed(key, kind, ext, dtype, shape, NONE, None, raw, size, crc32, arr.nbytes, zlib.crc32(raw))
     chunk = chunk_shape_for(shape, arr.itemsize)
     if not codec.in_worker:
         return Packed(key, kind, ext, dtype, shape, codec.id, chunk, arr, size, crc32, arr.nbytes)
     chunks = [(offset, *codec.compress(block.data)) for offset, block in iter_chunks(arr, chunk)]
-    return Packed(key, kind, ext, dtype, shape, codec.id, chunk, chunks, size, crc32, arr.nbytes)
+    stored_crc = zlib.crc32(chunks[0][1]) if len(chunks) == 1 else 0
+    return Packed(key, kind, ext, dtype, shape, codec.id, chunk, chunks, size, crc32, arr.nbytes, stored_crc)
 
 
 class FilesWriter:
@@ -178,7 +182,8 @@ class FilesWriter:
         finally:
             dsid.close()
         self.bytes_stored += stored
-        self._rows.append((p.key, p.size, p.crc32, p.kind, codec_id, offset, stored, p.dtype, p.shape))
+        self._rows.append((p.key, p.size, p.crc32, p.kind, codec_id, offset, stored, p.dtype, p.shape,
+                           p.stored_crc32 if offset else 0))
 
     def _write(self, dsid, p: Packed, codec: Codec) -> Tuple[int, int, int]:
         """Returns ``(offset, stored bytes, codec id)`` for the index; offset 0 = not one block."""
@@ -229,7 +234,7 @@ class FilesWriter:
 
 def write_index(f: h5py.File, rows: List[tuple]) -> None:
     """Store the index group (see :mod:`data2h5.format`) for ``rows`` of
-    ``(key, size, crc32, kind, codec, offset, stored, dtype, shape)``."""
+    ``(key, size, crc32, kind, codec, offset, stored, dtype, shape, stored_crc32)``."""
     group = f.require_group(fmt.INDEX_GROUP)
     n = len(rows)
     keys = [r[0].encode("utf-8") for r in rows]
@@ -243,6 +248,7 @@ def write_index(f: h5py.File, rows: List[tuple]) -> None:
         "offset": np.fromiter((r[5] for r in rows), fmt.INDEX_FIELDS["offset"], n),
         "stored": np.fromiter((r[6] for r in rows), fmt.INDEX_FIELDS["stored"], n),
         "dtype": np.array([r[7].encode() for r in rows], dtype=fmt.INDEX_FIELDS["dtype"]),
+        "stored_crc32": np.fromiter((r[9] for r in rows), fmt.INDEX_FIELDS["stored_crc32"], n),
     }
     shape = np.full((n, fmt.MAX_NDIM), -1, dtype=fmt.INDEX_FIELDS["shape"])
     for i, r in enumerate(rows):

@@ -36,7 +36,7 @@ def write_archive(
     """
     n = len(entries)
     keys = list(entries)
-    fields = {name: np.zeros(n, dt) for name, dt in fmt.INDEX_FIELDS.items() if dt is not None}
+    fields = {name: np.zeros(n, dt) for name, dt in fmt.INDEX_FIELDS.items() if dt is not None and name != STORED_CRC32}
     fields["dtype"] = np.zeros(n, "S16")
     fields["shape"] = np.full((n, fmt.MAX_NDIM), -1, np.int64)
     stored_crc32 = np.zeros(n, np.uint32)
