@@ -245,7 +245,7 @@ def convert(
 
             writer = StackedWriter(f, len(files), codec)
         else:
-            writer = FilesWriter(f)
+            writer = FilesWriter(f, codec)
         bar = _progress_bar(len(files), progress)
         try:
             for item in _run(files, job, workers, start_method):

@@ -155,8 +155,9 @@ def pack(key: str, kind: int, ext: str, arr: np.ndarray, codec: Codec, size: int
 class FilesWriter:
     """Writes entries of the ``files`` layout and, on :meth:`close`, the index."""
 
-    def __init__(self, f: h5py.File):
+    def __init__(self, f: h5py.File, codec: Optional[Codec] = None):
         self._f = f
+        self._codec = codec  # the user's choice, with its level (a Packed carries only the id)
         self._lcpl = h5py.h5p.create(h5py.h5p.LINK_CREATE)
         self._lcpl.set_create_intermediate_group(True)
         self._lcpl.set_char_encoding(h5py.h5t.CSET_UTF8)
@@ -169,7 +170,7 @@ class FilesWriter:
 
     def add(self, p: Packed) -> None:
         """Create the entry's dataset, write its data and remember its index row."""
-        codec = codec_by_id(p.codec)
+        codec = self._codec if self._codec is not None and self._codec.id == p.codec else codec_by_id(p.codec)
         dsid = h5py.h5d.create(
             self._f.id, p.key.encode("utf-8"), self._type(p.dtype), h5py.h5s.create_simple(p.shape),
             dcpl=self._dcpl(p.chunk_shape, codec), lcpl=self._lcpl,
