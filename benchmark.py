@@ -241,7 +241,7 @@ def ensure_jpegs(work: Path, n: int, workers: int) -> Path:
     return root
 
 
-def source_files(root: Path, n: int) -> List[str]:
+def source_files(n: int) -> List[str]:
     return [relative_name(i) for i in range(n)]
 
 
@@ -706,7 +706,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     args.work_dir.mkdir(parents=True, exist_ok=True)
     root = ensure_jpegs(args.work_dir, args.files, args.cores)
-    keys = source_files(root, args.files)
+    keys = source_files(args.files)
     preload_decoders(root / keys[0])
     outs = Outputs(args.work_dir / f"out-{args.files}")
     outs.dir.mkdir(parents=True, exist_ok=True)
