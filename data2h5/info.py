@@ -24,7 +24,7 @@ def describe(path: PathLike) -> Dict[str, object]:
         "archive": os.path.abspath(path),
         "layout": index.layout if fmt.ATTR_FORMAT in attrs else "plain HDF5 (not written by data2h5)",
         "entries": len(index),
-        "skipped": len(json.loads(attrs.get(fmt.ATTR_SKIPPED, "[]"))),
+        "skipped": [list(s) for s in json.loads(attrs.get(fmt.ATTR_SKIPPED, "[]"))],  # [relative path, reason]
         "bytes in": bytes_in,
         "bytes out": size,
         "ratio": round(size / bytes_in, 3) if bytes_in else None,
