@@ -245,9 +245,13 @@ class _RawChunks:
             try:
                 data = self.decode(data, self.nbytes)
             except Exception as exc:
-                raise CorruptEntryError(f"{self._where(offset)} does not decompress ({exc}); the archive is damaged") from exc
+                raise CorruptEntryError(
+                    f"{self._where(offset)} does not decompress ({exc}); the archive is damaged"
+                ) from exc
         if len(data) != self.nbytes:
-            raise CorruptEntryError(f"{self._where(offset)} holds {len(data)} bytes, not {self.nbytes}; the archive is damaged")
+            raise CorruptEntryError(
+                f"{self._where(offset)} holds {len(data)} bytes, not {self.nbytes}; the archive is damaged"
+            )
         return np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)
 
     def load(self, s: int) -> np.ndarray:
@@ -600,7 +604,8 @@ class _Plan:
         for a, z in _runs_of_equal(window_of):
             w = int(window_of[a])
             slabs, starts = self.windows[w]
-            parts.append(_Part((self.epoch, w), slabs, starts, self.local[lo + a : lo + z], a, z, int(self.refs[w])))
+            local = self.local[lo + a : lo + z]
+            parts.append(_Part((self.epoch, w), slabs, starts, local, a, z, int(self.refs[w])))
         return indices, parts
 
 
@@ -1073,7 +1078,9 @@ def _torch_options(device: Any, pin_memory: bool):
     try:
         import torch
     except ImportError:
-        raise ImportError("BatchReader(device=..., pin_memory=...) needs torch: pip install 'data2h5[torch]'") from None
+        raise ImportError(
+            "BatchReader(device=..., pin_memory=...) needs torch: pip install 'data2h5[torch]'"
+        ) from None
     dev = None if device is None else torch.device(device)
     pin = bool(pin_memory)
     if pin and not torch.cuda.is_available():

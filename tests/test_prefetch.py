@@ -376,7 +376,8 @@ def test_corrupt_chunk(tmp_path, storage):
     path = write(tmp_path / "d.h5", data, **STORAGES[storage][0]())
     corrupt_chunk(path)
     with BatchReader(path, 16, threads=2) as reader:
-        with pytest.raises(CorruptEntryError, match=r"d\.h5: dataset 'data'.* (rows 20-29|chunk at \(20, 0, 0, 0\))"):
+        where = r"d\.h5: dataset 'data'.* (rows 20-29|chunk at \(20, 0, 0, 0\))"
+        with pytest.raises(CorruptEntryError, match=where):
             read_epoch(reader)
     assert workers() == []
 
