@@ -260,33 +260,49 @@ def preload_decoders(sample: Path) -> None:
 # -- convert: the variants ---------------------------------------------------------------------
 
 
-def _imageio_read(path: str) -> np.ndarray:
-    import imageio.v3 as iio
+class _OriginalConverter:
+    """The shape of the original Data2H5 script's converter: one object holding every
+    relative path, whose bound method is what its Pool maps, so each task pickles the whole
+    object (the full file list included) to the workers; files are read through imageio's
+    legacy ``imageio.imread``."""
 
-    return iio.imread(path)
+    def __init__(self, root: Path, keys: Sequence[str]):
+        self.root = str(root)
+        self.keys = list(keys)
+
+    def read(self, key: str):
+        import imageio.v2 as iio2
+
+        return key, iio2.imread(os.path.join(self.root, key))
 
 
 def convert_original(root: Path, keys: Sequence[str], out: Path) -> None:
     """Emulates the original Data2H5 script: synchronous rounds of 4×cores files decoded by a
-    Pool, each array then written by the main process as its own lzf dataset."""
+    Pool mapping a bound method, each array then written by the main process as its own lzf
+    dataset (one chunk per image) in a file of the default format version."""
     cores = os.cpu_count() or 1
     per_round = 4 * cores
+    converter = _OriginalConverter(root, keys)
     with Pool(cores) as pool, h5py.File(out, "w") as h5:
         for start in range(0, len(keys), per_round):
-            batch = keys[start : start + per_round]
-            arrays = pool.map(_imageio_read, [str(root / key) for key in batch])
-            for key, arr in zip(batch, arrays):
+            for key, arr in pool.map(converter.read, converter.keys[start : start + per_round]):
                 h5.create_dataset(key, data=arr, chunks=arr.shape, compression="lzf")
     fsync_tree(out)
 
 
 def _limit_work(path: str) -> int:
-    import imageio.v3 as iio
+    """What data2h5 does per file, done alone: read, checksum, decode (data2h5's own image
+    decoder), lzf-compress."""
+    import zlib
+
     import lzf
+
+    from data2h5.readers import BUILTIN_READERS
 
     with open(path, "rb") as fh:
         raw = fh.read()
-    arr = iio.imread(raw, extension=os.path.splitext(path)[1])
+    zlib.crc32(raw)
+    arr = BUILTIN_READERS["image"].from_bytes(raw, os.path.splitext(path)[1].lower())
     packed = lzf.compress(arr.tobytes())
     return len(packed) if packed is not None else arr.nbytes
 
