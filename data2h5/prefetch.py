@@ -93,6 +93,23 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     return data
 
 
+def _pread_into(fd: int, dst: np.ndarray, offset: int) -> int:
+    """Fill the C-contiguous array ``dst`` from ``offset``; returns the bytes read."""
+    view = memoryview(dst).cast("B")
+    got = 0
+    while got < len(view):
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [view[got:]], offset + got)
+        else:  # macOS before 11: one copy more
+            data = os.pread(fd, len(view) - got, offset + got)
+            n = len(data)
+            view[got : got + n] = data
+        if not n:
+            break
+        got += n
+    return got
+
+
 # --------------------------------------------------------------------------- row readers
 
 
@@ -227,7 +244,7 @@ class _RawChunks:
 
     def _pread(self, offset: Tuple[int, ...], size: int, addr: int, into=None):
         try:
-            got = os.preadv(self.fd, [into], addr) if into is not None else _pread(self.fd, size, addr)
+            got = _pread_into(self.fd, into, addr) if into is not None else _pread(self.fd, size, addr)
         except OSError as exc:
             raise ArchiveError(f"{self._where(offset)}: read failed: {exc}") from exc
         if (got if into is not None else len(got)) != size:
@@ -322,7 +339,7 @@ class _ContiguousBlocks:
     def read(self, lo: int, hi: int, into: Optional[np.ndarray] = None):
         size, offset = (hi - lo) * self.row_bytes, self.offset + lo * self.row_bytes
         try:
-            got = os.preadv(self.fd, [into], offset) if into is not None else _pread(self.fd, size, offset)
+            got = _pread_into(self.fd, into, offset) if into is not None else _pread(self.fd, size, offset)
         except OSError as exc:
             raise ArchiveError(f"{self.field.where(lo, hi)}: read failed: {exc}") from exc
         if (got if into is not None else len(got)) != size:
@@ -514,6 +531,7 @@ def _open_rows(field: _Field, fd: int, direct: bool, capacity: Callable[[int], i
     layout = dcpl.get_layout()
     plain = (
         direct
+        and hasattr(os, "pread")  # not on Windows: h5py reads everything there
         and dset.dtype.kind in "biufc"
         and dset.dtype.fields is None
         and dset.id.get_type().get_size() == dset.dtype.itemsize
