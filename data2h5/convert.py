@@ -263,7 +263,7 @@ def convert(
                     report.bytes_in += item.size
                     report.bytes_decoded += item.nbytes
                 bar.update(1)
-                if report.bytes_in and bar.n % 64 == 0:
+                if not bar.disable and bar.n % 64 == 0:
                     bar.set_postfix_str(f"{report.bytes_in / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s", refresh=False)
             if report.entries == 0:
                 raise SourceError(f"every matching file under {src} failed; nothing to write ({report.skipped[0][1]})")
@@ -338,7 +338,7 @@ def _run(files: List[SourceFile], job: _Job, workers: int, start_method: Optiona
 def _progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="file", disable=not enabled, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    return tqdm(total=total, unit="file", disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
 
 def _spec_name(spec: Optional[PluginSpec]) -> str:
