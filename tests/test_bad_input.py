@@ -1,0 +1,388 @@
+"""Bad input through the real command line: exit codes, one-line messages naming the file,
+nothing half-written at OUT, and Ctrl-C that leaves no worker, temporary or shared memory."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+import data2h5
+from data2h5 import format as fmt
+from data2h5.errors import ReadError
+from convert_helpers import error_line, index, run_cli
+
+
+@pytest.fixture
+def src(tmp_path) -> Path:
+    """Good PNGs in nested folders."""
+    root = tmp_path / "src"
+    rng = np.random.default_rng(5)
+    for rel in ["a/one.png", "a/b/two.png", "c/three.png"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        iio.imwrite(root / rel, rng.integers(0, 255, (12, 14, 3), dtype=np.uint8))
+    return root
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    """OUT's folder, holding nothing else: whatever a run leaves there shows."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+def convert_cli(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("convert", "--path-images", src, "--path-output", out, *extra, cwd=src.parent)
+
+
+def one_line(done: subprocess.CompletedProcess) -> str:
+    """The error of a -q run: exit code 1 and exactly one line on stderr."""
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return error_line(done.stderr)
+
+
+# -- corrupt and unreadable files -------------------------------------------------------------
+
+
+def truncated_png(path: Path) -> None:
+    data = iio.imwrite("<bytes>", np.full((30, 30, 3), 7, np.uint8), extension=".png")
+    path.write_bytes(data[: len(data) // 2])
+
+
+def truncated_jpg(path: Path) -> None:
+    data = iio.imwrite("<bytes>", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8),
+                       extension=".jpg")
+    path.write_bytes(data[: len(data) // 3])
+
+
+CORRUPT = {
+    "truncated.png": (truncated_png, "truncated"),
+    "truncated.jpg": (truncated_jpg, "cannot read as image"),
+    "garbage.jpg": (lambda p: p.write_bytes(b"this is not a jpeg at all"), "not a valid .jpg file"),
+    "empty.png": (lambda p: p.write_bytes(b""), "the file is empty"),
+}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("name", sorted(CORRUPT))
+def test_corrupt_image_fails_naming_file_and_reason(src, out_dir, name, workers):
+    make, reason = CORRUPT[name]
+    bad = src / "a" / "b" / name
+    make(bad)
+    done = convert_cli(src, out_dir / "out.h5", "--ext", "png", "--ext", "jpg", "--workers", workers, "-q")
+    line = one_line(done)
+    assert str(bad) in line and reason in line
+    assert list(out_dir.iterdir()) == []  # neither OUT nor its temporary
+
+
+def test_failure_after_a_progress_bar_still_ends_with_the_error(src, out_dir):
+    truncated_png(src / "c" / "z_broken.png")
+    done = convert_cli(src, out_dir / "out.h5", "--ext", "png")
+    assert done.returncode == 1
+    assert str(src / "c" / "z_broken.png") in error_line(done.stderr)
+    assert list(out_dir.iterdir()) == []
+
+
+def test_skip_lists_the_skipped_files_everywhere(src, out_dir):
+    truncated_png(src / "a" / "bad1.png")
+    (src / "c" / "bad2.png").write_bytes(b"")
+    out = out_dir / "out.h5"
+    done = convert_cli(src, out, "--ext", "png", "--on-error", "skip")
+    assert done.returncode == 0, done.stderr
+    summary = done.stderr[done.stderr.rindex("3 files") :]
+    assert "2 skipped" in summary
+    assert "a/bad1.png: cannot read as image" in summary and "c/bad2.png: cannot read as image" in summary
+    assert index(out)["keys"] == ["a/b/two.png", "a/one.png", "c/three.png"]
+    with h5py.File(out, "r") as f:
+        skipped = json.loads(f.attrs[fmt.ATTR_SKIPPED])
+    assert [k for k, _ in skipped] == ["a/bad1.png", "c/bad2.png"]
+    assert "the file is empty" in skipped[1][1]
+    assert sorted(os.listdir(out_dir)) == ["out.h5"]
+    # the library's report says the same
+    report = data2h5.convert(src, out_dir / "lib.h5", ext="png", on_error="skip", workers=2)
+    assert report.skipped == [tuple(s) for s in skipped]
+
+
+def test_dangling_symlink_is_an_unreadable_file(src, out_dir):
+    (src / "a" / "gone.png").symlink_to(src / "nowhere.png")
+    line = one_line(convert_cli(src, out_dir / "out.h5", "--ext", "png", "-q"))
+    assert str(src / "a" / "gone.png") in line and "cannot open" in line
+    done = convert_cli(src, out_dir / "out.h5", "--ext", "png", "--on-error", "skip", "-q")
+    assert done.returncode == 0
+    with h5py.File(out_dir / "out.h5", "r") as f:
+        assert [k for k, _ in json.loads(f.attrs[fmt.ATTR_SKIPPED])] == ["a/gone.png"]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file_fails_naming_it(src, out_dir):
+    (src / "a" / "one.png").chmod(0)
+    line = one_line(convert_cli(src, out_dir / "out.h5", "--ext", "png", "-q"))
+    assert str(src / "a" / "one.png") in line and "cannot open" in line
+
+
+# -- empty files ------------------------------------------------------------------------------
+
+
+def test_empty_files_per_reader(tmp_path, out_dir):
+    root = tmp_path / "empty"
+    root.mkdir()
+    for name in ["e.png", "e.txt", "e.bin", "e.npy"]:
+        (root / name).write_bytes(b"")
+    done = convert_cli(root, out_dir / "bytes.h5", "--ext", "png", "--ext", "txt", "--ext", "bin", "--ext", "npy",
+                       "--reader", "bytes", "-q")
+    assert done.returncode == 0, done.stderr
+    with h5py.File(out_dir / "bytes.h5", "r") as f:
+        for name in ["e.png", "e.txt", "e.bin", "e.npy"]:
+            assert f[name].shape == (0,) and f[name].dtype == np.uint8
+    assert index(out_dir / "bytes.h5")["size"].tolist() == [0, 0, 0, 0]
+    done = convert_cli(root, out_dir / "text.h5", "--ext", "txt", "-q")  # auto: text
+    assert done.returncode == 0, done.stderr
+    with h5py.File(out_dir / "text.h5", "r") as f:
+        assert f["e.txt"].attrs[fmt.ATTR_ENTRY_KIND] == "text" and f["e.txt"].shape == (0,)
+    for ext, reason in [("png", "the file is empty"), ("npy", "cannot read as npy")]:
+        line = one_line(convert_cli(root, out_dir / f"{ext}.h5", "--ext", ext, "-q"))
+        assert str(root / f"e.{ext}") in line and reason in line
+        assert not (out_dir / f"{ext}.h5").exists()
+
+
+# -- the output -------------------------------------------------------------------------------
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(src, out_dir):
+    out = out_dir / "out.h5"
+    out.write_bytes(b"precious data")
+    line = one_line(convert_cli(src, out, "--ext", "png", "-q"))
+    assert str(out) in line and "--overwrite" in line
+    assert out.read_bytes() == b"precious data"
+    done = convert_cli(src, out, "--ext", "png", "--overwrite", "-q")
+    assert done.returncode == 0, done.stderr
+    assert index(out)["keys"] == ["a/b/two.png", "a/one.png", "c/three.png"]
+    assert sorted(os.listdir(out_dir)) == ["out.h5"]
+
+
+def test_failed_overwrite_keeps_the_old_output(src, out_dir):
+    out = out_dir / "out.h5"
+    out.write_bytes(b"precious data")
+    truncated_png(src / "a" / "bad.png")
+    line = one_line(convert_cli(src, out, "--ext", "png", "--overwrite", "-q"))
+    assert "bad.png" in line
+    assert out.read_bytes() == b"precious data" and sorted(os.listdir(out_dir)) == ["out.h5"]
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("dir-missing", ["does not exist"]),
+        ("dir-is-a-file", ["is not a folder"]),
+        ("no-match", ["no file under", "--ext .gif"]),
+        ("no-ext", ["no extension given", "--ext"]),
+        ("out-folder-missing", ["does not exist", "create"]),
+        ("out-is-a-folder", ["is a folder"]),
+        ("bad-compression", ["unknown compression 'brotli'"]),
+    ],
+)
+def test_bad_arguments_give_a_clear_message(src, out_dir, case, words):
+    source, out, extra = src, out_dir / "out.h5", ["--ext", "png"]
+    if case == "dir-missing":
+        source = src.parent / "nope"
+    elif case == "dir-is-a-file":
+        source = src / "a" / "one.png"
+    elif case == "no-match":
+        extra = ["--ext", "gif"]
+    elif case == "no-ext":
+        extra = []
+    elif case == "out-folder-missing":
+        out = out_dir / "missing" / "out.h5"
+    elif case == "out-is-a-folder":
+        out = out_dir / "sub"
+        out.mkdir()
+        extra += ["--overwrite"]
+    elif case == "bad-compression":
+        extra += ["--compression", "brotli"]
+    line = one_line(convert_cli(source, out, *extra, "-q"))
+    assert all(w in line for w in words), line
+    if case.startswith("dir"):
+        assert str(source) in line
+    assert [p.name for p in out_dir.iterdir()] == (["sub"] if case == "out-is-a-folder" else [])
+
+
+# -- plugins ----------------------------------------------------------------------------------
+
+
+PLUGINS = {
+    "import": ("import no_such_package_here\n\ndef read(path):\n    return b''\n", "read", False,
+               "ModuleNotFoundError"),
+    "missing": ("def reed(path):\n    return b''\n", "read", False, "has no function 'read'"),
+    "raises": ("def read(path):\n    raise RuntimeError('unsupported header')\n", "read", True,
+               "RuntimeError: unsupported header"),
+    "dict": ("def read(path):\n    return {'pixels': []}\n", "read", True, "returned dict"),
+    "none": ("def read(path):\n    return None\n", "read", True, "returned NoneType"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLUGINS))
+def test_plugin_errors_through_the_cli(src, out_dir, case):
+    source, func, per_file, reason = PLUGINS[case]
+    plugin = src.parent / f"plugin_{case}.py"
+    plugin.write_text(source)
+    spec = f"{plugin}:{func}"
+    line = one_line(convert_cli(src, out_dir / "out.h5", "--ext", "png", "--reader", spec, "-q"))
+    assert spec in line and reason in line
+    if per_file:
+        assert str(src / "a" / "b" / "two.png") in line  # the first file in walk order
+    assert list(out_dir.iterdir()) == []
+
+
+def test_plugin_file_that_does_not_exist(src, out_dir):
+    line = one_line(convert_cli(src, out_dir / "out.h5", "--ext", "png", "--reader", "nothere.py:read", "-q"))
+    assert "nothere.py" in line and "no such file" in line
+
+
+def test_worker_that_dies_is_reported(src, out_dir):
+    plugin = src.parent / "crash.py"
+    plugin.write_text("import os\n\ndef read(path):\n    if path.endswith('three.png'):\n        os._exit(3)\n"
+                      "    return b'ok'\n")
+    line = one_line(convert_cli(src, out_dir / "out.h5", "--ext", "png", "--workers", "2",
+                                "--reader", f"{plugin}:read", "-q"))
+    assert "worker process died" in line and "--workers 1" in line
+    assert list(out_dir.iterdir()) == []
+
+
+# -- Ctrl-C -----------------------------------------------------------------------------------
+
+
+SLOW_READER = """
+import time
+
+def read(path):
+    with open({log!r}, "a") as log:  # the test waits for work to be under way
+        log.write(path + "\\n")
+    time.sleep(0.02)
+    with open(path, "rb") as fh:
+        return fh.read()
+"""
+SPAWN_DRIVER = (
+    "import sys, data2h5\n"
+    "try:\n"
+    "    data2h5.convert(sys.argv[1], sys.argv[2], ext='dat', reader=sys.argv[3], workers=2,\n"
+    "                    start_method='spawn', progress=True)\n"
+    "except KeyboardInterrupt:\n"
+    "    sys.exit(130)\n"
+)
+N_SLOW = 400
+
+
+def proc_state(pid: int) -> str:
+    """'' when the process is gone, else its state letter (Z: a zombie, which runs nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def descendants(pid: int) -> set:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parents[int(entry)] = int(fh.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def mapped_shm_dirs(pid: int) -> set:
+    """The /dev/shm/data2h5-* folders a process has mapped: the slots of this very run."""
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            return {m.group(1) for m in re.finditer(r"(/dev/shm/data2h5-[^/\s]+)/", fh.read())}
+    except OSError:
+        return set()
+
+
+def running_with(marker: str) -> set:
+    """Live processes whose command line mentions ``marker`` (fork workers share the parent's)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if marker.encode() in fh.read() and proc_state(int(entry)) not in ("", "Z"):
+                        found.add(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the workers")
+@pytest.mark.parametrize("how", ["cli-workers-2", "cli-in-process", "library-spawn"])
+def test_ctrl_c_stops_everything_and_leaves_nothing(tmp_path, out_dir, how):
+    source = tmp_path / "slow"
+    source.mkdir()
+    for i in range(N_SLOW):
+        (source / f"{i:04d}.dat").write_bytes(b"%d" % i)
+    reader = tmp_path / "slow_reader.py"
+    log = tmp_path / "read.log"
+    reader.write_text(SLOW_READER.format(log=str(log)))
+    out = out_dir / "out.h5"
+    if how == "library-spawn":
+        cmd = [sys.executable, "-c", SPAWN_DRIVER, str(source), str(out), f"{reader}:read"]
+    else:
+        workers = "2" if how == "cli-workers-2" else "1"
+        cmd = [sys.executable, "-m", "data2h5.cli", "convert", "--path-images", str(source), "--path-output",
+               str(out), "--ext", "dat", "--reader", f"{reader}:read", "--workers", workers]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    stderr = []
+    pump = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read1(4096), b"")), daemon=True)
+    pump.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (log.exists() and log.read_text().count("\n") >= 10):  # well under way
+            assert proc.poll() is None and time.monotonic() < deadline, b"".join(stderr).decode(errors="replace")
+            time.sleep(0.05)
+        children = descendants(proc.pid)
+        ours = mapped_shm_dirs(proc.pid)
+        if how != "cli-in-process":
+            assert len(children) >= 2 and ours, (children, ours)  # workers and their shared slots
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    pump.join(timeout=10)
+    text = b"".join(stderr).decode(errors="replace")
+
+    assert rc == 130, text
+    if how.startswith("cli"):
+        assert f"interrupted; nothing was written to {out}" in text
+    assert "Traceback" not in text
+    assert list(out_dir.iterdir()) == []  # no OUT, no temporary beside it
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        alive = {p for p in children if proc_state(p) not in ("", "Z")} | running_with(str(tmp_path))
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert not alive, f"processes left running: {alive}"
+    assert not any(os.path.exists(d) for d in ours), ours
