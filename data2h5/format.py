@@ -55,9 +55,9 @@ ATTR_SKIPPED = "skipped"  # JSON list of [relative path, reason]
 ATTR_BYTES_IN = "bytes_in"
 ATTR_BYTES_OUT = "bytes_out"
 
-# Attributes on an entry's dataset when it does not hold a decoded array.
-ATTR_ENTRY_KIND = "data2h5_kind"  # "bytes" or "text"
-ATTR_ENTRY_EXT = "data2h5_ext"  # the source's extension, e.g. ".jpg"
+# Attribute on an entry's dataset when it does not hold a decoded array: "bytes" or "text".
+# The entry's key is the source's relative path, so it ends with the source's extension.
+ATTR_ENTRY_KIND = "data2h5_kind"
 
 LAYOUT_FILES = "files"
 LAYOUT_STACKED = "stacked"
