@@ -55,9 +55,9 @@ ATTR_SKIPPED = "skipped"  # JSON list of [relative path, reason]
 ATTR_BYTES_IN = "bytes_in"
 ATTR_BYTES_OUT = "bytes_out"
 
-# Attribute on an entry's dataset when it does not hold a decoded array: "bytes" or "text".
-# The entry's key is the source's relative path, so it ends with the source's extension.
-ATTR_ENTRY_KIND = "data2h5_kind"
+# Entries carry no attributes of their own (one costs ~12 µs an entry, a seventh of the
+# writer's time in bytes mode): what an entry holds is the index's ``kind``, and its key, the
+# source's relative path, ends with the source's extension.
 
 LAYOUT_FILES = "files"
 LAYOUT_STACKED = "stacked"

@@ -163,10 +163,6 @@ class FilesWriter:
         self._lcpl.set_char_encoding(h5py.h5t.CSET_UTF8)
         self._dcpls = {}
         self._types = {}
-        self._str_type = h5py.h5t.py_create(h5py.string_dtype("utf-8"), logical=True)
-        self._scalar = h5py.h5s.create(h5py.h5s.SCALAR)
-        self._kind_name = fmt.ATTR_ENTRY_KIND.encode()
-        self._kind_values: dict = {}
         self._rows: List[tuple] = []
         self.bytes_stored = 0
 
@@ -179,8 +175,6 @@ class FilesWriter:
         )
         try:
             offset, stored, codec_id = self._write(dsid, p, codec)
-            if p.kind != fmt.Kind.ARRAY:
-                self._mark_kind(dsid, p.kind)
         finally:
             dsid.close()
         self.bytes_stored += stored
@@ -224,13 +218,6 @@ class FilesWriter:
         if tid is None:
             tid = self._types[dtype] = h5py.h5t.py_create(np.dtype(dtype))
         return tid
-
-    def _mark_kind(self, dsid, kind: int) -> None:
-        """Tag a dataset that holds file bytes or text (its key ends with the extension)."""
-        value = self._kind_values.get(kind)
-        if value is None:
-            value = self._kind_values[kind] = np.array(fmt.Kind(kind).name.lower(), dtype=h5py.string_dtype("utf-8"))
-        h5py.h5a.create(dsid, self._kind_name, self._str_type, self._scalar).write(value)
 
     def close(self) -> None:
         """Write the index of every entry added."""

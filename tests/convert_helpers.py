@@ -15,6 +15,8 @@ import numpy as np
 
 from conftest import photo_like
 from data2h5 import format as fmt
+from data2h5.format import Kind
+from data2h5.index import read_index
 
 REPO = Path(__file__).resolve().parent.parent
 #: The installed console script of the interpreter running the tests.
@@ -119,13 +121,19 @@ def filter_ids(ds: h5py.Dataset) -> List[int]:
     return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
 
 
+def entry_kind(ds: h5py.Dataset) -> Kind:
+    """The entry's kind, as the archive's index records it."""
+    index = read_index(ds.file)
+    return Kind(int(index.kind[index.position(ds.name.lstrip("/"))]))
+
+
 def stored_value(ds: h5py.Dataset):
     """What an entry holds as its reader returned it: array, bytes or str."""
-    kind = ds.attrs.get(fmt.ATTR_ENTRY_KIND)
+    kind = entry_kind(ds)
     data = ds[()]
-    if kind == "bytes":
+    if kind == Kind.BYTES:
         return data.tobytes()
-    if kind == "text":
+    if kind == Kind.TEXT:
         return data.tobytes().decode("utf-8")
     return data
 

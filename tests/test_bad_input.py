@@ -20,7 +20,8 @@ import pytest
 import data2h5
 from data2h5 import format as fmt
 from data2h5.errors import ReadError
-from convert_helpers import error_line, index, run_cli
+from convert_helpers import entry_kind, error_line, index, run_cli
+from data2h5.format import Kind
 
 
 @pytest.fixture
@@ -151,7 +152,7 @@ def test_empty_files_per_reader(tmp_path, out_dir):
     done = convert_cli(root, out_dir / "text.h5", "--ext", "txt", "-q")  # auto: text
     assert done.returncode == 0, done.stderr
     with h5py.File(out_dir / "text.h5", "r") as f:
-        assert f["e.txt"].attrs[fmt.ATTR_ENTRY_KIND] == "text" and f["e.txt"].shape == (0,)
+        assert entry_kind(f["e.txt"]) == Kind.TEXT and f["e.txt"].shape == (0,)
     for ext, reason in [("png", "the file is empty"), ("npy", "cannot read as npy")]:
         line = one_line(convert_cli(root, out_dir / f"{ext}.h5", "--ext", ext, "-q"))
         assert str(root / f"e.{ext}") in line and reason in line

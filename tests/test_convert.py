@@ -21,7 +21,8 @@ import data2h5
 from data2h5 import format as fmt
 from data2h5.codecs import BLOSC_LZ4, FILTER_BLOSC, FILTER_LZF, FILTER_ZSTD, GZIP, LZF, NONE, ZSTD
 from data2h5.errors import CompressionError, PluginError, ReadError
-from convert_helpers import build_tree, filter_ids, index, stored_value
+from convert_helpers import build_tree, entry_kind, filter_ids, index, stored_value
+from data2h5.format import Kind
 
 FILTER_DEFLATE = 1
 EXTS = ["png", "jpg"]
@@ -61,7 +62,7 @@ def test_every_matching_file_is_stored_under_its_relative_path(tmp_path, tree, r
             if reader == "bytes":
                 assert f[key].dtype == np.uint8 and f[key].ndim == 1
                 assert f[key][()].tobytes() == src.read_bytes(), key
-                assert f[key].attrs[fmt.ATTR_ENTRY_KIND] == "bytes"
+                assert entry_kind(f[key]) == Kind.BYTES
                 assert key.endswith(src.suffix)  # the key carries the extension
             else:
                 expected = iio.imread(src)
@@ -156,11 +157,11 @@ def test_text_and_bytes_readers(tmp_path):
     with h5py.File(tmp_path / "auto.h5", "r") as auto, h5py.File(tmp_path / "text.h5", "r") as as_text, \
             h5py.File(tmp_path / "bytes.h5", "r") as as_bytes:
         for f in (auto, as_text):
-            assert f["note.txt"].attrs[fmt.ATTR_ENTRY_KIND] == "text"
+            assert entry_kind(f["note.txt"]) == Kind.TEXT
             assert stored_value(f["note.txt"]) == text
         assert stored_value(auto["blob.bin"]) == bytes(range(256)) * 3
         assert stored_value(as_bytes["note.txt"]) == text.encode("utf-8")
-        assert as_bytes["note.txt"].attrs[fmt.ATTR_ENTRY_KIND] == "bytes"
+        assert entry_kind(as_bytes["note.txt"]) == Kind.BYTES
 
 
 # -- plugins ----------------------------------------------------------------------------------

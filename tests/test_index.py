@@ -53,8 +53,6 @@ def write_archive(
             compression = H5_COMPRESSION[codec]
             chunk_shape = chunks or (arr.shape if compression else None)
             dset = f.create_dataset(key, data=arr, compression=compression, chunks=chunk_shape)
-            if kind != Kind.ARRAY:
-                dset.attrs[fmt.ATTR_ENTRY_KIND] = kind.name.lower()
             if compression is None and chunks is None:
                 offset, stored = dset.id.get_offset() or 0, arr.nbytes
                 stored_crc32[i] = zlib.crc32(arr.tobytes())

@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 
 import data2h5
+from data2h5.format import Kind
+from data2h5.index import read_index
 from data2h5 import format as fmt
 from conftest import photo_like
 
@@ -253,5 +255,6 @@ def test_convert_with_json_reader(tmp_path: Path) -> None:
         assert f["matrix.json"].dtype == np.int64
         np.testing.assert_array_equal(f["floats.json"][()], np.array([0.25, -1.0]))
         meta = f["meta.json"]
-        assert meta.attrs[fmt.ATTR_ENTRY_KIND] == "text"
+        index = read_index(f)
+        assert index.kind[index.position("meta.json")] == Kind.TEXT
         assert bytes(meta[()]).decode("utf-8") == '{"n":[1,"x"],"name":"café"}'
