@@ -9,6 +9,7 @@ exception: it has no worker-side compressor here, so the writer lets HDF5 compre
 """
 from __future__ import annotations
 
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -177,21 +178,24 @@ def _require_hdf5plugin(spec: str) -> None:
     _require_module("hdf5plugin", spec)
 
 
-_zstd_state: dict = {}
+# zstd contexts must not be shared between threads: one set per thread.
+_zstd_state = threading.local()
 
 
 def _zstd_compressor(level: Optional[int]):
+    cache = _zstd_state.__dict__
     key = ("c", level)
-    if key not in _zstd_state:
+    if key not in cache:
         import zstandard
 
-        _zstd_state[key] = zstandard.ZstdCompressor(level=level or 3, write_content_size=True)
-    return _zstd_state[key]
+        cache[key] = zstandard.ZstdCompressor(level=level or 3, write_content_size=True)
+    return cache[key]
 
 
 def _zstd_decompressor():
-    if "d" not in _zstd_state:
+    cache = _zstd_state.__dict__
+    if "d" not in cache:
         import zstandard
 
-        _zstd_state["d"] = zstandard.ZstdDecompressor()
-    return _zstd_state["d"]
+        cache["d"] = zstandard.ZstdDecompressor()
+    return cache["d"]
