@@ -267,10 +267,10 @@ def convert(
                     bar.set_postfix_str(f"{report.bytes_in / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s", refresh=False)
             if report.entries == 0:
                 raise SourceError(f"every matching file under {src} failed; nothing to write ({report.skipped[0][1]})")
-            writer.close()
+            stored = writer.close()
         finally:
             bar.close()
-        _write_attrs(f, report, exts, prune_plugin.spec)
+        _write_attrs(f, report, exts, prune_plugin.spec, stored)
     report.bytes_out = dst.stat().st_size
     report.elapsed = time.perf_counter() - started
     log.info("%s", report.summary())
@@ -347,7 +347,7 @@ def _spec_name(spec: Optional[PluginSpec]) -> str:
     return spec if isinstance(spec, str) else load(spec, "reader", {}).spec
 
 
-def _write_attrs(f: h5py.File, report: Report, exts: Tuple[str, ...], prune_spec: str) -> None:
+def _write_attrs(f: h5py.File, report: Report, exts: Tuple[str, ...], prune_spec: str, stored: int) -> None:
     attrs = f.attrs
     attrs[fmt.ATTR_FORMAT] = fmt.FORMAT_VERSION
     attrs[fmt.ATTR_VERSION] = __version__
@@ -361,4 +361,4 @@ def _write_attrs(f: h5py.File, report: Report, exts: Tuple[str, ...], prune_spec
     attrs[fmt.ATTR_ENTRIES] = report.entries
     attrs[fmt.ATTR_SKIPPED] = json.dumps(report.skipped)
     attrs[fmt.ATTR_BYTES_IN] = report.bytes_in
-    attrs[fmt.ATTR_BYTES_OUT] = report.bytes_decoded
+    attrs[fmt.ATTR_BYTES_OUT] = stored

@@ -219,9 +219,10 @@ class FilesWriter:
             tid = self._types[dtype] = h5py.h5t.py_create(np.dtype(dtype))
         return tid
 
-    def close(self) -> None:
-        """Write the index of every entry added."""
+    def close(self) -> int:
+        """Write the index of every entry added; returns the bytes of entry data stored."""
         write_index(self._f, self._rows)
+        return self.bytes_stored
 
 
 def write_index(f: h5py.File, rows: List[tuple]) -> None:
