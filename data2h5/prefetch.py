@@ -40,6 +40,7 @@ FILTER_DEFLATE = 1
 LABELS_IN_MEMORY_BYTES = 64 << 20  # labels at most this big are read once, at open
 WINDOW_BYTES = 32 << 20  # default shuffle window: the rows that fit in this many bytes
 SPARE_WINDOWS = 2  # window arrays kept for reuse: fresh memory costs a page fault per 4 KiB
+FINISHED_KEYS = 1024  # windows remembered as read to the end, so a late decode-ahead skips them
 CONTIGUOUS_BLOCK = 1 << 20  # contiguous datasets are read in blocks of this size, like chunks
 
 
@@ -388,7 +389,9 @@ class _SlabRows(_Rows):
         self._lock = threading.Lock()
         self._cache: "collections.OrderedDict[int, _Slab]" = collections.OrderedDict()
         self._windows: Dict[Any, _Window] = {}
+        self._finished: Dict[Any, None] = {}  # keys of windows read to the end, oldest first
         self._spare: List[np.ndarray] = []  # window arrays to reuse
+        self.decoded: Dict[str, int] = {"ahead": 0, "on demand": 0}  # window slabs decoded, by whom
 
     def slab(self, s: int) -> np.ndarray:
         with self._lock:
@@ -431,35 +434,62 @@ class _SlabRows(_Rows):
 
     def gather(self, part: "_Part", out: np.ndarray) -> None:
         """Copy one window's share of a shuffled batch into ``out``."""
-        window = self._window(part)
+        spec = part.window
+        window = self._enter(spec, ahead=False)
+        decoded = 0
         try:
-            window.ensure(np.unique(np.searchsorted(part.starts, part.local, side="right") - 1), self.loader)
+            decoded = window.ensure(np.unique(np.searchsorted(spec.starts, part.local, side="right") - 1),
+                                    self.loader)
             if out.flags.c_contiguous and out.dtype == window.array.dtype:
                 np.take(window.array, part.local, axis=0, out=out, mode="clip")  # "raise" would buffer
             else:
                 out[...] = window.array[part.local]
         finally:
-            self._release(part.key)
+            self._leave(spec.key, consumed=True, decoded=decoded, ahead=False)
 
-    def _window(self, part: "_Part") -> "_Window":
+    def prepare(self, ahead: "_Ahead") -> None:
+        """Decode some slabs of a window that later batches read. An error is not raised here
+        but by the batch that needs the slab, which decodes it again."""
+        spec = ahead.window
+        window = self._enter(spec, ahead=True)
+        if window is None:  # its batches are all read already
+            return
+        decoded = 0
+        try:
+            decoded = window.ensure(np.arange(ahead.lo, ahead.hi), self.loader)
+        except Exception as exc:  # noqa: BLE001 - raised again by the batch that reads the slab
+            log.debug("%s: decoding ahead failed, left to the batch that reads it: %s", self.loader.field.path, exc)
+        finally:
+            self._leave(spec.key, consumed=False, decoded=decoded, ahead=True)
+
+    def _enter(self, spec: "_WindowSpec", ahead: bool) -> Optional["_Window"]:
         with self._lock:
-            window = self._windows.get(part.key)
+            window = self._windows.get(spec.key)
             if window is None:
-                rows = int(part.starts[-1])
+                if ahead and spec.key in self._finished:
+                    return None
+                rows = int(spec.starts[-1])
                 spare = self._spare.pop() if self._spare else None
                 if spare is None or len(spare) < rows:
                     spare = np.empty((rows, *self.row_shape), dtype=self.dtype)
-                window = self._windows[part.key] = _Window(spare, part.slabs, part.starts, part.refs)
+                window = self._windows[spec.key] = _Window(spare, spec.slabs, spec.starts, spec.refs)
+            window.users += 1
             return window
 
-    def _release(self, key) -> None:
+    def _leave(self, key, consumed: bool, decoded: int, ahead: bool) -> None:
         with self._lock:
+            self.decoded["ahead" if ahead else "on demand"] += decoded
             window = self._windows.get(key)
-            if window is not None:
-                window.refs -= 1
-                if window.refs <= 0:
-                    del self._windows[key]
-                    self._keep_spare(window.base)
+            if window is None:
+                return
+            window.users -= 1
+            window.refs -= consumed
+            if window.refs <= 0 and window.users <= 0:
+                del self._windows[key]
+                self._finished[key] = None
+                if len(self._finished) > FINISHED_KEYS:
+                    del self._finished[next(iter(self._finished))]
+                self._keep_spare(window.base)
 
     def _keep_spare(self, base: np.ndarray) -> None:
         if len(self._spare) < SPARE_WINDOWS:
@@ -470,22 +500,27 @@ class _SlabRows(_Rows):
             for window in self._windows.values():
                 self._keep_spare(window.base)
             self._windows.clear()
+            self._finished.clear()
 
 
 class _Window:
     """Rows of a few slabs decoded into one array; shuffled batches are drawn from it.
 
     Each slab is loaded once, by the first worker that needs it; the others wait for it.
+    ``refs`` counts the batches still to read from it, ``users`` the workers inside it now.
     """
 
     def __init__(self, base: np.ndarray, slabs: np.ndarray, starts: np.ndarray, refs: int):
         self.base = base
         self.array = base[: int(starts[-1])]
-        self.slabs, self.starts, self.refs = slabs, starts, refs
+        self.slabs, self.starts, self.refs, self.users = slabs, starts, refs, 0
         self.state = np.zeros(len(slabs), np.uint8)  # 0 to load, 1 loading, 2 loaded
         self.cond = threading.Condition()
 
-    def ensure(self, needed: np.ndarray, loader) -> None:
+    def ensure(self, needed: np.ndarray, loader) -> int:
+        """Load the slabs at positions ``needed`` that are not loaded; returns how many this
+        call loaded."""
+        decoded = 0
         for i in needed[self.state[needed] != 2].tolist():
             with self.cond:
                 while self.state[i] == 1:
@@ -497,10 +532,12 @@ class _Window:
             try:
                 loader.load_into(int(self.slabs[i]), self.array[self.starts[i] : self.starts[i + 1]])
                 loaded = True
+                decoded += 1
             finally:
                 with self.cond:
                     self.state[i] = 2 if loaded else 0
                     self.cond.notify_all()
+        return decoded
 
 
 def _filters(dset: h5py.Dataset) -> List[int]:
@@ -560,16 +597,32 @@ def _open_rows(field: _Field, fd: int, direct: bool, capacity: Callable[[int], i
 
 
 @dataclass
-class _Part:
-    """The rows of one batch that come from one shuffle window."""
+class _WindowSpec:
+    """One shuffle window of an epoch, as the plan lays it out."""
 
     key: Tuple[int, int]  # (epoch, window)
     slabs: np.ndarray  # the window's slabs, in the order their rows are laid out
     starts: np.ndarray  # first row of each slab in the window array, then its length
+    refs: int  # batches that read from this window
+
+
+@dataclass
+class _Part:
+    """The rows of one batch that come from one shuffle window."""
+
+    window: _WindowSpec
     local: np.ndarray  # rows of the window array, in batch order
     lo: int  # where they go in the batch
     hi: int
-    refs: int  # batches that read from this window
+
+
+@dataclass
+class _Ahead:
+    """Slabs ``lo:hi`` of a window that a batch decodes for the batches after it."""
+
+    window: _WindowSpec
+    lo: int
+    hi: int
 
 
 class _Plan:
@@ -578,12 +631,20 @@ class _Plan:
     Shuffled reads of a chunked dataset permute whole slabs, group them into windows of
     about ``window`` rows, and permute the rows within each window; a batch then needs only
     the slabs of one or two windows, each decoded once.
+
+    Decoding a whole window when its first batch is read would make that batch cost several
+    others, a spike that ``prefetch`` batches of read-ahead cannot hide. Instead window ``w``
+    is decoded ahead, its slabs shared out evenly over the batches from the first that reads
+    window ``w - 1`` to the last before the first that reads ``w``; the last batches of the
+    epoch decode the next epoch's first window. So every batch costs about the same, and a
+    window is held decoded while the window before it is read.
     """
 
     def __init__(self, epoch: int, n: int, shuffle: bool, rng: np.random.Generator, k: int, window: int,
                  batch_size: int, batches: int):
         self.epoch, self.batch_size = epoch, batch_size
-        self.windows: List[Tuple[np.ndarray, np.ndarray]] = []
+        self.windows: List[_WindowSpec] = []
+        self.ahead: Dict[int, List[Tuple[int, int, int]]] = {}  # batch: (window, first slab, stop)
         if not shuffle:
             self.order = np.arange(n)
             return
@@ -592,7 +653,7 @@ class _Plan:
             return
         slabs = rng.permutation(-(-n // k))
         per = max(1, -(-window // k))
-        orders, locals_, window_of = [], [], []
+        orders, locals_, window_of, groups = [], [], [], []
         for w, i in enumerate(range(0, len(slabs), per)):
             group = slabs[i : i + per]
             sizes = np.minimum(k, n - group * k)
@@ -603,14 +664,30 @@ class _Plan:
             orders.append(rows[local])
             locals_.append(local)
             window_of.append(np.full(len(rows), w))
-            self.windows.append((group, starts))
+            groups.append((group, starts))
         self.order = np.concatenate(orders)
         self.local = np.concatenate(locals_)
         self.window_of = np.concatenate(window_of)
         # Batches that read from each window: the window's rows span batch first..last.
-        ends = np.cumsum([int(s[-1]) for _, s in self.windows])
-        firsts, lasts = (ends - [int(s[-1]) for _, s in self.windows]) // batch_size, (ends - 1) // batch_size
-        self.refs = np.clip(np.minimum(lasts, batches - 1) - firsts + 1, 0, None)
+        sizes = np.array([int(starts[-1]) for _, starts in groups])
+        ends = np.cumsum(sizes)
+        firsts, lasts = (ends - sizes) // batch_size, (ends - 1) // batch_size
+        refs = np.clip(np.minimum(lasts, batches - 1) - firsts + 1, 0, None)
+        self.windows = [_WindowSpec((epoch, w), g, st, int(r)) for w, ((g, st), r) in enumerate(zip(groups, refs))]
+        self._schedule([int(f) for f in firsts], batches, min(per, len(slabs)))
+
+    def _schedule(self, firsts: List[int], batches: int, first_window_slabs: int) -> None:
+        """Fill ``self.ahead``; window ``len(self.windows)`` stands for the next epoch's first."""
+        bounds = firsts + [batches]
+        for w in range(1, len(self.windows) + 1):
+            if bounds[w] >= batches and w < len(self.windows):
+                continue  # no batch reads it (drop_last)
+            a, z = bounds[w - 1], min(bounds[w], batches)
+            m = len(self.windows[w].slabs) if w < len(self.windows) else first_window_slabs
+            for j, b in enumerate(range(a, z)):
+                lo, hi = j * m // (z - a), (j + 1) * m // (z - a)
+                if hi > lo:
+                    self.ahead.setdefault(b, []).append((w, lo, hi))
 
     def batch(self, b: int) -> Tuple[np.ndarray, Optional[List[_Part]]]:
         lo, hi = b * self.batch_size, (b + 1) * self.batch_size
@@ -621,9 +698,7 @@ class _Plan:
         window_of = self.window_of[lo:hi]
         for a, z in _runs_of_equal(window_of):
             w = int(window_of[a])
-            slabs, starts = self.windows[w]
-            local = self.local[lo + a : lo + z]
-            parts.append(_Part((self.epoch, w), slabs, starts, local, a, z, int(self.refs[w])))
+            parts.append(_Part(self.windows[w], self.local[lo + a : lo + z], a, z))
         return indices, parts
 
 
@@ -689,8 +764,11 @@ class _State:
     postprocess: Optional[Postprocess]
 
 
-def _fill(state: _State, slot: _Slot, indices: np.ndarray, parts: Optional[List[_Part]]):
-    """Worker: read one batch into ``slot`` and post-process it."""
+def _fill(state: _State, slot: _Slot, indices: np.ndarray, parts: Optional[List[_Part]], ahead: List[_Ahead]):
+    """Worker: decode this batch's share of a later window, read one batch into ``slot`` and
+    post-process it."""
+    for job in ahead:  # first: a batch running beside this one may need these slabs soon
+        state.data.prepare(job)
     if slot.event is not None:  # the last copy out of these pinned buffers must be done
         slot.event.synchronize()
         slot.event = None
@@ -862,7 +940,7 @@ class BatchReader:
         self._held: Optional[int] = None  # the slot of the batch the caller holds
         self._pending: Deque[_Pending] = collections.deque()
         self._cursor = (0, 0)  # (epoch, batch) of the next batch to fetch
-        self._plan: Optional[_Plan] = None
+        self._plans: Dict[int, _Plan] = {}  # by epoch: the one being fetched and the next
         self.epoch = -1  # epoch of the last batch returned
         self._at_boundary = True  # whether the last batch returned ended its epoch
 
@@ -965,12 +1043,17 @@ class BatchReader:
         if not len(self):
             raise ValueError(f"BatchReader on {self.path}: no batch to fetch, the epoch has no full batch")
         epoch, batch = self._cursor
-        indices, parts = self._epoch_plan(epoch).batch(batch)
+        plan = self._epoch_plan(epoch)
+        indices, parts = plan.batch(batch)
+        ahead = [
+            _Ahead(plan.windows[w] if w < len(plan.windows) else self._epoch_plan(epoch + 1).windows[0], lo, hi)
+            for w, lo, hi in plan.ahead.get(batch, ())
+        ]
         self._cursor = (epoch, batch + 1) if batch + 1 < len(self) else (epoch + 1, 0)
         if self._res.executor is None:
             self._res.executor = ThreadPoolExecutor(self.threads, thread_name_prefix=THREAD_PREFIX)
         slot = self._free.popleft()
-        future = self._res.executor.submit(_fill, self._state, self._slots[slot], indices, parts)
+        future = self._res.executor.submit(_fill, self._state, self._slots[slot], indices, parts, ahead)
         self._pending.append(_Pending(epoch, batch, slot, future))
 
     def next_batch(self) -> Tuple[Any, Any]:
@@ -1069,11 +1152,14 @@ class BatchReader:
         self._at_boundary = True
 
     def _epoch_plan(self, epoch: int) -> _Plan:
-        if self._plan is None or self._plan.epoch != epoch:
+        plan = self._plans.get(epoch)
+        if plan is None:
             rng = np.random.default_rng([self._seed, epoch])
-            self._plan = _Plan(epoch, self.num_rows, self.shuffle, rng, self._data_rows.slab_rows, self._window,
-                               self.batch_size, len(self))
-        return self._plan
+            plan = self._plans[epoch] = _Plan(epoch, self.num_rows, self.shuffle, rng, self._data_rows.slab_rows,
+                                              self._window, self.batch_size, len(self))
+            for old in [e for e in self._plans if e < epoch - 1 or e > epoch + 1]:
+                del self._plans[old]
+        return plan
 
     def _check_open(self) -> None:
         if self.closed:
