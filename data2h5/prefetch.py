@@ -5,29 +5,29 @@ buffers. Where it can, a worker reads a chunk's stored bytes with ``os.pread`` a
 HDF5 reports and decompresses them itself: h5py serialises every call behind one global lock,
 while ``pread``, zlib and zstandard release the GIL, so only this path lets threads overlap.
 Datasets whose filters it cannot decode (shuffle, blosc, fletcher32...) are read through h5py.
+The chunk-level reads are in :mod:`data2h5.chunks`; this module turns them into batches.
 
 Shuffling never reads one row at a time: an epoch permutes the chunks along the sample axis
 and mixes the rows within windows of whole chunks; the workers decode each chunk of a window
-once into one array, and a batch is one fancy-indexed copy out of it.
+once into one array, and a batch is one fancy-indexed copy out of it. Each window is decoded
+ahead, a share by each of the batches before the first that reads it (see :class:`_Plan`).
 """
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import os
 import threading
 import warnings
 import weakref
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
 
 import h5py
 import numpy as np
 
-from .codecs import CODECS, FILTER_LZF, FILTER_ZSTD
+from .chunks import ContiguousBlocks, Field, H5pyChunks, RawChunks, dataset_filters, decoder, require_filters
 from .errors import ArchiveError, CorruptEntryError, PluginError
 
 log = logging.getLogger(__name__)
@@ -36,79 +36,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 Postprocess = Callable[[Any, Any], Tuple[Any, Any]]
 
 THREAD_PREFIX = "data2h5-prefetch"
-FILTER_DEFLATE = 1
 LABELS_IN_MEMORY_BYTES = 64 << 20  # labels at most this big are read once, at open
 WINDOW_BYTES = 32 << 20  # default shuffle window: the rows that fit in this many bytes
 SPARE_WINDOWS = 2  # window arrays kept for reuse: fresh memory costs a page fault per 4 KiB
 FINISHED_KEYS = 1024  # windows remembered as read to the end, so a late decode-ahead skips them
-CONTIGUOUS_BLOCK = 1 << 20  # contiguous datasets are read in blocks of this size, like chunks
-
-
-# --------------------------------------------------------------------------- chunk decoding
-
-_tls = threading.local()
-
-
-def _inflate(data: bytes, nbytes: int) -> bytes:
-    return zlib.decompress(data, 15, max(nbytes, 1))
-
-
-def _unlzf(data: bytes, nbytes: int) -> bytes:
-    return CODECS["lzf"].decompress(data, nbytes)
-
-
-def _unzstd(data: bytes, nbytes: int) -> bytes:
-    # zstandard decompressors must not be shared by threads that use them at once.
-    dctx = getattr(_tls, "zstd", None)
-    if dctx is None:
-        import zstandard
-
-        dctx = _tls.zstd = zstandard.ZstdDecompressor()
-    return dctx.decompress(data, max_output_size=nbytes)
-
-
-def _decoder(filter_id: int) -> Optional[Callable[[bytes, int], bytes]]:
-    """The decompressor for one HDF5 filter id, or None if this module cannot decode it."""
-    try:
-        if filter_id == FILTER_LZF:
-            import lzf  # noqa: F401
-
-            return _unlzf
-        if filter_id == FILTER_ZSTD:
-            import zstandard  # noqa: F401
-
-            return _unzstd
-    except ImportError:
-        return None
-    return _inflate if filter_id == FILTER_DEFLATE else None
-
-
-def _pread(fd: int, size: int, offset: int) -> bytes:
-    """Read exactly ``size`` bytes (fewer only at end of file)."""
-    data = os.pread(fd, size, offset)
-    while 0 < len(data) < size:
-        more = os.pread(fd, size - len(data), offset + len(data))
-        if not more:
-            break
-        data += more
-    return data
-
-
-def _pread_into(fd: int, dst: np.ndarray, offset: int) -> int:
-    """Fill the C-contiguous array ``dst`` from ``offset``; returns the bytes read."""
-    view = memoryview(dst).cast("B")
-    got = 0
-    while got < len(view):
-        if hasattr(os, "preadv"):
-            n = os.preadv(fd, [view[got:]], offset + got)
-        else:  # macOS before 11: one copy more
-            data = os.pread(fd, len(view) - got, offset + got)
-            n = len(data)
-            view[got : got + n] = data
-        if not n:
-            break
-        got += n
-    return got
 
 
 # --------------------------------------------------------------------------- row readers
@@ -161,35 +92,12 @@ class _MemoryRows(_Rows):
         out[...] = self.array[indices]
 
 
-@dataclass
-class _Field:
-    """What the readers need to know about one dataset."""
-
-    path: str
-    name: str
-    dset: h5py.Dataset
-    sample_axis: int
-
-    @property
-    def rows(self) -> int:
-        return self.dset.shape[self.sample_axis]
-
-    def where(self, lo: int, hi: int) -> str:
-        return f"{self.path}: dataset {self.name!r} rows {lo}-{hi - 1}"
-
-    def sample_first(self, arr: np.ndarray) -> np.ndarray:
-        return np.moveaxis(arr, self.sample_axis, 0)
-
-    def along(self, sel) -> tuple:
-        return (slice(None),) * self.sample_axis + (sel,)
-
-
 class _H5pyRows(_Rows):
     """Rows read through h5py, one selection per batch (datasets with no chunk grain)."""
 
     method = "h5py"
 
-    def __init__(self, field: _Field):
+    def __init__(self, field: Field):
         self.field = field
 
     def fill(self, indices: np.ndarray, out: np.ndarray) -> None:
@@ -203,162 +111,6 @@ class _H5pyRows(_Rows):
         except OSError as exc:
             raise CorruptEntryError(f"{f.where(lo, hi)} cannot be read ({exc}); the archive is damaged") from exc
         out[order] = arr
-
-
-# Slab loaders: a slab is every chunk at one position along the sample axis, ``rows`` samples.
-# ``load(s)`` returns slab ``s`` sample-first; ``load_into(s, dst)`` writes it into ``dst``.
-
-
-class _RawChunks:
-    """Slabs of a chunked dataset read by ``pread`` of each chunk and decompressed here."""
-
-    def __init__(self, field: _Field, fd: int, decode: Optional[Callable[[bytes, int], bytes]]):
-        dset = field.dset
-        self.field, self.fd, self.decode = field, fd, decode
-        self.dtype, self.shape, self.chunks = dset.dtype, dset.shape, dset.chunks
-        self.rows = self.chunks[field.sample_axis]
-        self.nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
-        self.fill_value = dset.fillvalue
-        self.index: Dict[Tuple[int, ...], Tuple[int, int, int]] = {}
-        try:
-            dset.id.chunk_iter(self._add)
-        except (AttributeError, NotImplementedError):  # HDF5 older than 1.14
-            for i in range(dset.id.get_num_chunks()):
-                self._add(dset.id.get_chunk_info(i))
-        sa = field.sample_axis
-        grids = [range(0, n, c) for d, (n, c) in enumerate(zip(self.shape, self.chunks)) if d != sa]
-        self._others = [tuple(int(x) for x in o) for o in itertools.product(*grids)]
-        # One chunk spans every non-sample axis (data2h5's own archives): no assembly copy.
-        self._whole = all(c >= n for d, (n, c) in enumerate(zip(self.shape, self.chunks)) if d != sa)
-
-    def _add(self, info) -> None:
-        self.index[tuple(info.chunk_offset)] = (info.filter_mask, info.byte_offset, info.size)
-
-    def _offset(self, s: int, other: Tuple[int, ...]) -> Tuple[int, ...]:
-        sa = self.field.sample_axis
-        return other[:sa] + (s * self.rows,) + other[sa:]
-
-    def _where(self, offset: Tuple[int, ...]) -> str:
-        sa = self.field.sample_axis
-        last = min(offset[sa] + self.rows, self.shape[sa]) - 1
-        return f"{self.field.path}: dataset {self.field.name!r} chunk at {offset} (rows {offset[sa]}-{last})"
-
-    def _pread(self, offset: Tuple[int, ...], size: int, addr: int, into=None):
-        try:
-            got = _pread_into(self.fd, into, addr) if into is not None else _pread(self.fd, size, addr)
-        except OSError as exc:
-            raise ArchiveError(f"{self._where(offset)}: read failed: {exc}") from exc
-        if (got if into is not None else len(got)) != size:
-            raise CorruptEntryError(f"{self._where(offset)}: the file ends inside it; the archive is truncated")
-        return got
-
-    def chunk(self, offset: Tuple[int, ...]) -> np.ndarray:
-        """One whole chunk, decoded, in file axis order."""
-        found = self.index.get(offset)
-        if found is None:  # never written: HDF5 returns the fill value
-            return np.full(self.chunks, self.fill_value, dtype=self.dtype)
-        mask, addr, size = found
-        data = self._pread(offset, size, addr)
-        if self.decode is not None and not mask & 1:
-            try:
-                data = self.decode(data, self.nbytes)
-            except Exception as exc:
-                raise CorruptEntryError(
-                    f"{self._where(offset)} does not decompress ({exc}); the archive is damaged"
-                ) from exc
-        if len(data) != self.nbytes:
-            raise CorruptEntryError(
-                f"{self._where(offset)} holds {len(data)} bytes, not {self.nbytes}; the archive is damaged"
-            )
-        return np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)
-
-    def load(self, s: int) -> np.ndarray:
-        sa = self.field.sample_axis
-        lo, hi = s * self.rows, min((s + 1) * self.rows, self.shape[sa])
-        if self._whole:
-            clip = tuple(slice(0, hi - lo) if d == sa else slice(0, n) for d, n in enumerate(self.shape))
-            return self.field.sample_first(self.chunk(self._offset(s, self._others[0]))[clip])
-        slab_shape = tuple(hi - lo if d == sa else n for d, n in enumerate(self.shape))
-        out = np.empty(slab_shape, dtype=self.dtype)
-        for other in self._others:
-            offset = self._offset(s, other)
-            dst = tuple(slice(o - (lo if d == sa else 0), min(o - (lo if d == sa else 0) + c, m))
-                        for d, (o, c, m) in enumerate(zip(offset, self.chunks, slab_shape)))
-            out[dst] = self.chunk(offset)[tuple(slice(0, x.stop - x.start) for x in dst)]
-        return self.field.sample_first(out)
-
-    def load_into(self, s: int, dst: np.ndarray) -> None:
-        offset = self._offset(s, self._others[0])
-        found = self.index.get(offset)
-        stored_raw = found is not None and (self.decode is None or found[0] & 1)
-        if self._whole and self.field.sample_axis == 0 and stored_raw and dst.flags.c_contiguous:
-            self._pread(offset, dst.nbytes, found[1], into=dst)  # the rows are the chunk's first bytes
-        else:
-            dst[...] = self.load(s)
-
-
-class _H5pyChunks:
-    """Slabs read through h5py: HDF5 decodes the chunks (any filter it has a plugin for)."""
-
-    def __init__(self, field: _Field):
-        self.field = field
-        self.rows = field.dset.chunks[field.sample_axis]
-
-    def _read(self, s: int, into: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
-        f = self.field
-        lo, hi = s * self.rows, min((s + 1) * self.rows, f.rows)
-        try:
-            if into is None:
-                return f.sample_first(f.dset[f.along(slice(lo, hi))])
-            f.dset.read_direct(into, np.s_[lo:hi])
-        except OSError as exc:
-            raise CorruptEntryError(f"{f.where(lo, hi)} cannot be read ({exc}); the archive is damaged") from exc
-        return None
-
-    def load(self, s: int) -> np.ndarray:
-        return self._read(s)
-
-    def load_into(self, s: int, dst: np.ndarray) -> None:
-        if self.field.sample_axis == 0 and dst.flags.c_contiguous and dst.dtype == self.field.dset.dtype:
-            self._read(s, into=dst)
-        else:
-            dst[...] = self._read(s)
-
-
-class _ContiguousBlocks:
-    """An uncompressed contiguous dataset read with ``pread``, in blocks of about
-    :data:`CONTIGUOUS_BLOCK` bytes treated as chunks (so shuffled reads of small rows do not
-    cost one system call each); a run of rows can also be read straight into a batch."""
-
-    def __init__(self, field: _Field, fd: int, offset: int):
-        dset = field.dset
-        self.field, self.fd, self.offset, self.dtype = field, fd, offset, dset.dtype
-        self.row_shape = dset.shape[1:]
-        self.row_bytes = max(1, int(np.prod(self.row_shape)) * self.dtype.itemsize)
-        self.rows = max(1, CONTIGUOUS_BLOCK // self.row_bytes)
-
-    def read(self, lo: int, hi: int, into: Optional[np.ndarray] = None):
-        size, offset = (hi - lo) * self.row_bytes, self.offset + lo * self.row_bytes
-        try:
-            got = _pread_into(self.fd, into, offset) if into is not None else _pread(self.fd, size, offset)
-        except OSError as exc:
-            raise ArchiveError(f"{self.field.where(lo, hi)}: read failed: {exc}") from exc
-        if (got if into is not None else len(got)) != size:
-            raise CorruptEntryError(f"{self.field.where(lo, hi)}: the file ends early; the archive is truncated")
-        return got
-
-    def _span(self, s: int) -> Tuple[int, int]:
-        return s * self.rows, min((s + 1) * self.rows, self.field.rows)
-
-    def load(self, s: int) -> np.ndarray:
-        lo, hi = self._span(s)
-        return np.frombuffer(self.read(lo, hi), dtype=self.dtype).reshape((hi - lo, *self.row_shape))
-
-    def load_into(self, s: int, dst: np.ndarray) -> None:
-        if dst.flags.c_contiguous and dst.dtype == self.dtype:
-            self.read(*self._span(s), into=dst)
-        else:
-            dst[...] = self.load(s)
 
 
 class _Slab:
@@ -422,7 +174,7 @@ class _SlabRows(_Rows):
         return entry.value
 
     def fill(self, indices: np.ndarray, out: np.ndarray) -> None:
-        if isinstance(self.loader, _ContiguousBlocks) and out.flags.c_contiguous and _is_run(indices):
+        if isinstance(self.loader, ContiguousBlocks) and out.flags.c_contiguous and _is_run(indices):
             self.loader.read(int(indices[0]), int(indices[0]) + len(indices), into=out)
             return
         order = np.argsort(indices, kind="stable")
@@ -540,28 +292,7 @@ class _Window:
         return decoded
 
 
-def _filters(dset: h5py.Dataset) -> List[int]:
-    dcpl = dset.id.get_create_plist()
-    return [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
-
-
-def _require_filters(path: str, name: str, filters: Sequence[int]) -> None:
-    """Make sure HDF5 can decode every filter (hdf5plugin registers zstd, blosc... on import)."""
-    if all(h5py.h5z.filter_avail(f) for f in filters):
-        return
-    try:
-        import hdf5plugin  # noqa: F401
-    except ImportError:
-        pass
-    missing = [f for f in filters if not h5py.h5z.filter_avail(f)]
-    if missing:
-        raise ArchiveError(
-            f"{path}: dataset {name!r} needs HDF5 filter(s) {missing} that are not installed: "
-            "pip install 'data2h5[compress]' (hdf5plugin)"
-        )
-
-
-def _open_rows(field: _Field, fd: int, direct: bool, capacity: Callable[[int], int]) -> _Rows:
+def _open_rows(field: Field, fd: int, direct: bool, capacity: Callable[[int], int]) -> _Rows:
     """Pick the fastest reader that can decode this dataset's storage."""
     dset = field.dset
     dcpl = dset.id.get_create_plist()
@@ -576,17 +307,17 @@ def _open_rows(field: _Field, fd: int, direct: bool, capacity: Callable[[int], i
     )
     loader, method = None, ""
     if layout == h5py.h5d.CHUNKED:
-        filters = _filters(dset)
-        decode = _decoder(filters[0]) if len(filters) == 1 else None
+        filters = dataset_filters(dset)
+        decode = decoder(filters[0]) if len(filters) == 1 else None
         if plain and (not filters or decode is not None):
-            loader, method = _RawChunks(field, fd, decode), "direct-chunks"
+            loader, method = RawChunks(field, fd, decode), "direct-chunks"
         else:
-            _require_filters(field.path, field.name, filters)
-            loader, method = _H5pyChunks(field), "h5py-chunks"
+            require_filters(field.path, field.name, filters)
+            loader, method = H5pyChunks(field), "h5py-chunks"
     elif layout == h5py.h5d.CONTIGUOUS and plain and field.sample_axis == 0:
         offset = dset.id.get_offset()
         if offset is not None and dset.id.get_storage_size() == dset.size * dset.dtype.itemsize:
-            loader, method = _ContiguousBlocks(field, fd, offset), "direct-contiguous"
+            loader, method = ContiguousBlocks(field, fd, offset), "direct-contiguous"
     if loader is None:
         return _H5pyRows(field)
     row_shape = tuple(n for d, n in enumerate(dset.shape) if d != field.sample_axis)
@@ -635,8 +366,8 @@ class _Plan:
     Decoding a whole window when its first batch is read would make that batch cost several
     others, a spike that ``prefetch`` batches of read-ahead cannot hide. Instead window ``w``
     is decoded ahead, its slabs shared out evenly over the batches from the first that reads
-    window ``w - 1`` to the last before the first that reads ``w``; the last batches of the
-    epoch decode the next epoch's first window. So every batch costs about the same, and a
+    window ``w - 1`` to the last before the first that reads ``w`` (at least that last one);
+    the last batches of the epoch decode the next epoch's first window. So every batch costs about the same, and a
     window is held decoded while the window before it is read.
     """
 
@@ -682,7 +413,8 @@ class _Plan:
         for w in range(1, len(self.windows) + 1):
             if bounds[w] >= batches and w < len(self.windows):
                 continue  # no batch reads it (drop_last)
-            a, z = bounds[w - 1], min(bounds[w], batches)
+            z = min(bounds[w], batches)
+            a = max(0, min(bounds[w - 1], z - 1))  # windows first read by one batch: the one before
             m = len(self.windows[w].slabs) if w < len(self.windows) else first_window_slabs
             for j, b in enumerate(range(a, z)):
                 lo, hi = j * m // (z - a), (j + 1) * m // (z - a)
@@ -966,7 +698,7 @@ class BatchReader:
         row_bytes = max(1, data.size // max(n, 1) * data.dtype.itemsize)
         window = shuffle_window or max(4 * self.batch_size, WINDOW_BYTES // row_bytes)
         self._window = window
-        field = _Field(path, data_field, data, sa)
+        field = Field(path, data_field, data, sa)
         self._data_rows = _open_rows(field, self._res.fd, direct, self._cache_slabs)
 
         self._labels_rows: Optional[_Rows] = None
@@ -978,7 +710,7 @@ class BatchReader:
                     f"{path}: dataset {labels_field!r} has shape {labels.shape}, {labels.dtype}; labels need "
                     f"{n} fixed-size rows on axis 0, one per sample of {data_field!r}"
                 )
-            lfield = _Field(path, labels_field, labels, 0)
+            lfield = Field(path, labels_field, labels, 0)
             if labels.size * labels.dtype.itemsize <= LABELS_IN_MEMORY_BYTES:
                 try:
                     self._labels_rows = _MemoryRows(labels[()])

@@ -399,6 +399,65 @@ def test_batches_after_a_corrupt_chunk_raise_or_are_right(tmp_path):
     assert errors >= 1
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("storage", ["gzip", "shuffle+gzip"])
+def test_shuffled_windows_are_decoded_ahead(tmp_path, storage, drop_last):
+    data = rows()
+    path = write(tmp_path / "d.h5", data, **STORAGES[storage][0]())  # 11 chunks of 10 rows
+    # One thread, and next_batch() alone: each batch is read, whole, before the next is fetched.
+    with BatchReader(path, 16, shuffle=True, seed=5, shuffle_window=20, threads=1, prefetch=1,
+                     drop_last=drop_last) as reader:
+        rows_reader = reader._data_rows
+        assert len(reader._epoch_plan(0).windows) == 6  # 5 of 2 chunks, 1 of 1
+        first_read = {part.window.key: len(part.window.slabs) for part in reader._epoch_plan(0).batch(0)[1]}
+        for epoch in range(3):
+            plan, labels = reader._epoch_plan(epoch), []
+            for b in range(len(reader)):
+                keys = {part.window.key for part in plan.batch(b)[1]}
+                if b or epoch:  # every window this batch reads is decoded before it is asked for
+                    assert keys <= set(rows_reader._windows)
+                    assert all((rows_reader._windows[k].state == 2).all() for k in keys)
+                d, l = reader.next_batch()
+                assert reader.epoch == epoch
+                np.testing.assert_array_equal(d, data[l])
+                labels.extend(l.tolist())
+            if drop_last:
+                assert len(labels) == 96 == len(set(labels))
+            else:
+                assert sorted(labels) == list(range(N))  # every row once, in a new order
+                assert labels != list(range(N))
+        # Only the windows the very first batch reads were decoded by a batch that reads them;
+        # the last batch decoded the next epoch's first window, and no other window is held.
+        assert rows_reader.decoded["on demand"] == sum(first_read.values())
+        assert set(rows_reader._windows) == {(3, 0)}
+        if not drop_last:  # each chunk decoded once an epoch
+            next_first = len(reader._epoch_plan(3).windows[0].slabs)
+            assert rows_reader.decoded["ahead"] == 3 * 11 - sum(first_read.values()) + next_first
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_corrupt_chunk_fails_only_the_batches_that_read_it(tmp_path, threads):
+    data = rows()
+    clean = write(tmp_path / "clean.h5", data, chunks=(10, *SHAPE), compression="gzip")
+    path = write(tmp_path / "d.h5", data, chunks=(10, *SHAPE), compression="gzip")
+    corrupt_chunk(path)  # rows 20-29, decoded ahead by a batch that does not read them
+    kw = dict(shuffle=True, seed=1, shuffle_window=20, threads=threads)
+    with BatchReader(clean, 16, **kw) as reader:
+        expected = [l.tolist() for _, _, l in reader.epochs(2)]
+    failed = []
+    with BatchReader(path, 16, **kw) as reader:
+        for b in range(len(expected)):  # two epochs
+            try:
+                d, l = reader.next_batch()
+            except CorruptEntryError:
+                failed.append(b)
+                continue
+            assert l.tolist() == expected[b]
+            np.testing.assert_array_equal(d, data[l])
+    reading = [b for b, l in enumerate(expected) if set(l) & set(range(20, 30))]
+    assert reading and failed == reading
+
+
 def test_truncated_file(tmp_path):
     path = write(tmp_path / "d.h5", rows(), chunks=(10, *SHAPE), compression="gzip")
     with h5py.File(path, "r") as f:
