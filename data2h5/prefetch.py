@@ -594,10 +594,12 @@ class BatchReader:
         shuffle: visit rows in a new random order every epoch. Rows are mixed within windows
             of ``shuffle_window`` rows (whole chunks); the chunks themselves in any order.
         seed: seed of the shuffle; epoch ``e`` uses ``(seed, e)``. None: a random seed.
-        shuffle_window: rows mixed together, rounded up to whole chunks. Up to four windows
-            are held in memory, decoded (two in use, two kept for reuse). Default: the rows
-            that fit in 32 MiB, at least 4 batches. A window of at least the dataset's length
-            shuffles it fully.
+        shuffle_window: rows mixed together, rounded up to whole chunks. Each window is
+            decoded ahead, a share of it by each batch of the window before, so three are
+            held in memory, decoded: the one read, the next, and the one before while its
+            last batch is read (one more for each window's worth of ``prefetch`` batches);
+            their arrays are reused. Default: the rows that fit in 32 MiB, at least 4
+            batches. A window of at least the dataset's length shuffles it fully.
         threads: worker threads. 2 suits a 2-core machine where chunks are zlib or zstd
             compressed; lzf and h5py-read datasets hold the GIL, so more threads add little.
         prefetch: batches read ahead of the one the caller holds.
