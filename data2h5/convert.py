@@ -107,10 +107,29 @@ _worker_job: Optional[_Job] = None
 
 def _init_worker(job: _Job, ignore_sigint: bool = True) -> None:
     global _worker_reader, _worker_job
-    if ignore_sigint:
+    if ignore_sigint:  # a pool worker (not the in-process path)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler inherited through fork
+        _exit_with_parent()
     _worker_job = job
     _worker_reader = _resolve_reader(job.reader)
+
+
+def _exit_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the writer dies however it dies (SIGKILL,
+    out of memory). Forked pool workers would not notice: each holds the task pipe's write
+    end too, so they never read EOF and would wait as orphans forever."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
+        os._exit(1)
 
 
 def _resolve_reader(spec: Optional[PluginSpec]) -> Optional[Plugin]:
