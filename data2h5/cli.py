@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
-from typing import Optional, Tuple
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
 
 import click
 
@@ -14,7 +17,8 @@ from .convert import convert as convert_folder
 from .errors import Data2H5Error
 
 EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 CONVERT_EXAMPLE = """\b
 Example:
@@ -68,16 +72,18 @@ def convert(src: str, dst: str, exts: Tuple[str, ...], reader: Optional[str], pr
         raise click.UsageError("--no_compress and --compression contradict each other; give one")
     _cwd_importable()
     try:
-        report = convert_folder(
-            src, dst, ext=exts, reader=reader, prune=prune, workers=1 if single_process else workers,
-            compression="none" if no_compress else compression, layout=layout, overwrite=overwrite,
-            on_error=on_error, follow_symlinks=follow_symlinks, progress=not quiet,
-        )
+        with _sigterm_as_interrupt():
+            report = convert_folder(
+                src, dst, ext=exts, reader=reader, prune=prune, workers=1 if single_process else workers,
+                compression="none" if no_compress else compression, layout=layout, overwrite=overwrite,
+                on_error=on_error, follow_symlinks=follow_symlinks, progress=not quiet,
+            )
     except Data2H5Error as exc:
         _fail(exc)
-    except KeyboardInterrupt:
-        click.echo(f"data2h5: interrupted; nothing was written to {dst}", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt as exc:
+        click.echo(f"data2h5: {'terminated' if isinstance(exc, _Terminated) else 'interrupted'}; "
+                   f"nothing was written to {dst}", err=True)
+        sys.exit(EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED)
     if not quiet:
         click.echo(report.summary(), err=True)
 
@@ -121,6 +127,27 @@ def ls(archive: str, prefix: str) -> None:
     for key in keys:
         if key.startswith(prefix):
             out.write(key + "\n")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch system's time limit), raised like Ctrl-C so that the same
+    clean-up runs: workers stopped, temporary output and shared memory removed."""
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only there can it be set
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _cwd_importable() -> None:
