@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import data2h5
 from data2h5 import format as fmt
 from data2h5.errors import ReadError
+from data2h5.writer import temp_path
 from convert_helpers import entry_kind, error_line, index, run_cli
 from data2h5.format import Kind
 
@@ -334,9 +336,23 @@ def running_with(marker: str) -> set:
     return found
 
 
+STOPS = [  # how it runs, the signal, sent to the process group (as a terminal does) or the writer only
+    pytest.param("cli-workers-2", signal.SIGINT, True, id="ctrl-c"),
+    pytest.param("cli-in-process", signal.SIGINT, True, id="ctrl-c-in-process"),
+    pytest.param("library-spawn", signal.SIGINT, True, id="ctrl-c-spawn"),
+    pytest.param("cli-workers-2", signal.SIGINT, False, id="sigint-writer-only"),
+    pytest.param("cli-workers-2", signal.SIGTERM, False, id="sigterm"),
+    pytest.param("cli-workers-2", signal.SIGKILL, False, id="sigkill"),
+]
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -signal.SIGKILL}
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the workers")
-@pytest.mark.parametrize("how", ["cli-workers-2", "cli-in-process", "library-spawn"])
-def test_ctrl_c_stops_everything_and_leaves_nothing(tmp_path, out_dir, how):
+@pytest.mark.parametrize("how, sig, group", STOPS)
+def test_stopping_a_run_leaves_no_output_and_no_process(tmp_path, out_dir, how, sig, group):
+    """Ctrl-C (and kill): exit 130 (143 for SIGTERM), no OUT, no temporary beside it, no worker
+    left running, and the run's shared-memory slots removed. SIGKILL cannot clean up, but its
+    workers still end and OUT is not written."""
     source = tmp_path / "slow"
     source.mkdir()
     for i in range(N_SLOW):
@@ -356,6 +372,7 @@ def test_ctrl_c_stops_everything_and_leaves_nothing(tmp_path, out_dir, how):
     stderr = []
     pump = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read1(4096), b"")), daemon=True)
     pump.start()
+    children, ours = set(), set()
     try:
         deadline = time.monotonic() + 60
         while not (log.exists() and log.read_text().count("\n") >= 10):  # well under way
@@ -365,25 +382,34 @@ def test_ctrl_c_stops_everything_and_leaves_nothing(tmp_path, out_dir, how):
         ours = mapped_shm_dirs(proc.pid)
         if how != "cli-in-process":
             assert len(children) >= 2 and ours, (children, ours)  # workers and their shared slots
-        os.killpg(proc.pid, signal.SIGINT)
+        (os.killpg if group else os.kill)(proc.pid, sig)
         rc = proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            alive = {p for p in children if proc_state(p) not in ("", "Z")} | running_with(str(tmp_path))
+            if not alive:
+                break
+            time.sleep(0.1)
+        for pid in alive:  # do not leave them behind even when the test fails
+            os.kill(pid, signal.SIGKILL)
     pump.join(timeout=10)
     text = b"".join(stderr).decode(errors="replace")
 
-    assert rc == 130, text
+    assert rc == EXIT_CODES[sig], text
+    assert not alive, f"processes left running: {alive}"
+    assert not out.exists()
+    if sig == signal.SIGKILL:  # nothing could run; what is left is under the temporary name
+        assert {p.name for p in out_dir.iterdir()} <= {temp_path(out).name}
+        for folder in ours:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
     if how.startswith("cli"):
-        assert f"interrupted; nothing was written to {out}" in text
+        word = "terminated" if sig == signal.SIGTERM else "interrupted"
+        assert f"{word}; nothing was written to {out}" in text
     assert "Traceback" not in text
     assert list(out_dir.iterdir()) == []  # no OUT, no temporary beside it
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        alive = {p for p in children if proc_state(p) not in ("", "Z")} | running_with(str(tmp_path))
-        if not alive:
-            break
-        time.sleep(0.1)
-    assert not alive, f"processes left running: {alive}"
     assert not any(os.path.exists(d) for d in ours), ours
