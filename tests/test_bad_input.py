@@ -20,7 +20,6 @@ import pytest
 
 import data2h5
 from data2h5 import format as fmt
-from data2h5.errors import ReadError
 from data2h5.writer import temp_path
 from convert_helpers import entry_kind, error_line, index, run_cli
 from data2h5.format import Kind

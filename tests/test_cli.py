@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import h5py
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 import data2h5
 from data2h5 import format as fmt
@@ -27,7 +26,7 @@ def tree(tmp_path):
     return build_tree(tmp_path)
 
 
-def invoke(*args) -> "click.testing.Result":
+def invoke(*args) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
