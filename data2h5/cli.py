@@ -140,7 +140,13 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
         return
 
+    writer = os.getpid()
+
     def _raise(signum, frame):
+        if os.getpid() != writer:  # a worker forked before its initializer reset the handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise _Terminated()
 
     previous = signal.signal(signal.SIGTERM, _raise)
