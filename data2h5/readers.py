@@ -41,17 +41,23 @@ class BuiltinReader:
         return f"<data2h5 reader {self.name}>"
 
 
+class Undecodable(ValueError):
+    """A built-in reader's own account of why a file does not decode (shown as is)."""
+
+
 def _decode_image(raw: bytes, ext: str) -> np.ndarray:
     import imageio.v3 as iio
 
     if not raw:
-        raise ValueError("the file is empty")
+        raise Undecodable("the file is empty")
     try:
         return iio.imread(raw, extension=ext or None)
-    except OSError as exc:
+    except Exception as exc:  # decoders raise anything on bad bytes (OSError, struct.error, SyntaxError...)
         if "Could not find a backend" in str(exc):  # imageio's words for "no decoder accepts these bytes"
-            raise ValueError(f"not a valid {ext or 'image'} file (no image decoder recognises its bytes)") from None
-        raise
+            detail = "no image decoder recognises its bytes"
+        else:
+            detail = _reason(exc)
+        raise Undecodable(f"not a valid {ext or 'image'} file ({detail})") from exc
 
 
 def _decode_npy(raw: bytes, ext: str) -> np.ndarray:
@@ -60,7 +66,7 @@ def _decode_npy(raw: bytes, ext: str) -> np.ndarray:
         with loaded:
             names = loaded.files
             if len(names) != 1:
-                raise ValueError(
+                raise Undecodable(
                     f"the .npz holds {len(names)} arrays ({', '.join(names[:5])}); "
                     "store one array per file or write a reader plugin that picks one"
                 )
@@ -125,7 +131,8 @@ def read_source(reader: Optional[Plugin], path: str, raw: bytes, ext: str) -> Tu
         try:
             value = func.from_bytes(raw, ext)
         except Exception as exc:
-            raise ReadError(path, f"cannot read as {func.name}: {_reason(exc)}") from exc
+            reason = str(exc) if isinstance(exc, Undecodable) else _reason(exc)
+            raise ReadError(path, f"cannot read as {func.name}: {reason}") from exc
         stored = to_stored(value)
         if stored is None:  # e.g. a .npy of strings or records
             raise ReadError(
