@@ -118,6 +118,18 @@ def test_skip_lists_the_skipped_files_everywhere(src, out_dir):
     assert report.skipped == [tuple(s) for s in skipped]
 
 
+def test_skip_with_every_file_bad_writes_nothing(tmp_path, out_dir):
+    root = tmp_path / "allbad"
+    root.mkdir()
+    (root / "a.png").write_bytes(b"x")
+    (root / "b.png").write_bytes(b"")
+    done = convert_cli(root, out_dir / "out.h5", "--ext", "png", "--on-error", "skip", "-q")
+    assert done.returncode == 1
+    line = error_line(done.stderr)
+    assert "every matching file" in line and str(root) in line and "not a valid .png file" in line
+    assert list(out_dir.iterdir()) == []
+
+
 def test_dangling_symlink_is_an_unreadable_file(src, out_dir):
     (src / "a" / "gone.png").symlink_to(src / "nowhere.png")
     line = one_line(convert_cli(src, out_dir / "out.h5", "--ext", "png", "-q"))
