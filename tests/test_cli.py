@@ -107,11 +107,13 @@ def test_no_compress_and_compression_contradict(tmp_path, tree):
     assert not (tmp_path / "o.h5").exists()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("launcher", ["module", "script"])
 @pytest.mark.parametrize("reader", [None, "bytes"])
-def test_convert_end_to_end_in_a_subprocess(tmp_path, tree, launcher, reader):
+def test_convert_end_to_end_in_a_subprocess(tmp_path, tree, launcher, reader, workers):
     out = tmp_path / "out.h5"
-    args = ["convert", "--path-images", "src", "--path-output", "out.h5", "--ext", "png", "--ext", "JPG"]
+    args = ["convert", "--path-images", "src", "--path-output", "out.h5", "--ext", "png", "--ext", "JPG",
+            "--workers", workers]
     done = run_cli(*args, *(["--reader", reader] if reader else []), cwd=tmp_path, launcher=launcher)
     assert done.returncode == 0, done.stderr
     assert f"{len(tree.images)} files" in done.stderr
