@@ -76,7 +76,7 @@ def convert(src: str, dst: str, exts: Tuple[str, ...], reader: Optional[str], pr
             report = convert_folder(
                 src, dst, ext=exts, reader=reader, prune=prune, workers=1 if single_process else workers,
                 compression="none" if no_compress else compression, layout=layout, overwrite=overwrite,
-                on_error=on_error, follow_symlinks=follow_symlinks, progress=not quiet,
+                on_error=on_error, follow_symlinks=follow_symlinks, progress=None if not quiet else False,
             )
     except Data2H5Error as exc:
         _fail(exc)

@@ -210,7 +210,7 @@ def convert(
     overwrite: bool = False,
     on_error: str = "fail",
     follow_symlinks: bool = False,
-    progress: bool = False,
+    progress: Optional[bool] = False,
     start_method: Optional[str] = None,
 ) -> Report:
     """Convert every file under ``src`` that ``prune`` keeps into the HDF5 archive ``dst``.
@@ -222,6 +222,7 @@ def convert(
     forms. ``workers``: processes (default: every core; 1 works in this process).
     ``compression``: ``auto``, ``none``, ``lzf``, ``gzip[:L]``, ``zstd[:L]``, ``blosc-lz4[:L]``.
     ``on_error``: ``fail`` stops at the first bad file, ``skip`` records it and goes on.
+    ``progress``: a tqdm bar on stderr; ``None`` shows it only when stderr is a terminal.
 
     Nothing is written at ``dst`` unless the whole conversion succeeds.
     """
@@ -354,10 +355,10 @@ def _run(files: List[SourceFile], job: _Job, workers: int, start_method: Optiona
         slots.close()
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: Optional[bool]):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="file", disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    return tqdm(total=total, unit="file", disable=None if enabled is None else not enabled, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
 
 def _spec_name(spec: Optional[PluginSpec]) -> str:
