@@ -28,12 +28,35 @@ class Span(NamedTuple):
     length: int
 
 
+SHM_DIR = "/dev/shm"
+PREFIX = "data2h5-"  # then the writer's pid: data2h5-<pid>-<random>
+
+
+def remove_stale(parent: str) -> None:
+    """Delete slot folders whose writer is gone (killed with SIGKILL, which nothing can catch)."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        pid_text = name[len(PREFIX):].split("-", 1)[0]
+        if not (name.startswith(PREFIX) and pid_text.isdigit()):
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except OSError:
+            pass  # alive, under another user
+
+
 class Slots:
     """Writer side: ``count`` shared slots of ``size`` bytes each."""
 
     def __init__(self, count: int, size: int):
-        shm = "/dev/shm"
-        self.dir = tempfile.mkdtemp(prefix="data2h5-", dir=shm if os.path.isdir(shm) else None)
+        parent = SHM_DIR if os.path.isdir(SHM_DIR) else tempfile.gettempdir()
+        remove_stale(parent)
+        self.dir = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent)
         self.size = size
         self.paths: List[str] = []
         self._maps: List[mmap.mmap] = []

@@ -1,0 +1,29 @@
+"""Shared slots between workers and the writer: what a killed writer leaves is cleaned up."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from data2h5.transport import PREFIX, Slots, remove_stale
+
+
+def test_slot_folders_of_dead_writers_are_removed(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{PREFIX}{int(gone.stdout)}-abc"
+    alive = tmp_path / f"{PREFIX}{os.getpid()}-def"
+    other = tmp_path / "data2h5-notes"
+    for folder in (dead, alive, other):
+        folder.mkdir()
+        (folder / "slot0").write_bytes(b"x")
+    remove_stale(str(tmp_path))
+    assert not dead.exists()
+    assert alive.exists() and other.exists()
+
+
+def test_slots_are_named_by_writer_and_removed_on_close():
+    slots = Slots(2, 4096)
+    assert os.path.basename(slots.dir).startswith(f"{PREFIX}{os.getpid()}-")
+    assert len(slots.paths) == 2 and all(os.path.getsize(p) == 4096 for p in slots.paths)
+    slots.close()
+    assert not os.path.exists(slots.dir)
