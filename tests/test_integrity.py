@@ -28,3 +28,25 @@ def test_damaged_block_of_converted_archive_raises(tmp_path, compression):
     assert np.array_equal(ds[index.position("a.npy")], ramp)
     with pytest.raises(CorruptEntryError, match="b.npy"):
         ds[pos]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_plain_jpegs_skip_imageio_and_decode_identically(tmp_path, monkeypatch, mode):
+    """imageio's per-call set-up costs more than half a small JPEG's decode: plain JPEGs go
+    to Pillow directly, in conversion and in H5Dataset alike, with imageio's exact result."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    from data2h5.readers import BUILTIN_READERS
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "a.jpg"
+    Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).convert(mode).save(path)
+    expected = iio.imread(path)
+
+    def no_imageio(*args, **kwargs):
+        raise AssertionError("a plain JPEG went through imageio")
+
+    monkeypatch.setattr(iio, "imread", no_imageio)
+    decoded = BUILTIN_READERS["image"].from_bytes(path.read_bytes(), ".jpg")
+    assert decoded.dtype == expected.dtype and np.array_equal(decoded, expected)
