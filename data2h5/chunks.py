@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
-import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -25,44 +23,15 @@ from .errors import ArchiveError, CorruptEntryError
 FILTER_DEFLATE = 1
 CONTIGUOUS_BLOCK = 1 << 20  # contiguous datasets are read in blocks of this size, like chunks
 
-_tls = threading.local()
-
-
-def _inflate(data: bytes, nbytes: int) -> bytes:
-    return zlib.decompress(data, 15, max(nbytes, 1))
-
-
-def _unlzf(data: bytes, nbytes: int) -> bytes:
-    return CODECS["lzf"].decompress(data, nbytes)
-
-
-def _unzstd(data: bytes, nbytes: int) -> bytes:
-    # zstandard decompressors must not be shared by threads that use them at once.
-    dctx = getattr(_tls, "zstd", None)
-    if dctx is None:
-        import zstandard
-
-        dctx = _tls.zstd = zstandard.ZstdDecompressor()
-    return dctx.decompress(data, max_output_size=nbytes)
-
-
 def decoder(filter_id: int) -> Optional[Callable[[bytes, int], bytes]]:
     """The decompressor for one HDF5 filter id, or None if this module cannot decode it."""
-    try:
-        if filter_id == FILTER_LZF:
-            import lzf  # noqa: F401
-
-            return _unlzf
-        if filter_id == FILTER_ZSTD:
-            import zstandard  # noqa: F401
-
-            return _unzstd
-    except ImportError:
+    codec = {FILTER_DEFLATE: "gzip", FILTER_LZF: "lzf", FILTER_ZSTD: "zstd"}.get(filter_id)
+    if codec is None or not CODECS[codec].can_decompress():
         return None
-    return _inflate if filter_id == FILTER_DEFLATE else None
+    return CODECS[codec].decompress
 
 
-def _pread(fd: int, size: int, offset: int) -> bytes:
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
     """Read exactly ``size`` bytes (fewer only at end of file)."""
     data = os.pread(fd, size, offset)
     while 0 < len(data) < size:
@@ -73,7 +42,7 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     return data
 
 
-def _pread_into(fd: int, dst: np.ndarray, offset: int) -> int:
+def pread_into(fd: int, dst: np.ndarray, offset: int) -> int:
     """Fill the C-contiguous array ``dst`` from ``offset``; returns the bytes read."""
     view = memoryview(dst).cast("B")
     got = 0
@@ -151,7 +120,7 @@ class RawChunks:
 
     def _pread(self, offset: Tuple[int, ...], size: int, addr: int, into=None):
         try:
-            got = _pread_into(self.fd, into, addr) if into is not None else _pread(self.fd, size, addr)
+            got = pread_into(self.fd, into, addr) if into is not None else pread_exact(self.fd, size, addr)
         except OSError as exc:
             raise ArchiveError(f"{self._where(offset)}: read failed: {exc}") from exc
         if (got if into is not None else len(got)) != size:
@@ -246,7 +215,7 @@ class ContiguousBlocks:
     def read(self, lo: int, hi: int, into: Optional[np.ndarray] = None):
         size, offset = (hi - lo) * self.row_bytes, self.offset + lo * self.row_bytes
         try:
-            got = _pread_into(self.fd, into, offset) if into is not None else _pread(self.fd, size, offset)
+            got = pread_into(self.fd, into, offset) if into is not None else pread_exact(self.fd, size, offset)
         except OSError as exc:
             raise ArchiveError(f"{self.field.where(lo, hi)}: read failed: {exc}") from exc
         if (got if into is not None else len(got)) != size:

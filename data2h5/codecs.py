@@ -79,10 +79,23 @@ class Codec:
                 raise ValueError("lzf data does not decompress to the expected size")
             return out
         if self.id == GZIP:
-            return zlib.decompress(data)
+            return zlib.decompress(data, 15, max(nbytes, 1))
         if self.id == ZSTD:
             return _zstd_decompressor().decompress(data, max_output_size=nbytes)
         raise CompressionError(f"codec {self.spec} cannot decompress outside HDF5")
+
+    def can_decompress(self) -> bool:
+        """Whether :meth:`decompress` works here (its package is installed)."""
+        module = {LZF: "lzf", ZSTD: "zstandard"}.get(self.id)
+        if self.id == BLOSC_LZ4:
+            return False
+        if module is None:
+            return True
+        try:
+            __import__(module)
+        except ImportError:
+            return False
+        return True
 
     def set_filter(self, dcpl) -> None:
         """Add this codec's filter to an ``h5py.h5p`` dataset-creation property list."""

@@ -13,7 +13,6 @@ spawned workers and used in forked ones.
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ import h5py
 import numpy as np
 
 from . import codecs, format as fmt
+from .chunks import pread_into
 from .errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError
 from .format import Kind
 
@@ -296,22 +296,6 @@ def _new_fork_lock() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_fork_lock)
 
-def _pread_into(fd: int, buf: np.ndarray, offset: int) -> int:
-    """Read ``buf.nbytes`` bytes at ``offset`` into the uint8 array ``buf``; returns how many
-    were there (fewer only where the file ends)."""
-    if not hasattr(os, "preadv"):
-        data = os.pread(fd, buf.nbytes, offset)
-        buf[: len(data)] = np.frombuffer(data, np.uint8)
-        return len(data)
-    view, got = memoryview(buf), 0
-    while got < len(view):  # a read may return less than asked
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            break
-        got += n
-    return got
-
-
 def _decompress_errors() -> tuple:
     """What the codecs raise on damaged data (and nothing else, so bugs are not hidden)."""
     errors = [ValueError, zlib.error]
@@ -485,7 +469,7 @@ class ArchiveReader:
         # raw data is read straight into a new array, decompressed data is copied once.
         if raw:
             buf = np.empty(stored, np.uint8)
-            got = _pread_into(self.fd, buf, offset)
+            got = pread_into(self.fd, buf, offset)
         else:
             buf = os.pread(self.fd, stored, offset)  # the codecs take bytes
             got = len(buf)
