@@ -165,13 +165,17 @@ class Writeback:
     def __init__(self, path: str):
         self._fd: Optional[int] = None
         self._done = 0
+        self._pending = 0  # bytes written since the last look at the file's size
         self._call = _sync_file_range()
         if self._call is not None:
             self._fd = os.open(path, os.O_RDONLY)
 
-    def poll(self) -> None:
-        if self._fd is None:
+    def poll(self, written: int) -> None:
+        """Note ``written`` more bytes; start writeback once a step's worth has been written."""
+        self._pending += written
+        if self._fd is None or self._pending < self.STEP:
             return
+        self._pending = 0
         size = os.fstat(self._fd).st_size
         if size - self._done >= self.STEP:
             self._call(self._fd, ctypes.c_int64(self._done), ctypes.c_int64(size - self._done), self._WRITE)
@@ -221,7 +225,7 @@ class FilesWriter:
         finally:
             dsid.close()
         self.bytes_stored += stored
-        self._writeback.poll()
+        self._writeback.poll(stored)
         self._rows.append((p.key, p.size, p.crc32, p.kind, codec_id, offset, stored, p.dtype, p.shape,
                            p.stored_crc32 if offset else 0))
 

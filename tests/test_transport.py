@@ -39,11 +39,11 @@ def test_writeback_starts_on_each_new_step_of_the_file(tmp_path):
     with open(path, "ab") as fh:
         fh.write(b"x" * 1000)
         fh.flush()
-        wb.poll()
+        wb.poll(1000)
         assert wb._done == 0  # less than a step: nothing started
         fh.write(b"y" * (1 << 16))
         fh.flush()
-        wb.poll()
+        wb.poll(1 << 16)
     assert wb._done == path.stat().st_size or wb._fd is None  # not Linux: it does nothing
     wb.close()
     assert path.read_bytes()[:3] == b"xxx"
