@@ -59,6 +59,18 @@ def pread_into(fd: int, dst: np.ndarray, offset: int) -> int:
     return got
 
 
+def read_checked(fd: int, size: int, offset: int, where: Callable[[], str], into: Optional[np.ndarray] = None):
+    """``size`` bytes at ``offset`` (as bytes, or into ``into``); a failed read is an
+    :class:`ArchiveError` and a short one a :class:`CorruptEntryError`, both naming ``where()``."""
+    try:
+        got = pread_into(fd, into, offset) if into is not None else pread_exact(fd, size, offset)
+    except OSError as exc:
+        raise ArchiveError(f"{where()}: read failed: {exc}") from exc
+    if (got if into is not None else len(got)) != size:
+        raise CorruptEntryError(f"{where()}: the file ends inside it; the archive is truncated")
+    return got
+
+
 @dataclass
 class Field:
     """What the readers need to know about one dataset."""
@@ -119,13 +131,7 @@ class RawChunks:
         return f"{self.field.path}: dataset {self.field.name!r} chunk at {offset} (rows {offset[sa]}-{last})"
 
     def _pread(self, offset: Tuple[int, ...], size: int, addr: int, into=None):
-        try:
-            got = pread_into(self.fd, into, addr) if into is not None else pread_exact(self.fd, size, addr)
-        except OSError as exc:
-            raise ArchiveError(f"{self._where(offset)}: read failed: {exc}") from exc
-        if (got if into is not None else len(got)) != size:
-            raise CorruptEntryError(f"{self._where(offset)}: the file ends inside it; the archive is truncated")
-        return got
+        return read_checked(self.fd, size, addr, lambda: self._where(offset), into)
 
     def chunk(self, offset: Tuple[int, ...]) -> np.ndarray:
         """One whole chunk, decoded, in file axis order."""
@@ -214,13 +220,7 @@ class ContiguousBlocks:
 
     def read(self, lo: int, hi: int, into: Optional[np.ndarray] = None):
         size, offset = (hi - lo) * self.row_bytes, self.offset + lo * self.row_bytes
-        try:
-            got = pread_into(self.fd, into, offset) if into is not None else pread_exact(self.fd, size, offset)
-        except OSError as exc:
-            raise ArchiveError(f"{self.field.where(lo, hi)}: read failed: {exc}") from exc
-        if (got if into is not None else len(got)) != size:
-            raise CorruptEntryError(f"{self.field.where(lo, hi)}: the file ends early; the archive is truncated")
-        return got
+        return read_checked(self.fd, size, offset, lambda: self.field.where(lo, hi), into)
 
     def _span(self, s: int) -> Tuple[int, int]:
         return s * self.rows, min((s + 1) * self.rows, self.field.rows)

@@ -77,6 +77,8 @@ class Kind(enum.IntEnum):
     TEXT = 2  # UTF-8 text (1-D uint8)
 
 
+STORED_CRC32 = "stored_crc32"  # absent from archives written before it was recorded
+
 INDEX_FIELDS = {
     "keys": None,  # fixed-length bytes, sized to the longest key
     "size": np.dtype("<u8"),
@@ -85,7 +87,7 @@ INDEX_FIELDS = {
     "codec": np.dtype("u1"),
     "offset": np.dtype("<u8"),
     "stored": np.dtype("<u8"),
-    "stored_crc32": np.dtype("<u4"),
+    STORED_CRC32: np.dtype("<u4"),
     "dtype": np.dtype("S16"),
     "shape": np.dtype("<i8"),  # 2-D: (entries, MAX_NDIM)
 }

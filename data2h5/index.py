@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from . import codecs, format as fmt
-from .chunks import pread_into
+from .chunks import pread_exact, pread_into
 from .errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError
 from .format import Kind
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-STORED_CRC32 = "stored_crc32"  # see data2h5.format
+STORED_CRC32 = fmt.STORED_CRC32
 """Optional index field: CRC-32 of each entry's stored bytes, so damage to compressed arrays
 (whose ``crc32`` is that of the source file, not of what is stored) is caught on read."""
 
@@ -471,7 +471,7 @@ class ArchiveReader:
             buf = np.empty(stored, np.uint8)
             got = pread_into(self.fd, buf, offset)
         else:
-            buf = os.pread(self.fd, stored, offset)  # the codecs take bytes
+            buf = pread_exact(self.fd, stored, offset)  # the codecs take bytes
             got = len(buf)
         if got != stored:
             raise self._corrupt(pos, f"file ends {stored - got} bytes before the entry does")
