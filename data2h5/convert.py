@@ -141,17 +141,16 @@ def _resolve_reader(spec: Optional[PluginSpec]) -> Optional[Plugin]:
 def _process(files: Sequence[SourceFile], slot: Optional[str] = None, slot_size: int = 0) -> list:
     """Worker task: read, checksum, decode and compress each file.
 
-    Returns a list of ``Packed`` or ``(key, error class name, message, reason)`` for failures, since
-    exceptions are reported, not raised, so one bad file does not lose the batch. Payloads go
-    into the shared ``slot`` when one is given.
+    Returns a list of ``Packed``, or ``(key, error)`` for a file that failed: errors are
+    reported, not raised, so one bad file does not lose the batch. Payloads go into the
+    shared ``slot`` when one is given.
     """
     out = []
     for src in files:
         try:
             out.append(_process_one(src))
         except (ReadError, PluginError) as exc:
-            reason = exc.reason if isinstance(exc, ReadError) else str(exc)
-            out.append((src.key, type(exc).__name__, str(exc), reason))
+            out.append((src.key, exc))
     return share(out, slot, slot_size)
 
 
@@ -270,13 +269,11 @@ def convert(
         try:
             for item in _run(files, job, workers, start_method):
                 if not isinstance(item, Packed):
-                    key, err_type, message, reason = item
+                    key, error = item
                     if on_error == "fail":
-                        if err_type == "PluginError":
-                            raise PluginError(message)
-                        raise ReadError(message[: -len(reason) - 2], reason)  # message is "path: reason"
-                    log.warning("skipping %s", message)
-                    report.skipped.append((key, reason))
+                        raise error
+                    log.warning("skipping %s", error)
+                    report.skipped.append((key, getattr(error, "reason", str(error))))
                 else:
                     _add(writer, item, job.stacked)
                     report.entries += 1

@@ -26,6 +26,9 @@ class ReadError(Data2H5Error):
         self.reason = reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self):  # travels from worker processes intact
+        return type(self), (self.path, self.reason)
+
 
 class PluginError(Data2H5Error):
     """A reader or prune plugin could not be loaded, raised, or returned something unusable."""
