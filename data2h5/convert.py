@@ -164,9 +164,9 @@ def _process_one(src: SourceFile) -> Packed:
     kind, arr = read_source(_worker_reader, src.path, raw, ext)
     crc = zlib.crc32(raw)
     if _worker_job.stacked:
-        return Packed(src.key, int(kind), ext, arr.dtype.str, arr.shape, 0, None, arr, len(raw), crc, arr.nbytes)
+        return Packed(src.key, int(kind), arr.dtype.str, arr.shape, 0, None, arr, len(raw), crc, arr.nbytes)
     codec = choose_codec(_worker_job.codec, kind, ext)
-    return pack(src.key, int(kind), ext, arr, codec, len(raw), crc)
+    return pack(src.key, int(kind), arr, codec, len(raw), crc)
 
 
 def collect(

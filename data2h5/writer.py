@@ -45,7 +45,6 @@ class Packed(NamedTuple):
 
     key: str
     kind: int
-    ext: str
     dtype: str
     shape: Tuple[int, ...]
     codec: int
@@ -139,19 +138,19 @@ def iter_chunks(arr: np.ndarray, chunk: Tuple[int, ...]) -> Iterator[Tuple[Tuple
         yield start, np.ascontiguousarray(block)
 
 
-def pack(key: str, kind: int, ext: str, arr: np.ndarray, codec: Codec, size: int, crc32: int) -> Packed:
+def pack(key: str, kind: int, arr: np.ndarray, codec: Codec, size: int, crc32: int) -> Packed:
     """Prepare ``arr`` for the writer, compressing its chunks here (in the worker)."""
     dtype = arr.dtype.str
     shape = tuple(arr.shape)
     if codec.id == NONE or arr.nbytes == 0 or arr.ndim == 0:
         raw = arr.tobytes()
-        return Packed(key, kind, ext, dtype, shape, NONE, None, raw, size, crc32, arr.nbytes, zlib.crc32(raw))
+        return Packed(key, kind, dtype, shape, NONE, None, raw, size, crc32, arr.nbytes, zlib.crc32(raw))
     chunk = chunk_shape_for(shape, arr.itemsize)
     if not codec.in_worker:
-        return Packed(key, kind, ext, dtype, shape, codec.id, chunk, arr, size, crc32, arr.nbytes)
+        return Packed(key, kind, dtype, shape, codec.id, chunk, arr, size, crc32, arr.nbytes)
     chunks = [(offset, *codec.compress(block.data)) for offset, block in iter_chunks(arr, chunk)]
     stored_crc = zlib.crc32(chunks[0][1]) if len(chunks) == 1 else 0
-    return Packed(key, kind, ext, dtype, shape, codec.id, chunk, chunks, size, crc32, arr.nbytes, stored_crc)
+    return Packed(key, kind, dtype, shape, codec.id, chunk, chunks, size, crc32, arr.nbytes, stored_crc)
 
 
 class Writeback:
