@@ -28,6 +28,7 @@ from . import codecs, format as fmt
 from .chunks import pread_exact, pread_into
 from .errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError
 from .format import Kind
+from .readers import BUILTIN_READERS, reader_for_extension
 
 log = logging.getLogger(__name__)
 
@@ -269,17 +270,14 @@ def decode_value(stored: np.ndarray, kind: int, key: str) -> Any:
     arrays are returned as they are. Raises :class:`ReadError` when bytes do not decode."""
     if kind == Kind.ARRAY:
         return stored
-    raw = stored.tobytes()
     if kind == Kind.TEXT:
-        return raw.decode("utf-8")
-    from .readers import BUILTIN_READERS, reader_for_extension
-
+        return stored.tobytes().decode("utf-8")
     ext = os.path.splitext(key)[1].lower()
     reader = reader_for_extension(ext)
     if reader is BUILTIN_READERS["bytes"]:
         return stored
     try:
-        return reader.from_bytes(raw, ext)
+        return reader.from_bytes(stored.tobytes(), ext)
     except Exception as exc:
         raise ReadError(key, f"cannot decode as {reader.name}: {type(exc).__name__}: {exc}") from exc
 

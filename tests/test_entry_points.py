@@ -5,7 +5,6 @@ import os
 import sys
 
 import h5py
-import numpy as np
 import pytest
 
 import data2h5
