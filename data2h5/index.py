@@ -100,7 +100,7 @@ def open_h5(path: PathLike, **kwargs: Any) -> h5py.File:
     :class:`ArchiveError` naming the path when it is missing or not HDF5."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise ArchiveError(f"{path}: no such archive")
+        raise ArchiveError(f"{path}: no such file")
     if not os.path.isfile(path):
         raise ArchiveError(f"{path}: not a file; give the path of an .h5 archive")
     if not h5py.is_hdf5(path):

@@ -29,6 +29,7 @@ import numpy as np
 
 from .chunks import ContiguousBlocks, Field, H5pyChunks, RawChunks, dataset_filters, decoder, require_filters
 from .errors import ArchiveError, CorruptEntryError, PluginError
+from .index import open_h5
 
 log = logging.getLogger(__name__)
 
@@ -680,12 +681,8 @@ class BatchReader:
 
     def _open(self, data_field, labels_field, file_layout, layout, shuffle_window, direct) -> None:
         path = self.path
-        if not os.path.exists(path):
-            raise ArchiveError(f"{path}: no such file")
-        if os.path.isdir(path) or not h5py.is_hdf5(path):
-            raise ArchiveError(f"{path}: not an HDF5 file")
+        self._res.h5 = h5 = open_h5(path)
         try:
-            self._res.h5 = h5 = h5py.File(path, "r")
             self._res.fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             raise ArchiveError(f"{path}: cannot open: {exc}") from exc
