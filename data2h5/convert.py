@@ -22,7 +22,7 @@ import h5py
 from . import format as fmt
 from ._version import __version__
 from .codecs import Codec, choose_codec, parse_compression
-from .errors import LayoutError, PluginError, ReadError, SourceError, WorkerError
+from .errors import PluginError, ReadError, SourceError, WorkerError
 from .format import Kind
 from .plugins import Plugin, PluginSpec, load
 from .prune import keeps, match_extension, normalize_extensions
@@ -295,15 +295,10 @@ def convert(
 
 
 def _add(writer, item: Packed, stacked: bool) -> None:
-    if not stacked:
+    if stacked:  # the stacked writer refuses what is not a decoded array, naming the remedy
+        writer.add(item.key, item.data, item.size, item.crc32, Kind(item.kind))
+    else:
         writer.add(item)
-        return
-    if item.kind != Kind.ARRAY:
-        raise LayoutError(
-            f"{item.key} was read as {Kind(item.kind).name.lower()}, but the stacked layout holds decoded "
-            "arrays; use --layout files, or a reader that returns arrays"
-        )
-    writer.add(item.key, item.data, item.size, item.crc32)
 
 
 def _run(files: List[SourceFile], job: _Job, workers: int, start_method: Optional[str]):

@@ -340,3 +340,16 @@ def test_convert_stacked_refuses_mixed_shapes(tmp_path):
     with pytest.raises(LayoutError, match=r"dog/big\.png.*\(20, 20, 3\).*\(16, 16, 3\).*--layout files"):
         convert(tmp_path / "src", dst, ext="png", layout="stacked", workers=1, on_error="skip")
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("reader, ext, what", [("bytes", "png", "raw bytes"), ("text", "txt", "text")])
+def test_convert_stacked_refuses_values_that_are_not_arrays(tmp_path, reader, ext, what):
+    from data2h5 import convert
+
+    image_tree(tmp_path / "src", ["cat/a", "cat/b"])
+    for name in ("cat/a", "cat/b"):
+        (tmp_path / "src" / f"{name}.txt").write_text("a line")
+    dst = tmp_path / "out.h5"
+    with pytest.raises(LayoutError, match=rf"cat/a\.{ext}.*{what}.*--layout files"):
+        convert(tmp_path / "src", dst, ext=ext, reader=reader, layout="stacked", workers=1)
+    assert not dst.exists()
