@@ -17,8 +17,10 @@ offset      uint64      absolute file offset of the entry's data when it is stor
                         one block (one chunk, or contiguous); 0 when it is not, and the
                         entry must then be read through h5py
 stored      uint64      number of stored (compressed) bytes at ``offset``
-stored_crc32 uint32     CRC-32 of those stored bytes (0 when offset is 0), so damage to
-                        a compressed block is caught even by codecs without a checksum
+stored_crc32 uint32     CRC-32 of the entry's stored bytes: the block at ``offset``, or,
+                        for an entry of several chunks, the chunks as stored (compressed)
+                        run together in row-major chunk-grid order; damage to a
+                        compressed block is caught even by codecs without a checksum
 dtype       S16         numpy dtype string of the stored array (``|u1``, ``<f4``)
 shape       int64 (8)   shape of the stored array, padded with -1
 ==========  ==========  ===============================================================

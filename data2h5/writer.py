@@ -53,7 +53,7 @@ class Packed(NamedTuple):
     size: int  # source file size
     crc32: int  # source file CRC-32
     nbytes: int  # decoded size
-    stored_crc32: int = 0  # CRC-32 of the stored bytes when the entry is one block
+    stored_crc32: int = 0  # CRC-32 of the stored bytes, chunks concatenated in chunk-grid order
 
 
 def temp_path(dst: Path) -> Path:
@@ -124,13 +124,20 @@ def chunk_shape_for(shape: Tuple[int, ...], itemsize: int) -> Tuple[int, ...]:
     return tuple(chunk)
 
 
+def iter_chunk_offsets(shape: Tuple[int, ...], chunk: Tuple[int, ...]) -> Iterator[Tuple[Tuple[int, ...], tuple]]:
+    """Yield ``(offset, slices)`` of every chunk of an array, in row-major chunk-grid order:
+    the order in which an entry's stored checksum runs over its chunks."""
+    grid = [range(0, n, c) for n, c in zip(shape, chunk)]
+    for cell in np.ndindex(*[len(g) for g in grid]):
+        start = tuple(g[i] for g, i in zip(grid, cell))
+        yield start, tuple(slice(s, s + c) for s, c in zip(start, chunk))
+
+
 def iter_chunks(arr: np.ndarray, chunk: Tuple[int, ...]) -> Iterator[Tuple[Tuple[int, ...], np.ndarray]]:
     """Yield ``(offset, chunk data)``; edge chunks are zero-padded to the full chunk shape, as
     HDF5 stores them."""
-    grid = [range(0, n, c) for n, c in zip(arr.shape, chunk)]
-    for offset in np.ndindex(*[len(g) for g in grid]):
-        start = tuple(g[i] for g, i in zip(grid, offset))
-        block = arr[tuple(slice(s, s + c) for s, c in zip(start, chunk))]
+    for start, where in iter_chunk_offsets(arr.shape, chunk):
+        block = arr[where]
         if block.shape != chunk:
             padded = np.zeros(chunk, dtype=arr.dtype)
             padded[tuple(slice(0, n) for n in block.shape)] = block
@@ -149,7 +156,9 @@ def pack(key: str, kind: int, arr: np.ndarray, codec: Codec, size: int, crc32: i
     if not codec.in_worker:
         return Packed(key, kind, dtype, shape, codec.id, chunk, arr, size, crc32, arr.nbytes)
     chunks = [(offset, *codec.compress(block.data)) for offset, block in iter_chunks(arr, chunk)]
-    stored_crc = zlib.crc32(chunks[0][1]) if len(chunks) == 1 else 0
+    stored_crc = 0
+    for _, data, _ in chunks:
+        stored_crc = zlib.crc32(data, stored_crc)
     return Packed(key, kind, dtype, shape, codec.id, chunk, chunks, size, crc32, arr.nbytes, stored_crc)
 
 
@@ -220,32 +229,37 @@ class FilesWriter:
             dcpl=self._dcpl(p.chunk_shape, codec), lcpl=self._lcpl,
         )
         try:
-            offset, stored, codec_id = self._write(dsid, p, codec)
+            offset, stored, codec_id, crc = self._write(dsid, p, codec)
         finally:
             dsid.close()
         self.bytes_stored += stored
         self._writeback.poll(stored)
-        self._rows.append((p.key, p.size, p.crc32, p.kind, codec_id, offset, stored, p.dtype, p.shape,
-                           p.stored_crc32 if offset else 0))
+        self._rows.append((p.key, p.size, p.crc32, p.kind, codec_id, offset, stored, p.dtype, p.shape, crc))
 
-    def _write(self, dsid, p: Packed, codec: Codec) -> Tuple[int, int, int]:
-        """Returns ``(offset, stored bytes, codec id)`` for the index; offset 0 = not one block."""
+    def _write(self, dsid, p: Packed, codec: Codec) -> Tuple[int, int, int, int]:
+        """Returns ``(offset, stored bytes, codec id, stored CRC-32)`` for the index; offset 0 =
+        not one block."""
         if p.chunk_shape is None:
             if p.nbytes:
                 buf = np.frombuffer(p.data, dtype=p.dtype).reshape(p.shape)
                 dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, buf)
-            return (dsid.get_offset() or 0), p.nbytes, NONE
-        if isinstance(p.data, np.ndarray):
+            return (dsid.get_offset() or 0), p.nbytes, NONE, p.stored_crc32
+        if isinstance(p.data, np.ndarray):  # HDF5 compresses: checksum what it stored
             dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, p.data)
-            info = [dsid.get_chunk_info(i) for i in range(dsid.get_num_chunks())]
-            return 0, sum(i.size for i in info), p.codec
+            dsid.flush()  # out of the chunk cache, so the chunks can be read as stored
+            stored = crc = 0
+            for offset, _ in iter_chunk_offsets(p.shape, p.chunk_shape):
+                _, data = dsid.read_direct_chunk(offset)
+                stored += len(data)
+                crc = zlib.crc32(data, crc)
+            return 0, stored, p.codec, crc
         for offset, data, mask in p.data:
             dsid.write_direct_chunk(offset, data, mask)
         stored = sum(len(d) for _, d, _ in p.data)
         if len(p.data) == 1:
             info = dsid.get_chunk_info(0)
-            return info.byte_offset, info.size, (NONE if p.data[0][2] else p.codec)
-        return 0, stored, p.codec
+            return info.byte_offset, info.size, (NONE if p.data[0][2] else p.codec), p.stored_crc32
+        return 0, stored, p.codec, p.stored_crc32
 
     def _dcpl(self, chunk: Optional[Tuple[int, ...]], codec: Codec):
         key = (chunk, codec.spec)

@@ -50,3 +50,33 @@ def test_plain_jpegs_skip_imageio_and_decode_identically(tmp_path, monkeypatch, 
     monkeypatch.setattr(iio, "imread", no_imageio)
     decoded = BUILTIN_READERS["image"].from_bytes(path.read_bytes(), ".jpg")
     assert decoded.dtype == expected.dtype and np.array_equal(decoded, expected)
+
+
+@pytest.mark.parametrize("compression", ["lzf", "gzip", "blosc-lz4"])
+def test_entries_of_several_chunks_record_the_checksum_of_their_stored_chunks(tmp_path, compression):
+    """Every entry has a stored checksum, also one written as several chunks, and also when
+    HDF5 (not a worker) compressed it: `verify` relies on it."""
+    if compression == "blosc-lz4":
+        pytest.importorskip("hdf5plugin")
+    import zlib
+
+    import h5py
+
+    from data2h5.writer import SINGLE_CHUNK_MAX, iter_chunk_offsets
+
+    src = tmp_path / "src"
+    src.mkdir()
+    big = np.arange(SINGLE_CHUNK_MAX // 2 + 1000, dtype=np.float32).reshape(-1, 10)  # > one chunk
+    np.save(src / "big.npy", big)
+    out = tmp_path / "out.h5"
+    data2h5.convert(src, out, ext="npy", compression=compression, workers=1)
+    index = read_index(out)
+    pos = index.position("big.npy")
+    with h5py.File(out, "r") as f:
+        dset = f["big.npy"]
+        assert dset.id.get_num_chunks() > 1 and index.offset[pos] == 0
+        crc = 0
+        for offset, _ in iter_chunk_offsets(dset.shape, dset.chunks):
+            crc = zlib.crc32(dset.id.read_direct_chunk(offset)[1], crc)
+        np.testing.assert_array_equal(dset[()], big)
+    assert crc == index.stored_crc32[pos] != 0
