@@ -66,7 +66,7 @@ def test_entries_of_several_chunks_record_the_checksum_of_their_stored_chunks(tm
 
     src = tmp_path / "src"
     src.mkdir()
-    big = np.arange(SINGLE_CHUNK_MAX // 2 + 1000, dtype=np.float32).reshape(-1, 10)  # > one chunk
+    big = np.arange(SINGLE_CHUNK_MAX // 4 + 1000, dtype=np.float32).reshape(-1, 8)  # > one chunk
     np.save(src / "big.npy", big)
     out = tmp_path / "out.h5"
     data2h5.convert(src, out, ext="npy", compression=compression, workers=1)
