@@ -287,7 +287,7 @@ def convert(
             stored = writer.close()
         finally:
             bar.close()
-        _write_attrs(f, report, exts, prune_plugin.spec, stored)
+        _write_attrs(f, report, exts, prune_plugin.spec, follow_symlinks, stored)
     report.bytes_out = dst.stat().st_size
     report.elapsed = time.perf_counter() - started
     log.info("%s", report.summary())
@@ -359,7 +359,8 @@ def _spec_name(spec: Optional[PluginSpec]) -> str:
     return spec if isinstance(spec, str) else load(spec, "reader", {}).spec
 
 
-def _write_attrs(f: h5py.File, report: Report, exts: Tuple[str, ...], prune_spec: str, stored: int) -> None:
+def _write_attrs(f: h5py.File, report: Report, exts: Tuple[str, ...], prune_spec: str, follow_symlinks: bool,
+                 stored: int) -> None:
     attrs = f.attrs
     attrs[fmt.ATTR_FORMAT] = fmt.FORMAT_VERSION
     attrs[fmt.ATTR_VERSION] = __version__
@@ -367,6 +368,7 @@ def _write_attrs(f: h5py.File, report: Report, exts: Tuple[str, ...], prune_spec
     attrs[fmt.ATTR_READER] = report.reader
     attrs[fmt.ATTR_PRUNE] = prune_spec
     attrs[fmt.ATTR_EXTENSIONS] = json.dumps(list(exts))
+    attrs[fmt.ATTR_FOLLOW_SYMLINKS] = bool(follow_symlinks)
     attrs[fmt.ATTR_SOURCE] = report.source
     attrs[fmt.ATTR_CREATED] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     attrs[fmt.ATTR_COMPRESSION] = report.compression

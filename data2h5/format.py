@@ -27,7 +27,8 @@ shape       int64 (8)   shape of the stored array, padded with -1
 
 A ``stacked`` archive holds ``data`` (N, ...), ``labels`` (N,), ``keys`` (N,) and
 ``classes``, plus soft links that make the same file an h5torch dataset (``central`` and
-``0/labels``, ``0/keys``); its index group holds ``keys``, ``size`` and ``crc32``.
+``0/labels``, ``0/keys``); its index group holds ``keys``, ``size`` and ``crc32`` per row
+and :data:`CHUNK_CRC32`, the CRC-32 of each chunk of ``data`` as stored, in row order.
 
 Root attributes (:data:`ATTRS`) record how the archive was made.
 """
@@ -56,6 +57,7 @@ ATTR_ENTRIES = "entries"
 ATTR_SKIPPED = "skipped"  # JSON list of [relative path, reason]
 ATTR_BYTES_IN = "bytes_in"
 ATTR_BYTES_OUT = "bytes_out"  # bytes of entry data stored (compressed), metadata excluded
+ATTR_FOLLOW_SYMLINKS = "follow_symlinks"  # whether the walk entered symlinked folders
 
 # Entries carry no attributes of their own (one costs ~12 µs an entry, a seventh of the
 # writer's time in bytes mode): what an entry holds is the index's ``kind``, and its key, the
@@ -69,6 +71,7 @@ STACKED_DATA = "data"
 STACKED_LABELS = "labels"
 STACKED_KEYS = "keys"
 STACKED_CLASSES = "classes"
+CHUNK_CRC32 = "chunk_crc32"  # index column of a stacked archive: one per chunk of data
 
 
 class Kind(enum.IntEnum):

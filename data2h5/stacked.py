@@ -10,6 +10,7 @@ of one chunked dataset and writes, aligned on axis 0::
     /__data2h5__/keys     soft link -> /keys
     /__data2h5__/size     real   (N,) uint64: source file sizes
     /__data2h5__/crc32    real   (N,) uint32: source file CRC-32s
+    /__data2h5__/chunk_crc32 real (C,) uint32: CRC-32 of each chunk of /data as stored
     /central              soft link -> /data      (h5torch's central object)
     /0/labels             soft link -> /labels    (h5torch's objects aligned to axis 0)
     /0/keys               soft link -> /keys
@@ -26,6 +27,7 @@ source folder have the class :data:`ROOT_CLASS` (``"."``, a name no folder can h
 from __future__ import annotations
 
 import logging
+import zlib
 from typing import List, Optional, Sequence
 
 import h5py
@@ -34,6 +36,7 @@ import numpy as np
 from .codecs import Codec, choose_codec
 from .errors import LayoutError
 from .format import (
+    CHUNK_CRC32,
     INDEX_GROUP,
     STACKED_CLASSES,
     STACKED_DATA,
@@ -64,7 +67,8 @@ class StackedWriter:
 
     ``n`` is an upper bound on the rows (skipped sources make it fewer; :meth:`close` trims).
     ``codec`` None means ``auto`` (lzf for arrays). Rows are buffered and written one chunk
-    of about ``chunk_bytes`` at a time, so HDF5 compresses each chunk exactly once.
+    of about ``chunk_bytes`` at a time, compressed here and handed to HDF5 as stored, so that
+    each chunk's checksum (``chunk_crc32``) is taken on exactly the bytes in the file.
     """
 
     def __init__(self, f: h5py.File, n: int, codec: Optional[Codec], chunk_bytes: int = 1 << 20):
@@ -77,6 +81,7 @@ class StackedWriter:
         self.keys: List[str] = []
         self.sizes: List[int] = []
         self.crcs: List[int] = []
+        self.chunk_crcs: List[int] = []
         self._dset: Optional[h5py.Dataset] = None
         self._buf: Optional[np.ndarray] = None
         self._fill = 0  # rows in the buffer
@@ -134,6 +139,7 @@ class StackedWriter:
         index[STACKED_KEYS] = h5py.SoftLink(f"/{STACKED_KEYS}")
         _write_1d(index, "size", np.asarray(self.sizes, dtype="<u8"))
         _write_1d(index, "crc32", np.asarray(self.crcs, dtype="<u4"))
+        _write_1d(index, CHUNK_CRC32, np.asarray(self.chunk_crcs, dtype="<u4"))
         f[H5TORCH_CENTRAL] = h5py.SoftLink(f"/{STACKED_DATA}")
         axis0 = f.require_group(H5TORCH_AXIS0)
         axis0[STACKED_LABELS] = h5py.SoftLink(f"/{STACKED_LABELS}")
@@ -177,7 +183,17 @@ class StackedWriter:
         start, stop = self._written, self._written + self._fill
         if stop > self._dset.shape[0]:  # more rows than n promised: grow rather than fail
             self._dset.resize(stop, axis=0)
-        self._dset[start:stop] = self._buf[: self._fill]
+        if self._fill < len(self._buf):  # HDF5 stores whole chunks: make the tail deterministic
+            self._buf[self._fill :] = 0
+        offset = (start,) + (0,) * (self._buf.ndim - 1)
+        if self.codec.in_worker:
+            data, mask = self.codec.compress(self._buf.data)
+            self._dset.id.write_direct_chunk(offset, data, mask)
+        else:  # HDF5 compresses; read back what it stored
+            self._dset[start:stop] = self._buf[: self._fill]
+            self._dset.id.flush()
+            _, data = self._dset.id.read_direct_chunk(offset)
+        self.chunk_crcs.append(zlib.crc32(data))
         self._written, self._fill = stop, 0
 
 

@@ -9,6 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
+import data2h5
+
 from data2h5.codecs import CODECS, FILTER_BLOSC, FILTER_LZF, FILTER_ZSTD, parse_compression
 from data2h5.errors import LayoutError
 from data2h5.format import INDEX_GROUP, Kind
@@ -353,3 +355,28 @@ def test_convert_stacked_refuses_values_that_are_not_arrays(tmp_path, reader, ex
     with pytest.raises(LayoutError, match=rf"cat/a\.{ext}.*{what}.*--layout files"):
         convert(tmp_path / "src", dst, ext=ext, reader=reader, layout="stacked", workers=1)
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("compression", ["lzf", "gzip", "none", "blosc-lz4"])
+def test_each_chunk_of_data_records_the_checksum_of_its_stored_bytes(tmp_path, compression):
+    if compression == "blosc-lz4":
+        pytest.importorskip("hdf5plugin")
+    import zlib
+
+    src = tmp_path / "src"
+    for i in range(23):  # several chunks and a partial last one
+        (src / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        np.save(src / f"c{i % 3}" / f"{i:02d}.npy", np.full((256, 256, 3), i, dtype=np.uint8))
+    out = tmp_path / "out.h5"
+    data2h5.convert(src, out, ext="npy", layout="stacked", compression=compression, workers=1)
+    with h5py.File(out, "r") as f:
+        data = f["data"]
+        rows = data.chunks[0]
+        crcs = f["__data2h5__/chunk_crc32"][()]
+        assert len(crcs) == -(-len(data) // rows) > 1
+        for c, crc in enumerate(crcs):
+            _, stored = data.id.read_direct_chunk((c * rows, 0, 0, 0))
+            assert zlib.crc32(stored) == crc
+        keys = [k.decode() for k in f["keys"][()]]
+        for i, key in enumerate(keys):
+            assert (data[i] == int(key.split("/")[1][:2])).all()
