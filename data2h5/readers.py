@@ -147,12 +147,15 @@ def to_stored(value) -> Optional[Tuple[Kind, np.ndarray]]:
     return None
 
 
-def read_source(reader: Optional[Plugin], path: str, raw: bytes, ext: str) -> Tuple[Kind, np.ndarray]:
+def read_source(
+    reader: Optional[Plugin], path: str, raw: bytes, ext: str, max_bytes: Optional[int] = None
+) -> Tuple[Kind, np.ndarray]:
     """Decode one source file with ``reader`` (None: the ``auto`` rule by extension).
 
     Built-in readers decode ``raw`` (the file's bytes, already read); a plugin gets the path.
-    Raises :class:`ReadError` when a built-in cannot decode the file and :class:`PluginError`
-    when a plugin raises or returns an unsupported type, each naming the file.
+    Raises :class:`ReadError` when a built-in cannot decode the file or the value is over
+    ``max_bytes``, and :class:`PluginError` when a plugin raises or returns an unsupported
+    type, each naming the file.
     """
     func = reader_for_extension(ext) if reader is None else reader.func
     if isinstance(func, BuiltinReader):
@@ -161,6 +164,7 @@ def read_source(reader: Optional[Plugin], path: str, raw: bytes, ext: str) -> Tu
         except Exception as exc:
             reason = str(exc) if isinstance(exc, Undecodable) else _reason(exc)
             raise ReadError(path, f"cannot read as {func.name}: {reason}") from exc
+        _check_size(value, path, max_bytes)
         stored = to_stored(value)
         if stored is None:  # e.g. a .npy of strings or records
             raise ReadError(
@@ -172,6 +176,7 @@ def read_source(reader: Optional[Plugin], path: str, raw: bytes, ext: str) -> Tu
         value = func(path)
     except Exception as exc:
         raise PluginError(f"reader plugin {reader.spec!r} failed on {path}: {_reason(exc)}") from exc
+    _check_size(value, path, max_bytes)
     stored = to_stored(value)
     if stored is None:
         raise PluginError(
@@ -179,6 +184,24 @@ def read_source(reader: Optional[Plugin], path: str, raw: bytes, ext: str) -> Tu
             "return a numeric numpy array, bytes or str"
         )
     return stored
+
+
+def _check_size(value, path: str, max_bytes: Optional[int]) -> None:
+    """Refuse a value over ``max_bytes`` before anything copies it (a reader gone wrong can
+    return a view of terabytes that costs nothing until it is copied)."""
+    if max_bytes is None:
+        return
+    if isinstance(value, (np.ndarray, np.generic)):
+        nbytes = np.asarray(value).nbytes
+    elif isinstance(value, (bytes, bytearray, memoryview, str)):
+        nbytes = len(value)
+    else:
+        return
+    if nbytes > max_bytes:
+        raise ReadError(
+            path, f"read as {nbytes / 2**30:.1f} GiB, over the {max_bytes / 2**30:.1f} GiB limit per file; "
+            "pass a larger --max-entry-size if that is expected"
+        )
 
 
 def _describe(value) -> str:
