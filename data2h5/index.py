@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import os
+import re
 import threading
 import zlib
 from dataclasses import dataclass, field
@@ -97,18 +98,51 @@ class Index:
 
 def open_h5(path: PathLike, **kwargs: Any) -> h5py.File:
     """Open ``path`` read-only with h5py (``kwargs`` go to :class:`h5py.File`); raises
-    :class:`ArchiveError` naming the path when it is missing or not HDF5."""
+    :class:`ArchiveError` naming the path, and what to do, when it is missing, unreadable,
+    empty, not HDF5, truncated or damaged beyond opening its root group."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ArchiveError(f"{path}: no such file")
     if not os.path.isfile(path):
         raise ArchiveError(f"{path}: not a file; give the path of an .h5 archive")
-    if not h5py.is_hdf5(path):
-        raise ArchiveError(f"{path}: not an HDF5 file")
     try:
-        return h5py.File(path, "r", **kwargs)
+        with open(path, "rb") as fh:
+            empty = not fh.read(1)
+    except OSError as exc:  # is_hdf5 would call an unreadable file "not HDF5"
+        raise ArchiveError(f"{path}: cannot open ({exc.strerror or exc}); make it readable") from exc
+    if empty:
+        raise ArchiveError(f"{path}: the file is empty, not an archive; copy or convert it again")
+    if not h5py.is_hdf5(path):
+        raise ArchiveError(f"{path}: not an HDF5 file; give the path of an archive written by data2h5 convert")
+    try:
+        f = h5py.File(path, "r", **kwargs)
     except OSError as exc:
-        raise ArchiveError(f"{path}: cannot open as HDF5: {exc}") from exc
+        raise ArchiveError(f"{path}: {_open_problem(exc)}") from exc
+    try:
+        f["/"]  # the root group's header: damage here would surface as a KeyError on first use
+    except (KeyError, OSError, RuntimeError) as exc:
+        f.close()
+        raise ArchiveError(f"{path}: {_damaged(exc)}") from exc
+    return f
+
+
+def _open_problem(exc: OSError) -> str:
+    truncated = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", str(exc))
+    if truncated:
+        have, want = truncated.groups()
+        return (f"the file is truncated ({have} of {want} bytes; an interrupted copy or conversion); "
+                "copy or convert it again")
+    return _damaged(exc)
+
+
+def _damaged(exc: BaseException) -> str:
+    return f"the archive is damaged ({_reason(exc)}); copy or convert it again"
+
+
+def _reason(exc: BaseException) -> str:
+    """h5py's message on one line (a KeyError's without the quotes ``str`` would add)."""
+    detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return " ".join(str(detail).split())
 
 
 def read_index(source: Union[PathLike, h5py.File]) -> Index:
@@ -126,19 +160,24 @@ def read_index(source: Union[PathLike, h5py.File]) -> Index:
 
 def _read_index(f: h5py.File) -> Index:
     path = f.filename
-    attrs = {k: _plain(v) for k, v in f.attrs.items()}
-    layout = attrs.get(fmt.ATTR_LAYOUT)
+    attrs: dict = {}
     try:
+        attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        layout = attrs.get(fmt.ATTR_LAYOUT)
         if layout == fmt.LAYOUT_STACKED:
             return _read_stacked(f, attrs)
         group = f.get(fmt.INDEX_GROUP)
         if isinstance(group, h5py.Group):
             return _read_files(f, group, attrs)
-    except (KeyError, ValueError, OSError) as exc:
-        raise ArchiveError(f"{path}: damaged data2h5 index ({exc}); convert the source again") from exc
-    if fmt.ATTR_FORMAT in attrs:
-        raise ArchiveError(f"{path}: data2h5 archive without its {fmt.INDEX_GROUP} index; convert the source again")
-    return _walk_plain(f, attrs)
+        if fmt.ATTR_FORMAT in attrs:
+            raise ArchiveError(f"{path}: data2h5 archive without its {fmt.INDEX_GROUP} index; convert the source again")
+        return _walk_plain(f, attrs)
+    except ArchiveError:
+        raise
+    except (KeyError, ValueError, OSError, RuntimeError) as exc:  # what h5py raises on damaged metadata
+        if fmt.ATTR_FORMAT in attrs:
+            raise ArchiveError(f"{path}: damaged data2h5 index ({_reason(exc)}); convert the source again") from exc
+        raise ArchiveError(f"{path}: {_damaged(exc)}") from exc
 
 
 def _read_files(f: h5py.File, group: h5py.Group, attrs: dict) -> Index:
