@@ -4,6 +4,8 @@
 >>> h5py.File("images.h5")["cats/0001.jpg"][()]            # the decoded image
 >>> ds = data2h5.H5Dataset("images.h5", target="folder")   # for DataLoader workers
 >>> reader = data2h5.BatchReader("stacked.h5", batch_size=64, shuffle=True)
+>>> data2h5.verify("images.h5", "images/").ok               # intact, and matches the source
+>>> data2h5.extract("images.h5", "restored/")              # entries back as files
 """
 from ._version import __version__
 from .convert import Report, convert
@@ -20,6 +22,8 @@ from .errors import (
     SourceError,
     WorkerError,
 )
+from .extract import ExtractReport, UnsafeKeyError, extract
+from .verify import VerifyReport, verify
 
 # The loaders import torch when it is installed; importing them only on first use keeps
 # `import data2h5` (and every conversion worker) free of that cost.
@@ -40,6 +44,10 @@ __all__ = [
     "__version__",
     "convert",
     "Report",
+    "verify",
+    "VerifyReport",
+    "extract",
+    "ExtractReport",
     "H5Dataset",
     "BatchReader",
     "Data2H5Error",
@@ -53,4 +61,5 @@ __all__ = [
     "ArchiveError",
     "ArchiveKeyError",
     "CorruptEntryError",
+    "UnsafeKeyError",
 ]

@@ -1,0 +1,390 @@
+"""``extract``: write an archive's entries back as files under a destination folder.
+
+What each entry becomes, at ``DEST/<key>``:
+
+* an entry stored as the file's exact bytes (``--reader bytes``, or files the ``auto``
+  reader keeps as bytes): those bytes, identical to the original file;
+* a text entry: its UTF-8 bytes;
+* a decoded array (images, .npy, a plugin's arrays, every row of a ``stacked`` archive, every
+  dataset of a plain HDF5 file): a NumPy ``.npy`` file at ``DEST/<key>.npy`` (at
+  ``DEST/<key>`` when the key already ends in ``.npy``); ``numpy.load`` gives back the very
+  array, dtype and shape included.
+
+Archives can come from strangers, so before anything is written every selected key is
+checked: a key that is absolute, has an empty, ``.`` or ``..`` component, a NUL or a
+backslash, two keys that would land on one path, or one key's file where another needs a
+folder, refuses the whole extraction. Folders are then walked one component at a time
+relative to an open folder descriptor, never following a symbolic link, so a link planted
+inside the destination cannot lead a file outside it. Existing files are never replaced
+unless ``overwrite`` is given (and then only regular files, never a link or a folder).
+Each file is written under a temporary name and renamed into place once complete.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import h5py
+import numpy as np
+
+from . import format as fmt
+from .errors import ArchiveError, ArchiveKeyError, OutputError
+from .format import Kind
+from .index import ArchiveReader, Index, PathLike, read_index
+from .verify import read_stacked_chunk, stacked_chunks
+
+log = logging.getLogger(__name__)
+
+NPY_SUFFIX = ".npy"
+PART_SUFFIX = ".data2h5-part"
+SHOWN_CONFLICTS = 3
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_NEW_FILE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+                   | getattr(os, "O_BINARY", 0))
+
+
+class UnsafeKeyError(ArchiveError):
+    """An archive key would be written outside the destination folder, through a link in it,
+    or onto another key's path: the archive is damaged or crafted; nothing is extracted."""
+
+
+@dataclass
+class ExtractReport:
+    """What :func:`extract` wrote."""
+
+    archive: str
+    dest: str
+    files: int = 0
+    bytes: int = 0
+    elapsed: float = 0.0
+
+    def summary(self) -> str:
+        return f"{self.files:,} files ({_mb(self.bytes)}) extracted from {self.archive} to {self.dest} in {self.elapsed:.1f} s"
+
+
+def output_path(key: str, kind: int) -> str:
+    """The relative path an entry is written to: the key for bytes and text; for a decoded
+    array the key plus ``.npy`` (the key alone when it already ends in ``.npy``)."""
+    if kind == Kind.ARRAY and not key.lower().endswith(NPY_SUFFIX):
+        return key + NPY_SUFFIX
+    return key
+
+
+def unsafe_reason(key: str) -> Optional[str]:
+    """Why ``key`` cannot be a path inside the destination folder, or None if it can."""
+    if not key:
+        return "is empty"
+    if "\x00" in key:
+        return "contains a NUL character"
+    if key.startswith("/"):
+        return "is an absolute path"
+    if "\\" in key:
+        return "contains a backslash (a path separator on Windows)"
+    for part in key.split("/"):
+        if part in (".", ".."):
+            return f"has a {part!r} path component"
+        if not part:
+            return "has an empty path component"
+    return None
+
+
+def select(keys: Sequence[str], prefixes: Iterable[str], archive: str = "the archive") -> List[int]:
+    """Positions of the keys equal to one of ``prefixes`` or under it as a folder (``cats``
+    selects ``cats/1.jpg``, not ``catsup.jpg``); every key when no prefix is given. Raises
+    :class:`ArchiveKeyError` for a prefix that selects nothing."""
+    wanted = [p.strip("/") for p in prefixes]
+    if not wanted or "" in wanted:
+        return list(range(len(keys)))
+    hits = {p: 0 for p in wanted}
+    out = []
+    for pos, key in enumerate(keys):
+        for p in wanted:
+            if key == p or key.startswith(p + "/"):
+                hits[p] += 1
+                out.append(pos)
+                break
+    empty = [p for p, n in hits.items() if not n]
+    if empty:
+        raise ArchiveKeyError(f"{archive}: no entry is or lies under {empty[0]!r}; list the keys with: data2h5 ls {archive}")
+    return out
+
+
+def plan(index: Index, positions: Sequence[int]) -> List[Tuple[int, str]]:
+    """``(position, relative output path)`` of each selected entry, after refusing unsafe
+    keys and keys whose paths collide. Raises :class:`UnsafeKeyError` naming the key."""
+    out: List[Tuple[int, str]] = []
+    files: Dict[str, str] = {}
+    folders: Dict[str, str] = {}
+    for pos in positions:
+        key = index.keys[pos]
+        why = unsafe_reason(key)
+        if why:
+            raise UnsafeKeyError(f"{index.path}: entry {key!r} {why}; refusing to extract anything from this archive")
+        rel = output_path(key, int(index.kind[pos]))
+        if rel in files:
+            raise UnsafeKeyError(f"{index.path}: entries {files[rel]!r} and {key!r} would both be written to {rel!r}; "
+                                 "nothing was extracted")
+        files[rel] = key
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            folders.setdefault("/".join(parts[:i]), key)
+        out.append((pos, rel))
+    for rel, key in files.items():
+        if rel in folders:
+            raise UnsafeKeyError(f"{index.path}: entry {key!r} would be written to {rel!r}, where entry "
+                                 f"{folders[rel]!r} needs a folder; nothing was extracted")
+    return out
+
+
+def check_dest(dest: str, paths: Iterable[str], overwrite: bool) -> None:
+    """Refuse, before anything is written, paths that lead through a link or a non-folder in
+    ``dest``, and existing files unless ``overwrite`` (never links, folders or devices)."""
+    if not os.path.isdir(dest):
+        return  # created empty: nothing in the way
+    checked: Dict[str, bool] = {}  # folder -> whether it exists (a real folder, then)
+    existing: List[str] = []
+    for rel in paths:
+        parts = rel.split("/")
+        here = dest
+        for i, part in enumerate(parts):
+            here = os.path.join(here, part)
+            last = i == len(parts) - 1
+            sub = "/".join(parts[: i + 1])
+            if not last and sub in checked:
+                if checked[sub]:
+                    continue
+                break
+            try:
+                st = os.lstat(here)
+            except FileNotFoundError:
+                if not last:
+                    checked[sub] = False
+                break
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafeKeyError(f"{here} is a symbolic link; refusing to write {'through' if not last else 'over'} "
+                                     "it (extract to an empty folder)")
+            if not last:
+                if not stat.S_ISDIR(st.st_mode):
+                    raise OutputError(f"{here} exists and is not a folder, but {rel!r} needs it to be one; "
+                                      "extract to an empty folder")
+                checked[sub] = True
+            elif not stat.S_ISREG(st.st_mode):
+                raise OutputError(f"{here} exists and is not a regular file; it is never replaced (extract to an empty folder)")
+            elif not overwrite:
+                existing.append(rel)
+    if existing:
+        shown = ", ".join(existing[:SHOWN_CONFLICTS])
+        more = f" and {len(existing) - SHOWN_CONFLICTS:,} more" if len(existing) > SHOWN_CONFLICTS else ""
+        raise OutputError(f"{len(existing):,} files already exist in {dest} ({shown}{more}); "
+                          "pass --overwrite to replace them, or extract to an empty folder")
+
+
+def extract(
+    archive: PathLike,
+    dest: PathLike,
+    prefixes: Iterable[str] = (),
+    *,
+    overwrite: bool = False,
+    progress: Optional[bool] = False,
+) -> ExtractReport:
+    """Write the entries of ``archive`` (those equal to or under one of ``prefixes``; all
+    when none is given) as files under ``dest``, creating it if needed. See the module's
+    docstring for what each entry becomes and for the checks that come first.
+
+    ``overwrite``: replace existing regular files (never links or folders). ``progress``: a
+    tqdm bar on stderr (``None``: only on a terminal). Raises :class:`UnsafeKeyError` or
+    :class:`OutputError` before writing anything when the keys or the folder are unsafe or in
+    the way, and :class:`CorruptEntryError` when an entry fails its checksum (files written
+    until then are complete).
+    """
+    started = time.perf_counter()
+    if not os.supports_dir_fd >= {os.open, os.mkdir, os.rename, os.stat, os.unlink} or not hasattr(os, "O_NOFOLLOW"):
+        raise OutputError("extract needs a system that can open files relative to a folder without following links (POSIX)")
+    archive, dest = os.fspath(archive), os.path.abspath(os.fspath(dest))
+    index = read_index(archive)
+    todo = plan(index, select(index.keys, prefixes, archive))
+    if os.path.lexists(dest) and not os.path.isdir(dest):
+        raise OutputError(f"{dest} exists and is not a folder; name a folder to extract into")
+    check_dest(dest, (rel for _, rel in todo), overwrite)
+    report = ExtractReport(os.path.abspath(archive), dest)
+    try:
+        os.makedirs(dest, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {dest}: {exc.strerror or exc}") from exc
+
+    bar = _progress_bar(len(todo), progress)
+    writer = _Writer(dest, overwrite)
+    try:
+        for rel, value, as_npy in _values(archive, index, todo):
+            report.bytes += writer.write(rel, value, as_npy)
+            report.files += 1
+            bar.update(1)
+    except BaseException:
+        log.warning("extraction stopped after %d of %d files", report.files, len(todo))
+        raise
+    finally:
+        writer.close()
+        bar.close()
+    report.elapsed = time.perf_counter() - started
+    log.info("%s", report.summary())
+    return report
+
+
+def _values(archive: str, index: Index, todo: List[Tuple[int, str]]) -> Iterator[Tuple[str, np.ndarray, bool]]:
+    """``(relative path, stored array, whether it is written as .npy)`` of each planned entry,
+    read and checked."""
+    if index.layout != fmt.LAYOUT_STACKED:
+        with ArchiveReader(archive, index, verify=True) as reader:
+            for pos, rel in todo:
+                yield rel, reader.read_stored(pos), int(index.kind[pos]) == Kind.ARRAY
+        return
+    wanted = dict(todo)
+    with h5py.File(archive, "r") as f:
+        data, count, crcs, problem = stacked_chunks(f)
+        if problem:
+            raise ArchiveError(f"{archive}: {problem}; convert the source again")
+        rows = data.chunks[0] if data.chunks else max(1, len(data))
+        for i in range(count):
+            lo, hi = i * rows, min(len(data), (i + 1) * rows)
+            if not any(r in wanted for r in range(lo, hi)):
+                continue
+            try:
+                block = read_stacked_chunk(data, crcs, i)
+            except ArchiveError as exc:
+                keys = index.keys[lo:hi]
+                raise type(exc)(f"{archive}: entries {keys[0]!r} to {keys[-1]!r}: {exc}; convert the source again") from exc
+            for r in range(lo, hi):
+                if r in wanted:
+                    yield wanted[r], block[r - lo], True
+
+
+class _Writer:
+    """Writes files under one folder through folder descriptors, never following a link."""
+
+    def __init__(self, dest: str, overwrite: bool):
+        self.dest = dest
+        self.overwrite = overwrite
+        self._root = os.open(dest, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        self._chain: List[Tuple[str, int]] = []  # open descriptors of the last file's folders
+
+    def close(self) -> None:
+        for _, fd in self._chain:
+            os.close(fd)
+        self._chain = []
+        if self._root is not None:
+            os.close(self._root)
+            self._root = None
+
+    def write(self, rel: str, value: np.ndarray, as_npy: bool) -> int:
+        """Write one entry at ``rel``: as a .npy file, or its bytes as they are; returns the
+        bytes written."""
+        *folders, name = rel.split("/")
+        parent = self._folder(folders)
+        tmp = f".{secrets.token_hex(8)}{PART_SUFFIX}"
+        try:
+            fd = os.open(tmp, _NEW_FILE_FLAGS, 0o666, dir_fd=parent)
+        except OSError as exc:
+            raise OutputError(f"cannot create a file in {self._shown(folders)}: {exc.strerror or exc}") from exc
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                if as_npy:
+                    np.lib.format.write_array(fh, value, allow_pickle=False)
+                else:
+                    fh.write(memoryview(np.ascontiguousarray(value)).cast("B"))
+                written = fh.tell()
+            self._place(tmp, name, parent, rel)
+        except BaseException as exc:
+            try:
+                os.unlink(tmp, dir_fd=parent)
+            except FileNotFoundError:
+                pass
+            if isinstance(exc, ValueError):  # np.save of what .npy cannot hold without pickle
+                raise OutputError(f"{rel}: cannot be written as .npy ({exc})") from exc
+            if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
+                raise OutputError(f"cannot write {os.path.join(self.dest, rel)}: {exc.strerror or exc}") from exc
+            raise
+        return written
+
+    def _place(self, tmp: str, name: str, parent: int, rel: str) -> None:
+        """Rename the complete temporary file to ``name``: without replacing anything unless
+        overwriting, and never replacing a link or a folder."""
+        target = os.path.join(self.dest, rel)
+        if self.overwrite:
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                raise UnsafeKeyError(f"{target} is {'a symbolic link' if stat.S_ISLNK(st.st_mode) else 'not a regular file'}; "
+                                     "it is never replaced")
+            os.replace(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+            return
+        try:  # a hard link fails if the name exists: no window in which a new file is replaced
+            os.link(tmp, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
+        except FileExistsError:
+            raise OutputError(f"{target} appeared while extracting; it was left as it is (pass --overwrite to replace it)") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+            try:  # no hard links on this file system
+                os.stat(name, dir_fd=parent, follow_symlinks=False)
+                raise OutputError(f"{target} appeared while extracting; it was left as it is (pass --overwrite to replace it)")
+            except FileNotFoundError:
+                os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+                return
+        os.unlink(tmp, dir_fd=parent)
+
+    def _folder(self, folders: List[str]) -> int:
+        """Descriptor of ``dest/folders``, creating folders as needed, following no link."""
+        keep = 0
+        while keep < min(len(self._chain), len(folders)) and self._chain[keep][0] == folders[keep]:
+            keep += 1
+        for _, fd in self._chain[keep:]:
+            os.close(fd)
+        del self._chain[keep:]
+        for i in range(keep, len(folders)):
+            parent = self._chain[-1][1] if self._chain else self._root
+            name = folders[i]
+            try:
+                os.mkdir(name, 0o777, dir_fd=parent)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise OutputError(f"cannot create {self._shown(folders[: i + 1])}: {exc.strerror or exc}") from exc
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                    raise UnsafeKeyError(f"{self._shown(folders[: i + 1])} is a symbolic link or not a folder; "
+                                         "refusing to write through it") from exc
+                raise OutputError(f"cannot open {self._shown(folders[: i + 1])}: {exc.strerror or exc}") from exc
+            self._chain.append((name, fd))
+        return self._chain[-1][1] if self._chain else self._root
+
+    def _shown(self, folders: List[str]) -> str:
+        return os.path.join(self.dest, *folders)
+
+
+def _mb(n: float) -> str:
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB"):
+        n /= 1000
+        if n < 1000:
+            break
+    return f"{n:.1f} {unit}"
+
+
+def _progress_bar(total: int, enabled: Optional[bool]):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", disable=None if enabled is None else not enabled, file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)

@@ -1,0 +1,466 @@
+"""``verify``: check an archive against its own checksums and, optionally, against its source.
+
+Archive integrity (always):
+
+* ``files`` layout: every entry's stored bytes against the index's ``stored_crc32`` (the one
+  block at ``offset``, or every chunk as stored, in chunk-grid order); every entry is also
+  decompressed, and BYTES and TEXT entries are checked against the source file's CRC-32
+  recorded at conversion. The index and the HDF5 tree must agree: a key without its
+  dataset is corrupt, a dataset the index does not list is extra.
+* ``stacked`` layout: every chunk of ``data`` against the index's ``chunk_crc32``, and every
+  chunk decoded; a damaged chunk names the keys of all its rows.
+* any other HDF5 file: every dataset is read (HDF5 checks its own fletcher32 checksums where
+  the file has them); nothing else is recorded to compare with.
+
+With a source folder, the folder is walked with the options the archive records (or those
+given) and every selected file must be in the archive, unchanged: size and CRC-32 equal to
+those recorded at conversion, and for entries stored as the file's exact bytes, byte for
+byte equal to what is stored.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
+
+import h5py
+import numpy as np
+
+from . import format as fmt
+from .convert import collect
+from .errors import ArchiveError, CorruptEntryError, PluginError, SourceError
+from .format import Kind
+from .index import LAYOUT_PLAIN, ArchiveReader, Index, PathLike, read_index
+from .plugins import load
+from .prune import match_extension, normalize_extensions
+from .writer import iter_chunk_offsets
+
+log = logging.getLogger(__name__)
+
+CORRUPT, MISSING, SKIPPED, EXTRA, CHANGED = "corrupt", "missing", "skipped", "extra", "changed"
+KINDS = (CORRUPT, MISSING, SKIPPED, EXTRA, CHANGED)
+"""Problem kinds, in the order they are listed."""
+
+BATCH = 64  # entries per thread-pool task: amortises the pool's per-task cost on tiny entries
+READ_BLOCK = 1 << 20  # source files are checksummed in blocks of this size
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong: its kind (:data:`KINDS`), the entry key and why."""
+
+    kind: str
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.kind:<8} {self.key}: {self.reason}"
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found. ``ok`` only when nothing is wrong."""
+
+    archive: str
+    layout: str
+    entries: int = 0
+    source: Optional[str] = None
+    source_files: int = 0  # files the source walk selected
+    unchecked: int = 0  # decoded entries whose stored bytes have no recorded checksum
+    problems: List[Problem] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def of_kind(self, kind: str) -> List[Problem]:
+        return [p for p in self.problems if p.kind == kind]
+
+    def sorted_problems(self) -> List[Problem]:
+        """Problems grouped by kind (in :data:`KINDS` order), each group in key order."""
+        order = {k: i for i, k in enumerate(KINDS)}
+        return sorted(self.problems, key=lambda p: (order[p.kind], p.key))
+
+    def summary(self) -> str:
+        """One line: what was checked and how many problems of each kind."""
+        counts = {k: len(self.of_kind(k)) for k in KINDS}
+        against = f" against {self.source} ({self.source_files:,} source files)" if self.source else ""
+        line = (
+            f"{self.entries:,} entries verified{against}: {counts[CORRUPT]} corrupt, {counts[MISSING]} missing, "
+            f"{counts[EXTRA]} extra, {counts[CHANGED]} changed"
+        )
+        if counts[SKIPPED]:
+            line += f", {counts[SKIPPED]} skipped at conversion"
+        if self.unchecked:
+            line += f" ({self.unchecked:,} entries have no recorded checksum: decoded, not checksummed)"
+        return line
+
+    def as_dict(self) -> dict:
+        return {
+            "archive": self.archive,
+            "layout": self.layout,
+            "entries": self.entries,
+            "source": self.source,
+            "source_files": self.source_files,
+            "unchecked": self.unchecked,
+            "ok": self.ok,
+            **{kind: [{"key": p.key, "reason": p.reason} for p in self.sorted_problems() if p.kind == kind]
+               for kind in KINDS},
+        }
+
+
+def verify(
+    archive: PathLike,
+    source: Optional[PathLike] = None,
+    *,
+    ext: Optional[Union[str, Iterable[str]]] = None,
+    prune: Optional[str] = None,
+    follow_symlinks: Optional[bool] = None,
+    workers: Optional[int] = None,
+    progress: Optional[bool] = False,
+) -> VerifyReport:
+    """Check every entry of ``archive`` against the checksums it stores and, given ``source``,
+    every file selected under that folder against the archive.
+
+    The source is walked with the extensions, prune plugin and symlink choice the archive
+    records; ``ext``, ``prune`` and ``follow_symlinks`` override them. ``workers``: threads
+    reading and checksumming (default: up to 8). ``progress``: a tqdm bar on stderr (``None``:
+    only on a terminal).
+
+    Problems are returned, not raised. Raises :class:`ArchiveError` when the archive cannot be
+    opened or its index cannot be read, :class:`SourceError` or :class:`PluginError` when the
+    source cannot be walked as asked.
+    """
+    started = time.perf_counter()
+    archive = os.fspath(archive)
+    index = read_index(archive)
+    report = VerifyReport(os.path.abspath(archive), index.layout, len(index))
+    workers = max(1, workers or min(8, os.cpu_count() or 1))
+
+    sources: Dict[str, str] = {}
+    if source is not None:
+        sources = _walk_source(index, Path(source), ext, prune, follow_symlinks, archive, report)
+
+    reader = ArchiveReader(archive, index, verify=True)
+    try:
+        checker = _Checker(reader, sources)
+        bar = _progress_bar(len(index), progress)
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="data2h5-verify") as pool:
+                for problems, unchecked, done in _ordered(pool, checker.check, checker.tasks(), 4 * workers):
+                    report.problems.extend(problems)
+                    report.unchecked += unchecked
+                    bar.update(done)
+        finally:
+            bar.close()
+        report.problems.extend(checker.tree_problems)
+    finally:
+        reader.close()
+
+    if source is not None:
+        seen, skipped = set(index.keys), recorded_skips(index)
+        report.problems.extend(
+            Problem(EXTRA, key, "in the archive, not in the source folder") for key in index.keys if key not in sources
+        )
+        report.problems.extend(
+            Problem(MISSING, key, "in the source folder, not in the archive") for key in sources
+            if key not in seen and key not in skipped
+        )
+    report.elapsed = time.perf_counter() - started
+    log.info("%s: %s", archive, report.summary())
+    return report
+
+
+def recorded_skips(index: Index) -> Dict[str, str]:
+    """The files the conversion skipped, recorded in the archive: ``{key: reason}``."""
+    try:
+        return {str(k): str(r) for k, r in json.loads(index.attrs.get(fmt.ATTR_SKIPPED, "[]"))}
+    except (ValueError, TypeError):
+        return {}
+
+
+# -- the source folder -------------------------------------------------------------------------
+
+
+def _walk_source(index: Index, source: Path, ext, prune: Optional[str], follow_symlinks: Optional[bool],
+                 archive: str, report: VerifyReport) -> Dict[str, str]:
+    """``{key: path}`` of the files the archive's options select under ``source``; adds the
+    names the walk cannot store, and files skipped at conversion, to ``report``."""
+    if index.layout == LAYOUT_PLAIN:
+        raise ArchiveError(f"{archive}: not written by data2h5, so it records no source checksums to compare with")
+    if not source.exists():
+        raise SourceError(f"{source} does not exist; give the folder the archive was made from")
+    if not source.is_dir():
+        raise SourceError(f"{source} is not a folder; give the folder the archive was made from")
+    attrs = index.attrs
+    if ext is not None:
+        exts = normalize_extensions([ext] if isinstance(ext, str) else ext)
+    else:
+        exts = normalize_extensions(json.loads(attrs.get(fmt.ATTR_EXTENSIONS, "[]")))
+    spec = prune if prune is not None else attrs.get(fmt.ATTR_PRUNE, "ext")
+    try:
+        plugin = load(spec, "prune", {"ext": match_extension})
+    except PluginError as exc:
+        if prune is not None:
+            raise
+        raise PluginError(f"{exc} (the archive was made with --prune {spec}); pass --prune to name one that loads here") from exc
+    if plugin.spec == "ext" and not exts:
+        raise SourceError(f"{archive} records no extension to select source files with; pass --ext")
+    follow = bool(attrs.get(fmt.ATTR_FOLLOW_SYMLINKS, False)) if follow_symlinks is None else follow_symlinks
+    files, bad_names = collect(source, exts, plugin, follow_symlinks=follow, exclude=[Path(archive).absolute()])
+    report.source = str(source.absolute())
+    report.source_files = len(files) + len(bad_names)
+    skipped = recorded_skips(index)
+    for key, reason in bad_names:
+        report.problems.append(Problem(SKIPPED if key in skipped else MISSING, key, f"in the source folder, not in the archive: {reason}"))
+    keys = set(index.keys)
+    for f in files:
+        if f.key not in keys and f.key in skipped:
+            report.problems.append(Problem(SKIPPED, f.key, f"in the source folder, skipped at conversion: {skipped[f.key]}"))
+    return {f.key: f.path for f in files}
+
+
+def compare_source(path: str, size: int, crc32: int, stored: Optional[np.ndarray] = None) -> Optional[str]:
+    """Why the source file at ``path`` differs from what the archive recorded, or None.
+
+    ``stored``: the entry's stored bytes, when they are the file's exact bytes; then the file
+    must equal them byte for byte, not only by size and CRC-32.
+    """
+    try:
+        actual = os.stat(path).st_size
+        if actual != size:
+            return f"the source file has {actual:,} bytes, the archive recorded {size:,}"
+        crc, got, same = 0, 0, True
+        view = memoryview(stored).cast("B") if stored is not None else None
+        with open(path, "rb") as fh:
+            while True:
+                block = fh.read(READ_BLOCK)
+                if not block:
+                    break
+                crc = zlib.crc32(block, crc)
+                if view is not None and same:
+                    same = view[got : got + len(block)] == block
+                got += len(block)
+    except OSError as exc:
+        return f"cannot read the source file: {exc.strerror or exc}"
+    if got != size:
+        return f"the source file changed while it was read ({got:,} bytes read, {size:,} recorded)"
+    if crc != crc32:
+        return "the source file's CRC-32 differs from the one recorded at conversion"
+    if not same:
+        return "the source file's bytes differ from the bytes stored in the archive"
+    return None
+
+
+# -- the archive -------------------------------------------------------------------------------
+
+
+def stored_crc32(dset: h5py.Dataset) -> int:
+    """CRC-32 of a dataset's stored bytes: its chunks as stored (compressed), run together in
+    row-major chunk-grid order, or its raw bytes when it is not chunked."""
+    if dset.chunks is None:
+        return zlib.crc32(np.ascontiguousarray(dset[()]))
+    crc = 0
+    dsid = dset.id
+    for offset, _ in iter_chunk_offsets(dset.shape, dset.chunks):
+        _, data = dsid.read_direct_chunk(offset)
+        crc = zlib.crc32(data, crc)
+    return crc
+
+
+def read_stacked_chunk(data: h5py.Dataset, crcs: Optional[np.ndarray], i: int) -> np.ndarray:
+    """Rows of chunk ``i`` of a stacked archive's ``data``, decoded; its stored bytes are first
+    checked against ``crcs[i]`` when the archive records them. Raises
+    :class:`CorruptEntryError` (without naming keys: the caller knows the rows)."""
+    rows = data.chunks[0] if data.chunks else max(1, len(data))
+    lo, hi = i * rows, min(len(data), (i + 1) * rows)
+    try:
+        if crcs is not None:
+            _, raw = data.id.read_direct_chunk((lo,) + (0,) * (data.ndim - 1))
+            if zlib.crc32(raw) != int(crcs[i]):
+                raise CorruptEntryError(f"checksum of the stored chunk of rows {lo}-{hi - 1} does not match")
+        return data[lo:hi]
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CorruptEntryError(f"chunk of rows {lo}-{hi - 1} cannot be read: {_one_line(exc)}") from exc
+
+
+def stacked_chunks(f: h5py.File) -> Tuple[h5py.Dataset, int, Optional[np.ndarray], Optional[str]]:
+    """``(data, chunk count, chunk CRC-32s or None, problem or None)`` of an open stacked
+    archive; the problem says why recorded checksums cannot be used."""
+    data = f[fmt.STACKED_DATA]
+    rows = data.chunks[0] if data.chunks else max(1, len(data))
+    count = math.ceil(len(data) / rows)
+    group = f.get(fmt.INDEX_GROUP)
+    if not isinstance(group, h5py.Group) or fmt.CHUNK_CRC32 not in group:
+        return data, count, None, None  # written before chunks had checksums
+    crcs = group[fmt.CHUNK_CRC32][()]
+    if len(crcs) != count or data.chunks is None:
+        return data, count, None, f"the index records {len(crcs)} chunk checksums for {count} chunks of data"
+    return data, count, crcs, None
+
+
+class _Checker:
+    """Checks one archive in tasks that threads run; each task returns
+    ``(problems, entries without a stored checksum, entries done)``."""
+
+    def __init__(self, reader: ArchiveReader, sources: Dict[str, str]):
+        self.reader = reader
+        self.index = reader.index
+        self.sources = sources
+        self.tree_problems: List[Problem] = []
+        self._present: Optional[np.ndarray] = None
+        self._data = self._crcs = None
+
+    def tasks(self) -> Iterator[Tuple[str, object]]:
+        index = self.index
+        n = len(index)
+        if index.layout == fmt.LAYOUT_STACKED:
+            self._data, count, self._crcs, problem = stacked_chunks(self.reader.h5file)
+            if problem:
+                self.tree_problems.append(Problem(CORRUPT, fmt.INDEX_GROUP, problem))
+            yield from (("chunk", i) for i in range(count))
+            if self.sources:
+                yield from (("source", range(lo, min(n, lo + BATCH))) for lo in range(0, n, BATCH))
+            return
+        if index.layout == fmt.LAYOUT_FILES:
+            self._walk_tree()
+        yield from (("entries", range(lo, min(n, lo + BATCH))) for lo in range(0, n, BATCH))
+
+    def check(self, task: Tuple[str, object]) -> Tuple[List[Problem], int, int]:
+        what, arg = task
+        if what == "chunk":
+            return self._check_chunk(arg)
+        problems: List[Problem] = []
+        unchecked = 0
+        for pos in arg:
+            if what == "source":
+                problems.extend(self._check_source(pos))
+            else:
+                unchecked += self._check_entry(pos, problems)
+        return problems, unchecked, len(arg) if what == "entries" else 0
+
+    # files and plain layouts
+
+    def _walk_tree(self) -> None:
+        """Mark the index's keys that have a dataset; datasets the index lacks are extra."""
+        index = self.index
+        present = np.zeros(len(index), dtype=bool)
+        reserved = fmt.INDEX_GROUP.encode() + b"/"
+
+        def visit(name: bytes, info) -> None:
+            if info.type != h5py.h5o.TYPE_DATASET or name.startswith(reserved):
+                return
+            key = name.decode("utf-8", "replace")
+            if key in index:
+                present[index.position(key)] = True
+            else:
+                self.tree_problems.append(Problem(EXTRA, key, "a dataset in the archive that its index does not list"))
+
+        h5py.h5o.visit(self.reader.h5file.id, visit, info=True)
+        self._present = present
+        entries = index.attrs.get(fmt.ATTR_ENTRIES)
+        if entries is not None and int(entries) != len(index):
+            self.tree_problems.append(Problem(CORRUPT, fmt.INDEX_GROUP, f"the index lists {len(index):,} entries, the archive records {int(entries):,}"))
+
+    def _check_entry(self, pos: int, problems: List[Problem]) -> int:
+        """Check one entry; returns 1 if its stored bytes had no checksum to check, else 0."""
+        index, key = self.index, self.index.keys[pos]
+        if self._present is not None and not self._present[pos]:
+            problems.append(Problem(CORRUPT, key, "listed in the index, but the archive has no such dataset"))
+            return 0
+        plain = index.layout == LAYOUT_PLAIN
+        kind = int(index.kind[pos])
+        crcs = index.stored_crc32
+        recorded = 0 if crcs is None or plain else int(crcs[pos])
+        stored = int(index.stored[pos])
+        offset = int(index.offset[pos])
+        # Entries stored as exact bytes are also checked against the source file's CRC-32.
+        unchecked = int(kind == Kind.ARRAY and stored > 0 and (recorded == 0 or plain))
+        try:
+            if offset == 0 and recorded and stored:  # one block is checked by read_stored
+                dset = self.reader.h5file[key]
+                if stored_crc32(dset) != recorded:
+                    problems.append(Problem(CORRUPT, key, "checksum of the stored bytes does not match"))
+                    return 0
+            arr = self.reader.read_stored(pos)
+            if offset == 0 and not plain and (arr.shape != index.entry_shape(pos) or arr.dtype.str.encode() != index.dtype[pos]):
+                problems.append(Problem(CORRUPT, key, f"the dataset holds {arr.dtype.str} {arr.shape}, the index records "
+                                        f"{index.dtype[pos].decode()} {index.entry_shape(pos)}"))
+                return 0
+        except CorruptEntryError as exc:
+            problems.append(Problem(CORRUPT, key, _reason(exc)))
+            return 0
+        except (ArchiveError, OSError, ValueError, RuntimeError) as exc:
+            problems.append(Problem(CORRUPT, key, _one_line(exc)))
+            return 0
+        if key in self.sources:
+            why = compare_source(self.sources[key], int(index.size[pos]), int(index.crc32[pos]),
+                                 arr if kind == Kind.BYTES else None)
+            if why:
+                problems.append(Problem(CHANGED, key, why))
+        return unchecked
+
+    # stacked layout
+
+    def _check_chunk(self, i: int) -> Tuple[List[Problem], int, int]:
+        rows = self._data.chunks[0] if self._data.chunks else max(1, len(self._data))
+        lo, hi = i * rows, min(len(self._data), (i + 1) * rows)
+        try:
+            read_stacked_chunk(self._data, self._crcs, i)
+        except CorruptEntryError as exc:
+            return [Problem(CORRUPT, self.index.keys[r], str(exc)) for r in range(lo, hi)], 0, hi - lo
+        return [], 0 if self._crcs is not None else hi - lo, hi - lo
+
+    def _check_source(self, pos: int) -> List[Problem]:
+        key = self.index.keys[pos]
+        if key not in self.sources:
+            return []
+        why = compare_source(self.sources[key], int(self.index.size[pos]), int(self.index.crc32[pos]))
+        return [Problem(CHANGED, key, why)] if why else []
+
+
+def _reason(exc: CorruptEntryError) -> str:
+    """The reason in a reader's ``...: entry 'k' is damaged (REASON); convert ...`` message."""
+    text = _one_line(exc)
+    start, end = text.find(" is damaged ("), text.rfind("); ")
+    return text[start + len(" is damaged (") : end] if 0 <= start < end else text
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _ordered(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], inflight: int) -> Iterator[R]:
+    """``map(fn, items)`` on ``pool``, in order, with at most ``inflight`` tasks queued."""
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= inflight:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+def _progress_bar(total: int, enabled: Optional[bool]):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="entry", disable=None if enabled is None else not enabled, file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)
+
