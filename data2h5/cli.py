@@ -129,6 +129,89 @@ def ls(archive: str, prefix: str) -> None:
             out.write(key + "\n")
 
 
+VERIFY_EXAMPLE = """\b
+Examples:
+  data2h5 verify photos.h5                     # the archive against its own checksums
+  data2h5 verify photos.h5 --source photos/    # and the source folder against the archive
+"""
+
+
+@main.command(epilog=VERIFY_EXAMPLE)
+@click.argument("archive", type=click.Path())
+@click.option("--source", type=click.Path(), default=None,
+              help="Also check this folder: every file the conversion's options select must be in the archive, unchanged.")
+@click.option("--ext", "exts", multiple=True, help="Select source files by these extensions, not the archive's.")
+@click.option("--prune", default=None, help="Select source files with this prune plugin, not the archive's.")
+@click.option("--follow-symlinks/--no-follow-symlinks", default=None,
+              help="Walk into the source's symlinked folders (default: as the conversion did).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Threads reading and checksumming (default: up to 8).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary: the problems only.")
+def verify(archive: str, source: Optional[str], exts: Tuple[str, ...], prune: Optional[str],
+           follow_symlinks: Optional[bool], workers: Optional[int], as_json: bool, quiet: bool) -> None:
+    """Check every entry against the checksums stored in the archive and, with --source,
+    the source folder against the archive.
+
+    Exits 0 only when all holds; otherwise lists each problem, one a line: corrupt (stored
+    data damaged), missing (in the source, not in the archive), skipped (in the source,
+    skipped at conversion), extra (in the archive, not in the source), changed (the source
+    file differs from what was recorded; for exact-bytes entries, from the stored bytes).
+    """
+    from .verify import verify as verify_archive
+
+    _cwd_importable()
+    try:
+        report = verify_archive(archive, source, ext=exts or None, prune=prune, follow_symlinks=follow_symlinks,
+                                workers=workers, progress=None if not (quiet or as_json) else False)
+    except Data2H5Error as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for problem in report.sorted_problems():
+            click.echo(str(problem))
+        if not quiet:
+            click.echo(report.summary())
+    if not report.ok:
+        count = len(report.problems)
+        _fail(f"{archive} failed verification: {count:,} problem{'' if count == 1 else 's'} listed above")
+
+
+EXTRACT_EXAMPLE = """\b
+Examples:
+  data2h5 extract photos.h5 restored/                # every entry
+  data2h5 extract photos.h5 restored/ cats dogs/01   # only keys equal to or under these
+\b
+Entries stored as exact bytes (--reader bytes) come back identical to the original files and
+text as its UTF-8 bytes; decoded arrays (images, .npy, rows of a stacked archive) are written
+as KEY.npy (KEY itself when it ends in .npy), which numpy.load reads back unchanged.
+"""
+
+
+@main.command(epilog=EXTRACT_EXAMPLE)
+@click.argument("archive", type=click.Path())
+@click.argument("dest", type=click.Path())
+@click.argument("prefixes", nargs=-1)
+@click.option("--overwrite", is_flag=True, help="Replace files that already exist (never links or folders).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+def extract(archive: str, dest: str, prefixes: Tuple[str, ...], overwrite: bool, quiet: bool) -> None:
+    """Write the archive's entries back as files under DEST (created if needed), only those
+    equal to or under a PREFIX when some are given.
+
+    Keys that would land outside DEST (absolute, with '..', through a symlink inside DEST)
+    refuse the whole extraction before anything is written, as do existing files unless
+    --overwrite.
+    """
+    from .extract import extract as extract_archive
+
+    try:
+        report = extract_archive(archive, dest, prefixes, overwrite=overwrite, progress=None if not quiet else False)
+    except Data2H5Error as exc:
+        _fail(exc)
+    if not quiet:
+        click.echo(report.summary(), err=True)
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, a batch system's time limit), raised like Ctrl-C so that the same
     clean-up runs: workers stopped, temporary output and shared memory removed."""
