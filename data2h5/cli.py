@@ -59,30 +59,41 @@ def main(verbose: bool) -> None:
 @click.option("--no_compress", "--no-compress", "no_compress", is_flag=True, help="Same as --compression none.")
 @click.option("--layout", type=click.Choice(["files", "stacked"]), default="files", show_default=True,
               help="files: one dataset per file; stacked: one (N, ...) array `data` with labels.")
-@click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace the output if it exists (and start over, dropping an interrupted run's work).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted conversion into the same output, reusing what it stored safely.")
 @click.option("--on-error", "--on_error", "on_error", type=click.Choice(["fail", "skip"]), default="fail",
               show_default=True, help="Stop at the first unreadable file, or skip it and list it.")
 @click.option("--follow-symlinks", is_flag=True, help="Walk into symlinked folders (a link back to a folder above it is not entered).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds one file may take to read and decode (default: no limit).")
+@click.option("--max-entry-size", type=str, default="4G", show_default=True,
+              help="Largest value one file may decode to, e.g. 512M, 16G.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def convert(src: str, dst: str, exts: Tuple[str, ...], reader: Optional[str], prune: Optional[str],
             workers: Optional[int], single_process: bool, compression: str, no_compress: bool, layout: str,
-            overwrite: bool, on_error: str, follow_symlinks: bool, quiet: bool) -> None:
+            overwrite: bool, resume: bool, on_error: str, follow_symlinks: bool, timeout: Optional[float],
+            max_entry_size: str, quiet: bool) -> None:
     """Convert every matching file under a folder into one HDF5 archive, keyed by relative path."""
     if no_compress and compression != "auto":
         raise click.UsageError("--no_compress and --compression contradict each other; give one")
+    max_bytes = _parse_size(max_entry_size, "--max-entry-size")
     _cwd_importable()
     try:
         with _sigterm_as_interrupt():
             report = convert_folder(
                 src, dst, ext=exts, reader=reader, prune=prune, workers=1 if single_process else workers,
                 compression="none" if no_compress else compression, layout=layout, overwrite=overwrite,
-                on_error=on_error, follow_symlinks=follow_symlinks, progress=None if not quiet else False,
+                resume=resume, on_error=on_error, follow_symlinks=follow_symlinks, timeout=timeout,
+                max_entry_bytes=max_bytes, progress=None if not quiet else False,
             )
     except Data2H5Error as exc:
-        _fail(exc)
+        _fail(exc, _kept_note(exc))
+    except OSError as exc:  # the disk filled up, a file-size limit: the work so far is kept
+        _fail(f"cannot write {dst}: {exc.strerror or exc}; free space or raise the limit", _kept_note(exc))
     except KeyboardInterrupt as exc:
         click.echo(f"data2h5: {'terminated' if isinstance(exc, _Terminated) else 'interrupted'}; "
-                   f"nothing was written to {dst}", err=True)
+                   f"nothing was written to {dst}{_kept_note(exc)}", err=True)
         sys.exit(EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED)
     if not quiet:
         click.echo(report.summary(), err=True)
@@ -248,8 +259,29 @@ def _cwd_importable() -> None:
         sys.path.insert(0, cwd)
 
 
-def _fail(exc: Exception) -> None:
-    click.echo(f"data2h5: error: {exc}", err=True)
+def _kept_note(exc: BaseException) -> str:
+    kept = getattr(exc, "data2h5_kept", 0)
+    return f"; the {kept} files converted so far are kept: rerun with --resume to go on" if kept else ""
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _parse_size(text: str, option: str) -> int:
+    """``"512M"`` → bytes (binary units, an optional trailing ``B`` or ``iB``)."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _SIZE_UNITS and value[-1:] else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size such as 512M or 16G", param_hint=option) from None
+    if number <= 0:
+        raise click.BadParameter(f"{text!r} must be more than 0", param_hint=option)
+    return int(number * _SIZE_UNITS[unit])
+
+
+def _fail(exc, note: str = "") -> None:
+    click.echo(f"data2h5: error: {exc}{note}", err=True)
     sys.exit(EXIT_ERROR)
 
 

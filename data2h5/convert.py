@@ -7,29 +7,33 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import zlib
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import h5py
+import numpy as np
 
 from . import format as fmt
 from ._version import __version__
 from .codecs import Codec, choose_codec, parse_compression
-from .errors import PluginError, ReadError, SourceError, WorkerError
+from .errors import LayoutError, OutputError, PluginError, ReadError, SourceError, WorkerError
 from .format import Kind
+from .partial import BlockReader, Journal, OutputLock, Partial, Previous, differing_options, load_previous, unchanged
 from .plugins import Plugin, PluginSpec, load
 from .prune import keeps, match_extension, normalize_extensions
 from .readers import AUTO, BUILTIN_READERS, read_source
 from .transport import Slots, share
 from .walk import SourceFile, walk
-from .writer import FilesWriter, Packed, check_output, open_output, pack, temp_path
+from .writer import FilesWriter, Packed, check_output, create_part, pack, publish, unjournal_row
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,8 @@ TASK_BYTES = 4 << 20
 MAX_TASK_FILES = 256  # many tiny files per task: each submission costs the writer ~2 ms of GIL hand-offs
 INFLIGHT_PER_WORKER = 4
 SLOT_BYTES = 2 * TASK_BYTES
+#: Default cap on one file's value as read: a reader gone wrong must not take the machine.
+MAX_ENTRY_BYTES = 4 << 30
 
 
 @dataclass
@@ -58,6 +64,7 @@ class Report:
     bytes_out: int = 0  # size of the archive file
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     elapsed: float = 0.0
+    reused: int = 0  # entries a resume took from the interrupted run instead of reading them again
 
     @property
     def ratio(self) -> float:
@@ -71,6 +78,8 @@ class Report:
             f"{self.entries} files, {_mb(self.bytes_in)} → {_mb(self.bytes_out)} ({self.ratio:.2f}×), "
             f"{len(self.skipped)} skipped, {self.elapsed:.1f} s ({rate:.0f} files/s) → {self.output}"
         )
+        if self.reused:
+            line += f"\nresumed: {self.reused} files reused from the interrupted run, {self.entries - self.reused} read"
         if self.skipped:
             shown = "; ".join(f"{k}: {r}" for k, r in self.skipped[:3])
             line += f"\nskipped: {shown}" + (f" (and {len(self.skipped) - 3} more)" if len(self.skipped) > 3 else "")
@@ -99,6 +108,8 @@ class _Job:
     reader: Optional[PluginSpec]
     codec: Optional[Codec]
     stacked: bool
+    timeout: Optional[float] = None  # seconds per file
+    max_bytes: Optional[int] = MAX_ENTRY_BYTES
 
 
 _worker_reader: Optional[Plugin] = None
@@ -155,18 +166,52 @@ def _process(files: Sequence[SourceFile], slot: Optional[str] = None, slot_size:
 
 
 def _process_one(src: SourceFile) -> Packed:
-    try:
-        with open(src.path, "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        raise ReadError(src.path, f"cannot open: {exc.strerror or exc}") from exc
-    ext = os.path.splitext(src.name)[1].lower()
-    kind, arr = read_source(_worker_reader, src.path, raw, ext)
+    job = _worker_job
+    with _deadline(job.timeout, src.path):
+        try:
+            with open(src.path, "rb") as fh:
+                mtime_ns = os.fstat(fh.fileno()).st_mtime_ns
+                raw = fh.read()
+        except OSError as exc:
+            raise ReadError(src.path, f"cannot open: {exc.strerror or exc}") from exc
+        ext = os.path.splitext(src.name)[1].lower()
+        kind, arr = read_source(_worker_reader, src.path, raw, ext, job.max_bytes)
     crc = zlib.crc32(raw)
-    if _worker_job.stacked:
-        return Packed(src.key, int(kind), arr.dtype.str, arr.shape, 0, None, arr, len(raw), crc, arr.nbytes)
-    codec = choose_codec(_worker_job.codec, kind, ext)
-    return pack(src.key, int(kind), arr, codec, len(raw), crc)
+    if job.stacked:
+        return Packed(src.key, int(kind), arr.dtype.str, arr.shape, 0, None, arr, len(raw), crc, arr.nbytes, 0, mtime_ns)
+    codec = choose_codec(job.codec, kind, ext)
+    return pack(src.key, int(kind), arr, codec, len(raw), crc, mtime_ns)
+
+
+class _TimedOut(BaseException):
+    """Raised by the per-file alarm; a BaseException so that no reader's ``except Exception``
+    swallows it."""
+
+
+@contextmanager
+def _deadline(seconds: Optional[float], path: str) -> Iterator[None]:
+    """Raise :class:`ReadError` for ``path`` if the block takes longer than ``seconds`` (a
+    SIGALRM timer: it interrupts Python code and blocking calls, not a C loop that never
+    returns to the interpreter)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _alarm(signum, frame):
+        raise _TimedOut()
+
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _TimedOut:
+        raise ReadError(
+            path, f"still reading after {seconds:g} s (--timeout); the file or the reader hangs: "
+            "check it, or pass --on-error skip to go on without it"
+        ) from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def collect(
@@ -207,8 +252,11 @@ def convert(
     compression: str = "auto",
     layout: str = fmt.LAYOUT_FILES,
     overwrite: bool = False,
+    resume: bool = False,
     on_error: str = "fail",
     follow_symlinks: bool = False,
+    timeout: Optional[float] = None,
+    max_entry_bytes: Optional[int] = MAX_ENTRY_BYTES,
     progress: Optional[bool] = False,
     start_method: Optional[str] = None,
 ) -> Report:
@@ -221,9 +269,14 @@ def convert(
     forms. ``workers``: processes (default: every core; 1 works in this process).
     ``compression``: ``auto``, ``none``, ``lzf``, ``gzip[:L]``, ``zstd[:L]``, ``blosc-lz4[:L]``.
     ``on_error``: ``fail`` stops at the first bad file, ``skip`` records it and goes on.
-    ``progress``: a tqdm bar on stderr; ``None`` shows it only when stderr is a terminal.
+    ``timeout``: seconds one file may take to read and decode. ``max_entry_bytes``: the
+    largest value one file may decode to. ``progress``: a tqdm bar on stderr; ``None`` shows
+    it only when stderr is a terminal.
 
-    Nothing is written at ``dst`` unless the whole conversion succeeds.
+    Nothing is written at ``dst`` unless the whole conversion succeeds. Until then the work
+    lives in part files beside it (:mod:`data2h5.partial`); an interrupted run keeps them,
+    and ``resume=True`` continues from them, reading again only what they do not hold
+    safely or what changed since. Only one conversion may write ``dst`` at a time.
     """
     started = time.perf_counter()
     src, dst = Path(src), Path(dst).absolute()
@@ -232,48 +285,116 @@ def convert(
         raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
     if not src.exists():
         raise SourceError(f"{src} does not exist; give the folder holding your files")
     if not src.is_dir():
         raise SourceError(f"{src} is not a folder; give the folder holding your files")
-    check_output(dst, overwrite)  # before walking: a large tree takes a while
+    check_output(dst, overwrite=True)  # the folder: before walking, as a large tree takes a while
     codec = parse_compression(compression)
     prune_plugin = load(prune if prune is not None else "ext", "prune", {"ext": match_extension})
     if prune is None and not exts:
         raise SourceError("no extension given: pass --ext (e.g. --ext jpg) or a --prune plugin")
     _resolve_reader(reader)  # fail fast, in this process, on a plugin that does not load
     workers = max(1, workers or os.cpu_count() or 1)
+    report = Report(str(src.absolute()), str(dst), layout, _spec_name(reader), codec.spec if codec else "auto")
+    options = {
+        "source": report.source, "extensions": list(exts), "prune": prune_plugin.spec, "reader": report.reader,
+        "compression": report.compression, "layout": layout, "follow_symlinks": bool(follow_symlinks),
+    }
+    partial = Partial(dst)
+    with OutputLock(partial):
+        previous = _previous_work(partial, options, resume, overwrite)
+        if resume and previous is None and dst.exists():
+            log.warning("nothing to resume: %s is complete", dst)
+            return _report_of(dst, report, started)
+        check_output(dst, overwrite)
+        files, bad_names = collect(
+            src, exts, prune_plugin, follow_symlinks=follow_symlinks,
+            exclude=[dst, partial.lock_path, *partial.files(), partial.part(partial.next_generation()),
+                     partial.journal(partial.next_generation())],
+        )
+        if bad_names and on_error == "fail":
+            key, reason = bad_names[0]
+            raise ReadError(str(src / key), reason + " (or pass --on-error skip)")
+        if not files:
+            what = f"--ext {' '.join(exts)}" if exts else f"--prune {prune_plugin.spec}"
+            raise SourceError(f"no file under {src} matched {what}; check the extension or the prune plugin")
+        report.skipped.extend(bad_names)
+        job = _Job(reader, codec, layout == fmt.LAYOUT_STACKED, timeout, max_entry_bytes)
+        log.info("converting %d files from %s with %d workers", len(files), src, workers)
+        _write(files, job, previous, partial, options, report, workers, start_method, progress, on_error)
+    report.bytes_out = dst.stat().st_size
+    report.elapsed = time.perf_counter() - started
+    log.info("%s", report.summary())
+    return report
 
-    files, bad_names = collect(src, exts, prune_plugin, follow_symlinks=follow_symlinks, exclude=[dst, temp_path(dst)])
-    if bad_names and on_error == "fail":
-        key, reason = bad_names[0]
-        raise ReadError(str(src / key), reason + " (or pass --on-error skip)")
-    if not files:
-        what = f"--ext {' '.join(exts)}" if exts else f"--prune {prune_plugin.spec}"
-        raise SourceError(f"no file under {src} matched {what}; check the extension or the prune plugin")
 
-    reader_name = _spec_name(reader)
-    report = Report(str(src.absolute()), str(dst), layout, reader_name, codec.spec if codec else "auto")
-    report.skipped.extend(bad_names)
-    job = _Job(reader, codec, layout == fmt.LAYOUT_STACKED)
-    log.info("converting %d files from %s with %d workers", len(files), src, workers)
+def _previous_work(partial: Partial, options: dict, resume: bool, overwrite: bool) -> Optional[Previous]:
+    """What an interrupted conversion left, if it is to be resumed; refuses to pass it over
+    silently, and to resume it with options that would make a different archive."""
+    gens = [g for g in partial.generations() if partial.part(g).exists()]
+    stale = [g for g in partial.generations() if g not in gens]
+    partial.discard(stale)  # journals whose part became the archive: the run that wrote them finished
+    if not gens:
+        return None
+    if not resume:
+        if not overwrite:
+            raise OutputError(
+                f"an interrupted conversion into {partial.dst} was found ({partial.part(gens[-1]).name}); "
+                "rerun with --resume to continue it, or with --overwrite to start over"
+            )
+        partial.discard()
+        return None
+    previous = load_previous(partial)
+    if previous.header is None:
+        log.warning("the interrupted conversion into %s left nothing reusable; starting over", partial.dst)
+        partial.discard()
+        return None
+    differ = differing_options(previous.header, options)
+    if differ:
+        raise OutputError(
+            f"cannot resume {partial.dst} with other options than the interrupted run's ({'; '.join(differ)}); "
+            "rerun with its options, or with --overwrite to start over"
+        )
+    return previous
 
-    with open_output(dst, overwrite) as f:
+
+def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], partial: Partial, options: dict,
+           report: Report, workers: int, start_method: Optional[str], progress: Optional[bool], on_error: str) -> None:
+    """Build the archive in a new part file, reusing ``previous`` work, and publish it."""
+    dst = partial.dst
+    gen = partial.next_generation()
+    older = partial.generations()
+    part = partial.part(gen)
+    journal = Journal(partial.journal(gen), {"options": options, "pid": os.getpid()})
+    f = writer = None
+    try:
+        f = create_part(part)
         if job.stacked:
             from .stacked import StackedWriter
 
-            writer = StackedWriter(f, len(files), codec)
+            writer = StackedWriter(f, len(files), job.codec, journal=journal)
         else:
-            writer = FilesWriter(f, codec)
+            writer = FilesWriter(f, job.codec, journal=journal)
         bar = _progress_bar(len(files), progress)
         try:
-            for item in _run(files, job, workers, start_method):
+            todo = files
+            if previous is not None:
+                todo = _reuse(previous, files, writer, partial, report, job.stacked)
+                bar.update(len(files) - len(todo))
+                writer.checkpoint()
+                partial.discard(older)  # what they held is in this generation now
+            for item in _run(todo, job, workers, start_method) if todo else ():
                 if not isinstance(item, Packed):
                     key, error = item
                     if on_error == "fail":
                         raise error
                     log.warning("skipping %s", error)
-                    report.skipped.append((key, getattr(error, "reason", str(error))))
+                    reason = getattr(error, "reason", str(error))
+                    report.skipped.append((key, reason))
+                    writer.skip(key, reason)
                 else:
                     _add(writer, item, job.stacked)
                     report.entries += 1
@@ -283,20 +404,145 @@ def convert(
                 if not bar.disable and bar.n % 64 == 0:
                     bar.set_postfix_str(f"{report.bytes_in / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s", refresh=False)
             if report.entries == 0:
-                raise SourceError(f"every matching file under {src} failed; nothing to write ({report.skipped[0][1]})")
-            stored = writer.close()
+                raise SourceError(f"every matching file under {report.source} failed; nothing to write ({report.skipped[0][1]})")
+            order = {src.key: i for i, src in enumerate(files)} if report.reused and not job.stacked else None
+            stored = writer.close(order) if order else writer.close()
         finally:
             bar.close()
-        _write_attrs(f, report, exts, prune_plugin.spec, follow_symlinks, stored)
+        _write_attrs(f, report, options, stored)
+        publish(f, part, dst)
+    except BaseException as exc:
+        kept = _keep_partial(exc, f, writer, partial)
+        if kept:
+            exc.data2h5_kept = kept  # the CLI says how to go on
+        raise
+    finally:
+        journal.close()
+    partial.discard()
+
+
+def _keep_partial(exc: BaseException, f, writer, partial: Partial) -> int:
+    """After a failure: journal what can be, close the part, and keep the partial files if
+    a resume could use them; returns the number of entries kept (0: all removed)."""
+    useless = isinstance(exc, (LayoutError, SourceError))  # resuming would meet them again
+    if writer is not None and not useless:
+        try:
+            writer.checkpoint()
+        except Exception as err:  # a full disk, most likely: what is journaled already stays
+            log.debug("no final checkpoint: %s", err)
+    if f is not None:
+        try:
+            f.close()
+        except Exception as err:
+            log.debug("closing the part file failed: %s", err)
+    kept = 0 if useless else len(load_previous(partial))
+    if not kept:
+        partial.discard()
+    return kept
+
+
+def _reuse(previous: Previous, files: List[SourceFile], writer, partial: Partial, report: Report,
+           stacked: bool) -> List[SourceFile]:
+    """Copy what ``previous`` safely holds into ``writer``; returns the files to read."""
+    blocks = BlockReader(partial)
+    try:
+        if stacked:
+            return _reuse_chunks(previous, files, writer, blocks, report)
+        return _reuse_entries(previous, files, writer, blocks, report)
+    finally:
+        blocks.close()
+        log.info("resume: %d of %d files reused", report.reused, len(files))
+
+
+def _reuse_entries(previous: Previous, files: List[SourceFile], writer, blocks: BlockReader,
+                   report: Report) -> List[SourceFile]:
+    todo = []
+    for src in files:
+        hit = previous.entries.get(src.key)
+        packed = None
+        if hit is not None:
+            gen, row = hit
+            size, mtime_ns = row[7], row[11]
+            if unchanged(src.path, size, mtime_ns):
+                packed = unjournal_row(row, lambda addr, n, gen=gen: blocks.read(gen, addr, n))
+                if packed is None:
+                    log.info("%s: its stored bytes in the interrupted run do not check out; reading it again", src.key)
+        if packed is None:
+            todo.append(src)
+            continue
+        writer.add(packed)
+        report.entries += 1
+        report.reused += 1
+        report.bytes_in += packed.size
+        report.bytes_decoded += packed.nbytes
+    return todo
+
+
+def _reuse_chunks(previous: Previous, files: List[SourceFile], writer, blocks: BlockReader,
+                  report: Report) -> List[SourceFile]:
+    """Stacked: reuse the longest run of chunks whose rows are still the first files, in
+    order and unchanged (rows are positional, so reuse stops at the first difference)."""
+    if previous.stacked is None:
+        return files
+    dtype, shape, rows_per_chunk = previous.stacked
+    writer.start(dtype, shape, rows_per_chunk)
+    pos = 0
+    for gen, chunk, rows, skipped in previous.chunks:
+        start, addr, size, mask, crc = chunk
+        end = _match_rows(files, pos, rows, skipped)
+        if start != len(writer) or end is None:
+            break
+        if len(rows) < rows_per_chunk and end != len(files):  # a last, partial chunk: only at the end
+            break
+        data = blocks.read(gen, addr, size)
+        if data is None or zlib.crc32(data) != crc:
+            log.info("chunk at row %d of the interrupted run does not check out; reading from there again", start)
+            break
+        writer.put_chunk(data, mask, crc, rows, skipped)
+        report.skipped.extend((key, reason) for key, reason in skipped)
+        report.entries += len(rows)
+        report.reused += len(rows)
+        report.bytes_in += sum(r[1] for r in rows)
+        report.bytes_decoded += len(rows) * int(np.prod(shape)) * np.dtype(dtype).itemsize
+        pos = end
+    return files[pos:]
+
+
+def _match_rows(files: List[SourceFile], pos: int, rows: list, skipped: list) -> Optional[int]:
+    """Where ``files[pos:]`` ends after the chunk's rows and skipped files (interleaved in walk
+    order), or None if they are not the next files or a row's source changed."""
+    want_rows = {r[0]: r for r in rows}
+    want_skipped = {key for key, _ in skipped}
+    left = len(rows) + len(skipped)
+    while left:
+        if pos >= len(files):
+            return None
+        src = files[pos]
+        row = want_rows.get(src.key)
+        if row is not None:
+            if not unchanged(src.path, row[1], row[3]):
+                return None
+        elif src.key not in want_skipped:
+            return None
+        pos += 1
+        left -= 1
+    return pos
+
+
+def _report_of(dst: Path, report: Report, started: float) -> Report:
+    """The report of a conversion already complete (a resume with nothing left to do)."""
+    with h5py.File(dst, "r") as f:
+        report.entries = int(f.attrs.get(fmt.ATTR_ENTRIES, 0))
+        report.bytes_in = int(f.attrs.get(fmt.ATTR_BYTES_IN, 0))
+        report.skipped = [tuple(s) for s in json.loads(f.attrs.get(fmt.ATTR_SKIPPED, "[]"))]
     report.bytes_out = dst.stat().st_size
     report.elapsed = time.perf_counter() - started
-    log.info("%s", report.summary())
     return report
 
 
 def _add(writer, item: Packed, stacked: bool) -> None:
     if stacked:  # the stacked writer refuses what is not a decoded array, naming the remedy
-        writer.add(item.key, item.data, item.size, item.crc32, Kind(item.kind))
+        writer.add(item.key, item.data, item.size, item.crc32, Kind(item.kind), item.mtime_ns)
     else:
         writer.add(item)
 
@@ -359,16 +605,15 @@ def _spec_name(spec: Optional[PluginSpec]) -> str:
     return spec if isinstance(spec, str) else load(spec, "reader", {}).spec
 
 
-def _write_attrs(f: h5py.File, report: Report, exts: Tuple[str, ...], prune_spec: str, follow_symlinks: bool,
-                 stored: int) -> None:
+def _write_attrs(f: h5py.File, report: Report, options: dict, stored: int) -> None:
     attrs = f.attrs
     attrs[fmt.ATTR_FORMAT] = fmt.FORMAT_VERSION
     attrs[fmt.ATTR_VERSION] = __version__
     attrs[fmt.ATTR_LAYOUT] = report.layout
     attrs[fmt.ATTR_READER] = report.reader
-    attrs[fmt.ATTR_PRUNE] = prune_spec
-    attrs[fmt.ATTR_EXTENSIONS] = json.dumps(list(exts))
-    attrs[fmt.ATTR_FOLLOW_SYMLINKS] = bool(follow_symlinks)
+    attrs[fmt.ATTR_PRUNE] = options["prune"]
+    attrs[fmt.ATTR_EXTENSIONS] = json.dumps(options["extensions"])
+    attrs[fmt.ATTR_FOLLOW_SYMLINKS] = options["follow_symlinks"]
     attrs[fmt.ATTR_SOURCE] = report.source
     attrs[fmt.ATTR_CREATED] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     attrs[fmt.ATTR_COMPRESSION] = report.compression

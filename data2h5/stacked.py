@@ -27,6 +27,7 @@ source folder have the class :data:`ROOT_CLASS` (``"."``, a name no folder can h
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from typing import List, Optional, Sequence
 
@@ -35,6 +36,7 @@ import numpy as np
 
 from .codecs import Codec, choose_codec
 from .errors import LayoutError
+from .writer import CHECKPOINT_SECONDS
 from .format import (
     CHUNK_CRC32,
     INDEX_GROUP,
@@ -71,7 +73,8 @@ class StackedWriter:
     each chunk's checksum (``chunk_crc32``) is taken on exactly the bytes in the file.
     """
 
-    def __init__(self, f: h5py.File, n: int, codec: Optional[Codec], chunk_bytes: int = 1 << 20):
+    def __init__(self, f: h5py.File, n: int, codec: Optional[Codec], chunk_bytes: int = 1 << 20, journal=None,
+                 checkpoint_s: float = CHECKPOINT_SECONDS):
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         self.f = f
@@ -82,6 +85,12 @@ class StackedWriter:
         self.sizes: List[int] = []
         self.crcs: List[int] = []
         self.chunk_crcs: List[int] = []
+        self.mtimes: List[int] = []
+        self._journal = journal
+        self._checkpoint_s = checkpoint_s
+        self._next_checkpoint = time.monotonic() + checkpoint_s
+        self._pending: dict = {}
+        self._skipped: List[list] = []  # since the last chunk: journaled with the next one
         self._dset: Optional[h5py.Dataset] = None
         self._buf: Optional[np.ndarray] = None
         self._fill = 0  # rows in the buffer
@@ -91,14 +100,14 @@ class StackedWriter:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def add(self, key: str, value, size: int, crc32: int, kind: Kind = Kind.ARRAY) -> None:
+    def add(self, key: str, value, size: int, crc32: int, kind: Kind = Kind.ARRAY, mtime_ns: int = 0) -> None:
         """Append one sample. Raises :class:`LayoutError` if it is not a decoded numeric array,
         or if its shape or dtype differs from the first sample's."""
         if self._closed:
             raise RuntimeError("StackedWriter is closed")
         arr = self._check(key, value, kind)
         if self._dset is None:
-            self._create(key, arr)
+            self._create(arr)
         elif arr.shape != self._buf.shape[1:] or arr.dtype != self._buf.dtype:
             first = self.keys[0]
             raise LayoutError(
@@ -111,8 +120,51 @@ class StackedWriter:
         self.keys.append(key)
         self.sizes.append(int(size))
         self.crcs.append(int(crc32))
+        self.mtimes.append(int(mtime_ns))
         if self._fill == len(self._buf):
             self._flush()
+        if self._pending and time.monotonic() >= self._next_checkpoint:
+            self.checkpoint()
+
+    def skip(self, key: str, reason: str) -> None:
+        """A file that could not be read: journaled with the next chunk, so that a resume
+        reusing that chunk knows the file was skipped, and why."""
+        self._skipped.append([key, reason])
+
+    def checkpoint(self) -> None:
+        """Hand every full chunk written to the kernel and journal it with its rows."""
+        self._next_checkpoint = time.monotonic() + self._checkpoint_s
+        if not self._pending:
+            return
+        self.f.flush()
+        self._journal.append(self._pending)
+        self._pending = {}
+
+    def start(self, dtype: str, shape: Sequence[int], rows: int) -> None:
+        """Create ``/data`` for samples of ``shape`` and ``dtype``, ``rows`` to a chunk (a resume
+        keeps the first run's chunking, so that its chunks can be reused as they are)."""
+        self._create(np.empty(tuple(shape), dtype=np.dtype(dtype)), rows)
+
+    def put_chunk(self, data: bytes, mask: int, crc: int, rows: Sequence[list], skipped: Sequence[list]) -> None:
+        """Append a chunk as stored by an earlier run: ``rows`` of ``[key, size, crc32, mtime_ns]``."""
+        start = self._written
+        self._dset.id.write_direct_chunk((start,) + (0,) * (self._buf.ndim - 1), data, mask)
+        self._record_chunk(start, data, mask, crc, rows, skipped)
+        for key, size, crc32, mtime_ns in rows:
+            self.keys.append(key)
+            self.sizes.append(size)
+            self.crcs.append(crc32)
+            self.mtimes.append(mtime_ns)
+        self._written += len(rows)
+
+    def _record_chunk(self, start: int, data: bytes, mask: int, crc: int, rows, skipped) -> None:
+        self.chunk_crcs.append(crc)
+        if self._journal is None:
+            return
+        addr = self._dset.id.get_chunk_info_by_coord((start,) + (0,) * (self._buf.ndim - 1)).byte_offset
+        if not self._pending:
+            self._pending = {"stacked": self._layout(), "chunks": []}
+        self._pending["chunks"].append([[start, addr, len(data), mask, crc], rows, skipped])
 
     def close(self) -> int:
         """Write the buffered rows, trim ``/data`` to the rows written, then write labels,
@@ -163,9 +215,13 @@ class StackedWriter:
             raise LayoutError(f"{key}: dtype {arr.dtype} cannot be stacked, only numeric arrays: {_REMEDY}")
         return arr
 
-    def _create(self, key: str, arr: np.ndarray) -> None:
-        rows = max(1, self.chunk_bytes // max(1, arr.nbytes))
-        rows = min(rows, max(1, self.n))
+    def _layout(self) -> list:
+        return [self._buf.dtype.str, list(self._buf.shape[1:]), len(self._buf)]
+
+    def _create(self, arr: np.ndarray, rows: Optional[int] = None) -> None:
+        if rows is None:
+            rows = max(1, self.chunk_bytes // max(1, arr.nbytes))
+            rows = min(rows, max(1, self.n))
         chunks = (rows, *arr.shape)
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         self.codec.set_filter(dcpl)  # h5py sets the chunk shape on it, then adds no filter
@@ -174,8 +230,7 @@ class StackedWriter:
             chunks=chunks, dcpl=dcpl,
         )
         self._buf = np.empty(chunks, dtype=arr.dtype)
-        log.debug("stacking %s %s from %s, %d rows per chunk, codec %s", arr.shape, arr.dtype, key,
-                  rows, self.codec.spec)
+        log.debug("stacking %s %s, %d rows per chunk, codec %s", arr.shape, arr.dtype, rows, self.codec.spec)
 
     def _flush(self) -> None:
         if not self._fill:
@@ -192,8 +247,10 @@ class StackedWriter:
         else:  # HDF5 compresses; read back what it stored
             self._dset[start:stop] = self._buf[: self._fill]
             self._dset.id.flush()
-            _, data = self._dset.id.read_direct_chunk(offset)
-        self.chunk_crcs.append(zlib.crc32(data))
+            mask, data = self._dset.id.read_direct_chunk(offset)
+        rows = [[self.keys[i], self.sizes[i], self.crcs[i], self.mtimes[i]] for i in range(start, stop)]
+        self._record_chunk(start, data, mask, zlib.crc32(data), rows, self._skipped)
+        self._skipped = []
         self._written, self._fill = stop, 0
 
 

@@ -4,7 +4,9 @@ The writer is the only process touching the HDF5 file, so it must cost almost no
 entry: it uses h5py's low-level API with cached property lists and types (about 35 µs per
 dataset against ~75 µs through ``create_dataset``) and hands pre-compressed chunks to HDF5
 with ``write_direct_chunk``. The output lives under a temporary name beside the target until
-it is complete, closed and synced; only then is it renamed into place.
+it is complete, closed and synced; only then is it renamed into place (see
+:mod:`data2h5.partial`). Each entry's location, checksum and source stamp go to the part's
+journal at checkpoints, so an interrupted conversion can resume.
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ import ctypes
 import math
 import os
 import sys
+import time
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
@@ -31,13 +33,14 @@ log = logging.getLogger(__name__)
 #: CHUNK_BYTES so that a slice reads only the chunks it touches.
 SINGLE_CHUNK_MAX = 4 << 20
 CHUNK_BYTES = 1 << 20
-TEMP_SUFFIX = ".data2h5-tmp"
 LIBVER = ("v110", "v112")  # readable by HDF5 1.12 and later; linear-time group growth
 #: HDF5's metadata cache limit for the file being written. The default (2 MiB of on-disk
 #: metadata) holds ~7,000 object headers of new datasets, which take ~5 KB each in memory:
 #: ~37 MB that grows with the number of entries until then. Entries are written once, so a
 #: small cache costs no speed (measured: same µs per entry at 20,000 and 60,000 entries).
 METADATA_CACHE_BYTES = 256 << 10
+#: At most this long between journal checkpoints: what a kill can cost, in conversion time.
+CHECKPOINT_SECONDS = 2.0
 
 
 class Packed(NamedTuple):
@@ -54,11 +57,7 @@ class Packed(NamedTuple):
     crc32: int  # source file CRC-32
     nbytes: int  # decoded size
     stored_crc32: int = 0  # CRC-32 of the stored bytes, chunks concatenated in chunk-grid order
-
-
-def temp_path(dst: Path) -> Path:
-    """Where the archive is built before it is renamed to ``dst``: beside it, clearly temporary."""
-    return dst.with_name(f".{dst.name}{TEMP_SUFFIX}")
+    mtime_ns: int = 0  # source file's modification time when read: a resume re-reads it if it changed
 
 
 def check_output(dst: Path, overwrite: bool) -> None:
@@ -71,34 +70,36 @@ def check_output(dst: Path, overwrite: bool) -> None:
         raise OutputError(f"the folder of {dst} does not exist; create {dst.parent} first")
 
 
-@contextmanager
-def open_output(dst: Path, overwrite: bool) -> Iterator[h5py.File]:
-    """Yield a new HDF5 file that becomes ``dst`` only if the block completes.
-
-    On any exception (Ctrl-C included) the temporary is removed and ``dst`` is untouched.
-    """
-    check_output(dst, overwrite)
-    tmp = temp_path(dst)
+def create_part(path: Path) -> h5py.File:
+    """Create the HDF5 file an archive is built in (a part file beside the output)."""
     try:
-        f = h5py.File(tmp, "w", libver=LIBVER)
+        f = h5py.File(path, "w", libver=LIBVER)
     except OSError as exc:
-        raise OutputError(f"cannot create {tmp}: {exc}") from exc
+        raise OutputError(f"cannot create {path}: {exc}; check the folder is writable and has space") from exc
     _limit_metadata_cache(f, METADATA_CACHE_BYTES)
+    return f
+
+
+def publish(f: h5py.File, part: Path, dst: Path) -> None:
+    """Close the finished part, make it durable and rename it to ``dst`` in one step, so that
+    ``dst`` is either the old file (or nothing) or the complete new archive."""
+    f.close()
+    fd = os.open(part, os.O_RDONLY)
     try:
-        yield f
-        f.close()
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            f.close()
-        finally:
-            tmp.unlink(missing_ok=True)
-        raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(part, dst)
+    try:  # make the rename itself durable
+        fd = os.open(dst.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _limit_metadata_cache(f: h5py.File, nbytes: int) -> None:
@@ -145,21 +146,21 @@ def iter_chunks(arr: np.ndarray, chunk: Tuple[int, ...]) -> Iterator[Tuple[Tuple
         yield start, np.ascontiguousarray(block)
 
 
-def pack(key: str, kind: int, arr: np.ndarray, codec: Codec, size: int, crc32: int) -> Packed:
+def pack(key: str, kind: int, arr: np.ndarray, codec: Codec, size: int, crc32: int, mtime_ns: int = 0) -> Packed:
     """Prepare ``arr`` for the writer, compressing its chunks here (in the worker)."""
     dtype = arr.dtype.str
     shape = tuple(arr.shape)
     if codec.id == NONE or arr.nbytes == 0 or arr.ndim == 0:
         raw = arr.tobytes()
-        return Packed(key, kind, dtype, shape, NONE, None, raw, size, crc32, arr.nbytes, zlib.crc32(raw))
+        return Packed(key, kind, dtype, shape, NONE, None, raw, size, crc32, arr.nbytes, zlib.crc32(raw), mtime_ns)
     chunk = chunk_shape_for(shape, arr.itemsize)
     if not codec.in_worker:
-        return Packed(key, kind, dtype, shape, codec.id, chunk, arr, size, crc32, arr.nbytes)
+        return Packed(key, kind, dtype, shape, codec.id, chunk, arr, size, crc32, arr.nbytes, 0, mtime_ns)
     chunks = [(offset, *codec.compress(block.data)) for offset, block in iter_chunks(arr, chunk)]
     stored_crc = 0
     for _, data, _ in chunks:
         stored_crc = zlib.crc32(data, stored_crc)
-    return Packed(key, kind, dtype, shape, codec.id, chunk, chunks, size, crc32, arr.nbytes, stored_crc)
+    return Packed(key, kind, dtype, shape, codec.id, chunk, chunks, size, crc32, arr.nbytes, stored_crc, mtime_ns)
 
 
 class Writeback:
@@ -207,9 +208,14 @@ def _sync_file_range():
 
 
 class FilesWriter:
-    """Writes entries of the ``files`` layout and, on :meth:`close`, the index."""
+    """Writes entries of the ``files`` layout and, on :meth:`close`, the index.
 
-    def __init__(self, f: h5py.File, codec: Optional[Codec] = None):
+    With a ``journal``, every entry's location is recorded there at checkpoints (at most
+    ``checkpoint_s`` apart), after HDF5 has handed its data to the kernel.
+    """
+
+    def __init__(self, f: h5py.File, codec: Optional[Codec] = None, journal=None,
+                 checkpoint_s: float = CHECKPOINT_SECONDS):
         self._f = f
         self._codec = codec  # the user's choice, with its level (a Packed carries only the id)
         self._lcpl = h5py.h5p.create(h5py.h5p.LINK_CREATE)
@@ -220,6 +226,10 @@ class FilesWriter:
         self._rows: List[tuple] = []
         self.bytes_stored = 0
         self._writeback = Writeback(f.filename)
+        self._journal = journal
+        self._checkpoint_s = checkpoint_s
+        self._next_checkpoint = time.monotonic() + checkpoint_s
+        self._pending: List[list] = []
 
     def add(self, p: Packed) -> None:
         """Create the entry's dataset, write its data and remember its index row."""
@@ -230,11 +240,28 @@ class FilesWriter:
         )
         try:
             offset, stored, codec_id, crc = self._write(dsid, p, codec)
+            if self._journal is not None:
+                self._pending.append(_journal_row(dsid, p, offset, crc))
         finally:
             dsid.close()
         self.bytes_stored += stored
         self._writeback.poll(stored)
         self._rows.append((p.key, p.size, p.crc32, p.kind, codec_id, offset, stored, p.dtype, p.shape, crc))
+        if self._pending and time.monotonic() >= self._next_checkpoint:
+            self.checkpoint()
+
+    def skip(self, key: str, reason: str) -> None:
+        """A file that could not be read: nothing to record, a resume tries it again."""
+
+    def checkpoint(self) -> None:
+        """Hand everything written to the kernel, then journal the entries added since the
+        last checkpoint: from here on a resume can reuse them."""
+        self._next_checkpoint = time.monotonic() + self._checkpoint_s
+        if not self._pending:
+            return
+        self._f.flush()
+        self._journal.append({"entries": self._pending})
+        self._pending = []
 
     def _write(self, dsid, p: Packed, codec: Codec) -> Tuple[int, int, int, int]:
         """Returns ``(offset, stored bytes, codec id, stored CRC-32)`` for the index; offset 0 =
@@ -280,11 +307,51 @@ class FilesWriter:
             tid = self._types[dtype] = h5py.h5t.py_create(np.dtype(dtype))
         return tid
 
-    def close(self) -> int:
-        """Write the index of every entry added; returns the bytes of entry data stored."""
+    def close(self, order: Optional[dict] = None) -> int:
+        """Write the index of every entry added, sorted by ``order[key]`` when given (a resume
+        adds reused entries first); returns the bytes of entry data stored."""
+        if order is not None:
+            self._rows.sort(key=lambda row: order[row[0]])
         write_index(self._f, self._rows)
         self._writeback.close()
         return self.bytes_stored
+
+
+def _journal_row(dsid, p: Packed, offset: int, crc: int) -> list:
+    """What a resume needs to rebuild the entry from the part file: its :class:`Packed`
+    fields, with where each stored block lies in place of the data."""
+    if p.chunk_shape is None:
+        where = [offset, p.nbytes]
+    elif offset:  # one chunk, found already
+        where = [[[0] * len(p.shape), offset, len(p.data[0][1]), p.data[0][2]]]
+    else:
+        infos = (dsid.get_chunk_info(i) for i in range(dsid.get_num_chunks()))
+        where = sorted([list(i.chunk_offset), i.byte_offset, i.size, i.filter_mask] for i in infos)
+    return [p.key, p.kind, p.dtype, list(p.shape), p.codec, p.chunk_shape and list(p.chunk_shape), where,
+            p.size, p.crc32, p.nbytes, crc, p.mtime_ns]
+
+
+def unjournal_row(row: list, read) -> Optional[Packed]:
+    """The :class:`Packed` a journal row describes, its stored bytes fetched with
+    ``read(addr, size)``; None when they are missing or fail their checksum."""
+    key, kind, dtype, shape, codec, chunk_shape, where, size, crc32, nbytes, stored_crc, mtime_ns = row
+    if chunk_shape is None:
+        addr, length = where
+        data = read(addr, length) if length else b""
+        if data is None or zlib.crc32(data) != stored_crc:
+            return None
+    else:
+        data, crc = [], 0
+        for offset, addr, length, mask in where:
+            block = read(addr, length)
+            if block is None:
+                return None
+            crc = zlib.crc32(block, crc)
+            data.append((tuple(offset), block, mask))
+        if crc != stored_crc:
+            return None
+        chunk_shape = tuple(chunk_shape)
+    return Packed(key, kind, dtype, tuple(shape), codec, chunk_shape, data, size, crc32, nbytes, stored_crc, mtime_ns)
 
 
 def write_index(f: h5py.File, rows: List[tuple]) -> None:

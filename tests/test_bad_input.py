@@ -20,9 +20,14 @@ import pytest
 
 import data2h5
 from data2h5 import format as fmt
-from data2h5.writer import temp_path
+from data2h5.partial import Partial
 from convert_helpers import entry_kind, error_line, index, run_cli
 from data2h5.format import Kind
+
+
+def published(folder) -> list:
+    """What a conversion left in ``folder``, less the part files it keeps for ``--resume``."""
+    return sorted(n for n in os.listdir(folder) if ".data2h5-part" not in n)
 
 
 @pytest.fixture
@@ -87,7 +92,7 @@ def test_corrupt_image_fails_naming_file_and_reason(src, out_dir, name, workers)
     done = convert_cli(src, out_dir / "out.h5", "--ext", "png", "--ext", "jpg", "--workers", workers, "-q")
     line = one_line(done)
     assert str(bad) in line and reason in line
-    assert list(out_dir.iterdir()) == []  # neither OUT nor its temporary
+    assert published(out_dir) == []  # no OUT (a resume may use the part files)
 
 
 def test_failure_after_a_progress_bar_still_ends_with_the_error(src, out_dir):
@@ -95,7 +100,7 @@ def test_failure_after_a_progress_bar_still_ends_with_the_error(src, out_dir):
     done = convert_cli(src, out_dir / "out.h5", "--ext", "png")
     assert done.returncode == 1
     assert str(src / "c" / "z_broken.png") in error_line(done.stderr)
-    assert list(out_dir.iterdir()) == []
+    assert published(out_dir) == []  # no OUT (a resume may use the part files)
 
 
 def test_skip_lists_the_skipped_files_everywhere(src, out_dir):
@@ -193,7 +198,7 @@ def test_failed_overwrite_keeps_the_old_output(src, out_dir):
     truncated_png(src / "a" / "bad.png")
     line = one_line(convert_cli(src, out, "--ext", "png", "--overwrite", "-q"))
     assert "bad.png" in line
-    assert out.read_bytes() == b"precious data" and sorted(os.listdir(out_dir)) == ["out.h5"]
+    assert out.read_bytes() == b"precious data" and published(out_dir) == ["out.h5"]
 
 
 @pytest.mark.parametrize(
@@ -257,7 +262,7 @@ def test_plugin_errors_through_the_cli(src, out_dir, case):
     assert spec in line and reason in line
     if per_file:
         assert str(src / "a" / "b" / "two.png") in line  # the first file in walk order
-    assert list(out_dir.iterdir()) == []
+    assert published(out_dir) == []  # no OUT (a resume may use the part files)
 
 
 def test_plugin_file_that_does_not_exist(src, out_dir):
@@ -272,7 +277,7 @@ def test_worker_that_dies_is_reported(src, out_dir):
     line = one_line(convert_cli(src, out_dir / "out.h5", "--ext", "png", "--workers", "2",
                                 "--reader", f"{plugin}:read", "-q"))
     assert "worker process died" in line and "--workers 1" in line
-    assert list(out_dir.iterdir()) == []
+    assert published(out_dir) == []  # no OUT (a resume may use the part files)
 
 
 # -- Ctrl-C -----------------------------------------------------------------------------------
@@ -361,9 +366,9 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -signal.S
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the workers")
 @pytest.mark.parametrize("how, sig, group", STOPS)
 def test_stopping_a_run_leaves_no_output_and_no_process(tmp_path, out_dir, how, sig, group):
-    """Ctrl-C (and kill): exit 130 (143 for SIGTERM), no OUT, no temporary beside it, no worker
-    left running, and the run's shared-memory slots removed. SIGKILL cannot clean up, but its
-    workers still end and OUT is not written."""
+    """Ctrl-C (and kill): exit 130 (143 for SIGTERM), no OUT, only the part files a resume
+    can use beside it, no worker left running, and the run's shared-memory slots removed.
+    SIGKILL cannot clean up, but its workers still end and OUT is not written."""
     source = tmp_path / "slow"
     source.mkdir()
     for i in range(N_SLOW):
@@ -413,14 +418,18 @@ def test_stopping_a_run_leaves_no_output_and_no_process(tmp_path, out_dir, how, 
     assert rc == EXIT_CODES[sig], text
     assert not alive, f"processes left running: {alive}"
     assert not out.exists()
-    if sig == signal.SIGKILL:  # nothing could run; what is left is under the temporary name
-        assert {p.name for p in out_dir.iterdir()} <= {temp_path(out).name}
+    partial = Partial(out)
+    part_files = {partial.part(1).name, partial.journal(1).name}
+    if sig == signal.SIGKILL:  # nothing could run; what is left is the part files and the lock
+        assert {p.name for p in out_dir.iterdir()} <= part_files | {partial.lock_path.name}
         for folder in ours:
             shutil.rmtree(folder, ignore_errors=True)
         return
     if how.startswith("cli"):
         word = "terminated" if sig == signal.SIGTERM else "interrupted"
         assert f"{word}; nothing was written to {out}" in text
+        if partial.files():
+            assert "rerun with --resume to go on" in text
     assert "Traceback" not in text
-    assert list(out_dir.iterdir()) == []  # no OUT, no temporary beside it
+    assert {p.name for p in out_dir.iterdir()} <= part_files  # no OUT, no lock
     assert not any(os.path.exists(d) for d in ours), ours

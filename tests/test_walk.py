@@ -13,7 +13,7 @@ import data2h5
 from data2h5 import format as fmt
 from data2h5.errors import ReadError
 from data2h5.walk import walk
-from data2h5.writer import temp_path
+from data2h5.partial import Partial
 from convert_helpers import build_tree, error_line, index, run_cli
 
 NAMES = ["b", "a.b", "a/x", "a/y/z", "a-b", "A", "a0", "é", "z/ä", "a/x0", "_", "~", "10", "9"]
@@ -61,14 +61,14 @@ def test_output_inside_the_source_is_never_included(tmp_path, overwrite):
     write(src, "a/one.h5", b"1")
     write(src, "z/two.h5", b"2")
     out = src / "out.h5"
-    if overwrite:  # an earlier archive, and a temporary left by a killed run
+    if overwrite:  # an earlier archive, and the part file of a killed run
         out.write_bytes(b"old archive")
-        temp_path(out).write_bytes(b"stale temporary")
+        Partial(out).part(1).write_bytes(b"stale part")
     report = data2h5.convert(src, out, ext="h5", reader="bytes", overwrite=overwrite, workers=2)
     assert index(out)["keys"] == ["a/one.h5", "z/two.h5"] and report.entries == 2
-    assert not temp_path(out).exists()
-    # and the walk itself: the exact output path, and its temporary, whatever they are called
-    excluded = [src / "archive.bin", temp_path(src / "archive.bin")]
+    assert not Partial(out).files()
+    # and the walk itself: the exact output path, and its part file, whatever they are called
+    excluded = [src / "archive.bin", Partial(src / "archive.bin").part(1)]
     for path in excluded:
         path.write_bytes(b"being written")
     assert keys_of(src, exclude=[str(p) for p in excluded]) == ["a/one.h5", "out.h5", "z/two.h5"]

@@ -1,0 +1,285 @@
+"""The files beside an archive being written, which make a conversion safe and resumable.
+
+Nothing is written at the output's own name until the archive is complete. Beside it lie:
+
+- ``.OUT.data2h5-lock``: held (``flock``) by the one conversion writing ``OUT``;
+- ``.OUT.data2h5-part<N>``: the HDF5 file being written (generation ``N``);
+- ``.OUT.data2h5-part<N>.journal``: what that part safely holds: where each entry's stored
+  bytes lie, their CRC-32, and the size and modification time of the source file read.
+
+The journal is appended at checkpoints, after HDF5 has handed the entries' data to the
+kernel. A writer killed mid-write can leave an HDF5 file that HDF5 refuses to open, so a
+resume never opens it: it reads the journaled byte ranges directly, checks each against its
+CRC-32 and copies it into the next generation. A torn last record, or a block that fails its
+checksum (the machine went down before the kernel wrote it), is simply converted again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .errors import OutputError
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"data2h5 journal 1\n"
+_FRAME = struct.Struct("<II")  # payload length, CRC-32 of the payload
+#: Options that decide what an archive holds: a resume must use the same ones.
+CONTENT_OPTIONS = ("source", "extensions", "prune", "reader", "compression", "layout", "follow_symlinks")
+
+
+class Journal:
+    """Append-only record of what one part file safely holds: a header, then records, each
+    framed with its length and CRC-32 so that a torn or damaged tail is recognised."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path = path
+        try:
+            self._fd: Optional[int] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot create {path}: {exc.strerror or exc}; choose a writable folder") from exc
+        self._write(MAGIC)
+        self.append(header)
+
+    def append(self, record: dict) -> None:
+        payload = json.dumps(record, separators=(",", ":")).encode()
+        self._write(_FRAME.pack(len(payload), zlib.crc32(payload)) + payload)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_journal(path: Path) -> Tuple[Optional[dict], List[dict]]:
+    """``(header, records)`` up to the first torn or damaged record; ``(None, [])`` if the
+    file is not a journal."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None, []
+    if not data.startswith(MAGIC):
+        return None, []
+    pos, records = len(MAGIC), []
+    while pos + _FRAME.size <= len(data):
+        length, crc = _FRAME.unpack_from(data, pos)
+        payload = data[pos + _FRAME.size : pos + _FRAME.size + length]
+        if len(payload) != length or zlib.crc32(payload) != crc:
+            log.info("%s: ignoring a torn record at byte %d", path, pos)
+            break
+        try:
+            records.append(json.loads(payload))
+        except ValueError:
+            break
+        pos += _FRAME.size + length
+    if not records or not isinstance(records[0], dict):
+        return None, []
+    return records[0], records[1:]
+
+
+class Partial:
+    """Names and state of the partial files of one output."""
+
+    PREFIX = ".data2h5-part"
+
+    def __init__(self, dst: Path):
+        self.dst = dst
+        self.lock_path = self._beside(".data2h5-lock")
+
+    def _beside(self, suffix: str) -> Path:
+        return self.dst.with_name(f".{self.dst.name}{suffix}")
+
+    def part(self, gen: int) -> Path:
+        return self._beside(f"{self.PREFIX}{gen}")
+
+    def journal(self, gen: int) -> Path:
+        return self._beside(f"{self.PREFIX}{gen}.journal")
+
+    def generations(self) -> List[int]:
+        """Generations with a part file or a journal, oldest first."""
+        head = f".{self.dst.name}{self.PREFIX}"
+        try:
+            names = os.listdir(self.dst.parent)
+        except OSError:
+            return []
+        gens = set()
+        for name in names:
+            if name.startswith(head):
+                rest = name[len(head) :].removesuffix(".journal")
+                if rest.isdigit():
+                    gens.add(int(rest))
+        return sorted(gens)
+
+    def files(self) -> List[Path]:
+        """Every partial file beside the output (parts and journals; not the lock)."""
+        out = []
+        for gen in self.generations():
+            out += [p for p in (self.part(gen), self.journal(gen)) if p.exists()]
+        return out
+
+    def discard(self, gens: Optional[Sequence[int]] = None) -> None:
+        for gen in self.generations() if gens is None else gens:
+            for path in (self.part(gen), self.journal(gen)):
+                path.unlink(missing_ok=True)
+
+    def next_generation(self) -> int:
+        gens = self.generations()
+        return gens[-1] + 1 if gens else 1
+
+
+class OutputLock:
+    """Only one conversion writes an output at a time: an ``flock`` on the lock file, which
+    the kernel releases however the holder ends (SIGKILL included)."""
+
+    def __init__(self, partial: Partial):
+        self.partial = partial
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        path = self.partial.lock_path
+        for _ in range(10):  # the holder may be unlinking the file just as we open it
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot create {path}: {exc.strerror or exc}; choose a folder you can write to"
+                ) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputError(
+                    f"{self.partial.dst} is being written by another data2h5 convert (pid {holder}); "
+                    "wait for it to finish, or stop it and rerun with --resume"
+                ) from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self._fd = fd
+                return
+            os.close(fd)
+        raise OutputError(f"cannot lock {path}: it keeps being replaced; is another conversion starting?")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if os.stat(self.partial.lock_path).st_ino == os.fstat(self._fd).st_ino:
+                self.partial.lock_path.unlink()
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# -- what earlier generations hold -------------------------------------------------------------
+
+
+class Previous:
+    """What the journals of earlier generations say is stored, newest generation first."""
+
+    def __init__(self) -> None:
+        self.header: Optional[dict] = None
+        self.entries: Dict[str, Tuple[int, list]] = {}  # files layout: key -> (generation, row)
+        self.stacked: Optional[list] = None  # stacked layout: [dtype, sample shape, rows per chunk]
+        # stacked: (generation, [start, addr, size, mask, crc], rows, skipped), in order
+        self.chunks: List[Tuple[int, list, list, list]] = []
+
+    def __len__(self) -> int:
+        return len(self.entries) + sum(len(rows) for _, _, rows, _ in self.chunks)
+
+
+def load_previous(partial: Partial) -> Previous:
+    """Read every generation's journal. For ``files``, an entry from a newer generation wins;
+    for ``stacked``, the generation holding the longest run of chunks is used."""
+    prev = Previous()
+    for gen in reversed(partial.generations()):
+        if not partial.part(gen).exists():
+            continue
+        header, records = read_journal(partial.journal(gen))
+        if header is None:
+            continue
+        if prev.header is None:
+            prev.header = header
+        elif _options(header) != _options(prev.header):
+            continue  # an older generation made with other options is of no use
+        chunks = []
+        stacked = None
+        for record in records:
+            for row in record.get("entries", ()):
+                prev.entries.setdefault(row[0], (gen, row))
+            if "stacked" in record:
+                stacked = record["stacked"]
+            for chunk, rows, skipped in record.get("chunks", ()):
+                chunks.append((gen, chunk, rows, skipped))
+        if stacked is not None and len(chunks) > len(prev.chunks):
+            prev.stacked, prev.chunks = stacked, chunks
+    return prev
+
+
+def _options(header: dict) -> dict:
+    return {name: header.get("options", {}).get(name) for name in CONTENT_OPTIONS}
+
+
+def differing_options(header: dict, options: dict) -> List[str]:
+    """``name: was X, now Y`` for each content option that differs from the first run's."""
+    old = _options(header)
+    out = []
+    for name in CONTENT_OPTIONS:
+        if old[name] != options.get(name):
+            out.append(f"{name} was {old[name]!r}, now {options.get(name)!r}")
+    return out
+
+
+class BlockReader:
+    """Reads journaled byte ranges out of earlier part files, one descriptor per file."""
+
+    def __init__(self, partial: Partial):
+        self.partial = partial
+        self._fds: Dict[int, int] = {}
+
+    def read(self, gen: int, addr: int, size: int) -> Optional[bytes]:
+        """The ``size`` bytes at ``addr`` in generation ``gen``'s part; None if short."""
+        fd = self._fds.get(gen)
+        if fd is None:
+            fd = self._fds[gen] = os.open(self.partial.part(gen), os.O_RDONLY)
+        data = os.pread(fd, size, addr) if size else b""
+        return data if len(data) == size else None
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def unchanged(path: str, size: int, mtime_ns: int) -> bool:
+    """Whether the source file still has the size and modification time it was read with."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_size == size and st.st_mtime_ns == mtime_ns
