@@ -355,31 +355,65 @@ class _Checker:
     # files and plain layouts
 
     def _walk_tree(self) -> None:
-        """Mark the index's keys that have a dataset; datasets the index lacks are extra."""
+        """Mark the index's keys that have a readable dataset; datasets the index lacks are
+        extra. One fast pass; should damaged metadata stop it, a slower pass that goes on."""
         index = self.index
         present = np.zeros(len(index), dtype=bool)
-        reserved = fmt.INDEX_GROUP.encode() + b"/"
+        extra: List[Problem] = []
 
-        def visit(name: bytes, info) -> None:
-            if info.type != h5py.h5o.TYPE_DATASET or name.startswith(reserved):
-                return
-            key = name.decode("utf-8", "replace")
+        def found(key: str) -> None:
             if key in index:
                 present[index.position(key)] = True
             else:
-                self.tree_problems.append(Problem(EXTRA, key, "a dataset in the archive that its index does not list"))
+                extra.append(Problem(EXTRA, key, "a dataset in the archive that its index does not list"))
 
-        h5py.h5o.visit(self.reader.h5file.id, visit, info=True)
+        reserved = fmt.INDEX_GROUP.encode() + b"/"
+
+        def visit(name: bytes, info) -> None:
+            if info.type == h5py.h5o.TYPE_DATASET and not name.startswith(reserved):
+                found(name.decode("utf-8", "replace"))
+
+        try:
+            h5py.h5o.visit(self.reader.h5file.id, visit, info=True)
+        except (RuntimeError, KeyError, OSError) as exc:
+            log.info("%s: %s; walking the archive's groups one object at a time", index.path, _one_line(exc))
+            present[:] = False
+            extra = []
+            self._walk_tolerant(self.reader.h5file.id, b"", found)
         self._present = present
+        self.tree_problems.extend(extra)
         entries = index.attrs.get(fmt.ATTR_ENTRIES)
         if entries is not None and int(entries) != len(index):
             self.tree_problems.append(Problem(CORRUPT, fmt.INDEX_GROUP, f"the index lists {len(index):,} entries, the archive records {int(entries):,}"))
+
+    def _walk_tolerant(self, gid, prefix: bytes, found: Callable[[str], None]) -> None:
+        """Walk a group's links, skipping (and, unless keys lie there, reporting) what
+        cannot be opened; keys under a damaged object are reported by the entry checks."""
+        names: List[bytes] = []
+        try:
+            gid.links.iterate(lambda name: names.append(name))
+        except (RuntimeError, KeyError, OSError) as exc:
+            self.tree_problems.append(Problem(CORRUPT, (prefix.rstrip(b"/") or b"/").decode("utf-8", "replace"),
+                                              f"the group cannot be listed: {_one_line(exc)}"))
+            return
+        for name in names:
+            path = prefix + name
+            if path == fmt.INDEX_GROUP.encode():
+                continue
+            try:
+                kind = h5py.h5o.get_info(gid, name).type
+                if kind == h5py.h5o.TYPE_GROUP:
+                    self._walk_tolerant(h5py.h5g.open(gid, name), path + b"/", found)
+                elif kind == h5py.h5o.TYPE_DATASET:
+                    found(path.decode("utf-8", "replace"))
+            except (RuntimeError, KeyError, OSError, ValueError):
+                continue  # its keys fail their own checks, naming the damage
 
     def _check_entry(self, pos: int, problems: List[Problem]) -> int:
         """Check one entry; returns 1 if its stored bytes had no checksum to check, else 0."""
         index, key = self.index, self.index.keys[pos]
         if self._present is not None and not self._present[pos]:
-            problems.append(Problem(CORRUPT, key, "listed in the index, but the archive has no such dataset"))
+            problems.append(Problem(CORRUPT, key, self._absent(key)))
             return 0
         plain = index.layout == LAYOUT_PLAIN
         kind = int(index.kind[pos])
@@ -388,7 +422,7 @@ class _Checker:
         stored = int(index.stored[pos])
         offset = int(index.offset[pos])
         # Entries stored as exact bytes are also checked against the source file's CRC-32.
-        unchecked = int(kind == Kind.ARRAY and stored > 0 and (recorded == 0 or plain))
+        unchecked = int(plain or (kind == Kind.ARRAY and stored > 0 and recorded == 0))
         try:
             if offset == 0 and recorded and stored:  # one block is checked by read_stored
                 dset = self.reader.h5file[key]
@@ -403,7 +437,7 @@ class _Checker:
         except CorruptEntryError as exc:
             problems.append(Problem(CORRUPT, key, _reason(exc)))
             return 0
-        except (ArchiveError, OSError, ValueError, RuntimeError) as exc:
+        except (ArchiveError, OSError, ValueError, RuntimeError, KeyError) as exc:
             problems.append(Problem(CORRUPT, key, _one_line(exc)))
             return 0
         if key in self.sources:
@@ -412,6 +446,18 @@ class _Checker:
             if why:
                 problems.append(Problem(CHANGED, key, why))
         return unchecked
+
+    def _absent(self, key: str) -> str:
+        """Why the tree walk found no dataset for ``key``."""
+        f = self.reader.h5file
+        try:
+            if key not in f:
+                return "listed in the index, but the archive has no such dataset"
+            if not isinstance(f[key], h5py.Dataset):
+                return "listed in the index, but the archive holds a group there, not a dataset"
+        except (RuntimeError, KeyError, OSError, ValueError) as exc:
+            return f"its dataset cannot be opened: {_one_line(exc)}"
+        return "listed in the index, but its dataset cannot be reached"
 
     # stacked layout
 
@@ -440,7 +486,8 @@ def _reason(exc: CorruptEntryError) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # not str(KeyError)'s quotes
+    return " ".join(str(text).split()) or type(exc).__name__
 
 
 def _ordered(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], inflight: int) -> Iterator[R]:
