@@ -69,11 +69,13 @@ def main(verbose: bool) -> None:
               help="Seconds one file may take to read and decode (default: no limit).")
 @click.option("--max-entry-size", type=str, default="4G", show_default=True,
               help="Largest value one file may decode to, e.g. 512M, 16G.")
+@click.option("--checkpoint-every", "checkpoint_every", type=click.FloatRange(min=0, min_open=True), default=2.0,
+              show_default=True, help="Seconds between checkpoints: the most work a crash can cost.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def convert(src: str, dst: str, exts: Tuple[str, ...], reader: Optional[str], prune: Optional[str],
             workers: Optional[int], single_process: bool, compression: str, no_compress: bool, layout: str,
             overwrite: bool, resume: bool, on_error: str, follow_symlinks: bool, timeout: Optional[float],
-            max_entry_size: str, quiet: bool) -> None:
+            max_entry_size: str, checkpoint_every: float, quiet: bool) -> None:
     """Convert every matching file under a folder into one HDF5 archive, keyed by relative path."""
     if no_compress and compression != "auto":
         raise click.UsageError("--no_compress and --compression contradict each other; give one")
@@ -85,7 +87,7 @@ def convert(src: str, dst: str, exts: Tuple[str, ...], reader: Optional[str], pr
                 src, dst, ext=exts, reader=reader, prune=prune, workers=1 if single_process else workers,
                 compression="none" if no_compress else compression, layout=layout, overwrite=overwrite,
                 resume=resume, on_error=on_error, follow_symlinks=follow_symlinks, timeout=timeout,
-                max_entry_bytes=max_bytes, progress=None if not quiet else False,
+                max_entry_bytes=max_bytes, checkpoint_seconds=checkpoint_every, progress=None if not quiet else False,
             )
     except Data2H5Error as exc:
         _fail(exc, _kept_note(exc))

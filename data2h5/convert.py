@@ -5,6 +5,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -33,7 +34,7 @@ from .prune import keeps, match_extension, normalize_extensions
 from .readers import AUTO, BUILTIN_READERS, read_source
 from .transport import Slots, share
 from .walk import SourceFile, walk
-from .writer import FilesWriter, Packed, check_output, create_part, pack, publish, unjournal_row
+from .writer import CHECKPOINT_SECONDS, FilesWriter, Packed, check_output, create_part, pack, publish, unjournal_row
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ LAYOUTS = (fmt.LAYOUT_FILES, fmt.LAYOUT_STACKED)
 TASK_BYTES = 4 << 20
 MAX_TASK_FILES = 256  # many tiny files per task: each submission costs the writer ~2 ms of GIL hand-offs
 INFLIGHT_PER_WORKER = 4
+#: ... and little enough work that a task with a slow reader comes back within this time:
+#: results keep flowing to the writer and its checkpoints, so a kill loses little.
+TASK_SECONDS = 0.25
 SLOT_BYTES = 2 * TASK_BYTES
 #: Default cap on one file's value as read: a reader gone wrong must not take the machine.
 MAX_ENTRY_BYTES = 4 << 30
@@ -257,6 +261,7 @@ def convert(
     follow_symlinks: bool = False,
     timeout: Optional[float] = None,
     max_entry_bytes: Optional[int] = MAX_ENTRY_BYTES,
+    checkpoint_seconds: float = CHECKPOINT_SECONDS,
     progress: Optional[bool] = False,
     start_method: Optional[str] = None,
 ) -> Report:
@@ -270,7 +275,8 @@ def convert(
     ``compression``: ``auto``, ``none``, ``lzf``, ``gzip[:L]``, ``zstd[:L]``, ``blosc-lz4[:L]``.
     ``on_error``: ``fail`` stops at the first bad file, ``skip`` records it and goes on.
     ``timeout``: seconds one file may take to read and decode. ``max_entry_bytes``: the
-    largest value one file may decode to. ``progress``: a tqdm bar on stderr; ``None`` shows
+    largest value one file may decode to. ``checkpoint_seconds``: at most this long between
+    journal checkpoints, so at most this much work is lost to a kill. ``progress``: a tqdm bar on stderr; ``None`` shows
     it only when stderr is a terminal.
 
     Nothing is written at ``dst`` unless the whole conversion succeeds. Until then the work
@@ -324,7 +330,8 @@ def convert(
         report.skipped.extend(bad_names)
         job = _Job(reader, codec, layout == fmt.LAYOUT_STACKED, timeout, max_entry_bytes)
         log.info("converting %d files from %s with %d workers", len(files), src, workers)
-        _write(files, job, previous, partial, options, report, workers, start_method, progress, on_error)
+        _write(files, job, previous, partial, options, report, workers, start_method, progress, on_error,
+               checkpoint_seconds)
     report.bytes_out = dst.stat().st_size
     report.elapsed = time.perf_counter() - started
     log.info("%s", report.summary())
@@ -362,7 +369,8 @@ def _previous_work(partial: Partial, options: dict, resume: bool, overwrite: boo
 
 
 def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], partial: Partial, options: dict,
-           report: Report, workers: int, start_method: Optional[str], progress: Optional[bool], on_error: str) -> None:
+           report: Report, workers: int, start_method: Optional[str], progress: Optional[bool], on_error: str,
+           checkpoint_s: float) -> None:
     """Build the archive in a new part file, reusing ``previous`` work, and publish it."""
     dst = partial.dst
     gen = partial.next_generation()
@@ -375,9 +383,9 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
         if job.stacked:
             from .stacked import StackedWriter
 
-            writer = StackedWriter(f, len(files), job.codec, journal=journal)
+            writer = StackedWriter(f, len(files), job.codec, journal=journal, checkpoint_s=checkpoint_s)
         else:
-            writer = FilesWriter(f, job.codec, journal=journal)
+            writer = FilesWriter(f, job.codec, journal=journal, checkpoint_s=checkpoint_s)
         bar = _progress_bar(len(files), progress)
         try:
             todo = files
@@ -413,12 +421,22 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
         publish(f, part, dst)
     except BaseException as exc:
         kept = _keep_partial(exc, f, writer, partial)
+        if isinstance(exc, OSError):  # a full disk, a file-size limit: say it in one line
+            exc = OutputError(f"cannot write {dst}: {_os_reason(exc)}; free space, or raise the file-size limit")
         if kept:
             exc.data2h5_kept = kept  # the CLI says how to go on
-        raise
+        raise exc
     finally:
         journal.close()
     partial.discard()
+
+
+def _os_reason(exc: OSError) -> str:
+    """The system's words for a failed write; HDF5's own message spans lines and names a buffer."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    found = re.search(r"error message = '([^']+)'", str(exc))
+    return found.group(1) if found else str(exc).splitlines()[0]
 
 
 def _keep_partial(exc: BaseException, f, writer, partial: Partial) -> int:
@@ -563,6 +581,7 @@ def _run(files: List[SourceFile], job: _Job, workers: int, start_method: Optiona
         pending: deque = deque()
         batch = 4  # grows once the size of results is known
         pos, done_files, done_bytes = 0, 0, 0
+        began = time.monotonic()
         while pos < len(files) or pending:
             while pos < len(files) and slots.free:
                 slot = slots.free.pop()
@@ -583,7 +602,9 @@ def _run(files: List[SourceFile], job: _Job, workers: int, start_method: Optiona
                 yield item
             slots.free.append(slot)  # its items are written: the slot can take the next task
             per_file = max(done_bytes / max(done_files, 1), 1)
-            batch = int(min(MAX_TASK_FILES, max(1, TASK_BYTES // per_file)))
+            seconds_per_file = (time.monotonic() - began) * workers / max(done_files, 1)
+            batch = int(min(MAX_TASK_FILES, TASK_BYTES // per_file, TASK_SECONDS / max(seconds_per_file, 1e-6)))
+            batch = max(1, batch)
         finished = True
     finally:
         if not finished:  # stop now: do not let workers finish the queue

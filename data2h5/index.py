@@ -20,6 +20,7 @@ import re
 import threading
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import h5py
@@ -29,6 +30,7 @@ from . import codecs, format as fmt
 from .chunks import pread_exact, pread_into
 from .errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError
 from .format import Kind
+from .partial import Partial, output_of_part
 from .readers import BUILTIN_READERS, reader_for_extension
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,19 @@ def open_h5(path: PathLike, **kwargs: Any) -> h5py.File:
     :class:`ArchiveError` naming the path, and what to do, when it is missing, unreadable,
     empty, not HDF5, truncated or damaged beyond opening its root group."""
     path = os.fspath(path)
+    target = output_of_part(Path(path))
+    if target is not None:
+        raise ArchiveError(
+            f"{path}: the unfinished part of a conversion into {target.name}, not an archive; "
+            "wait for the conversion to finish (or resume it with data2h5 convert ... --resume)"
+        )
     if not os.path.exists(path):
+        unfinished = Partial(Path(path).absolute()).generations()
+        if unfinished:
+            raise ArchiveError(
+                f"{path}: no such file yet: a conversion into it is under way or was interrupted; "
+                "wait for it to finish, or resume it with data2h5 convert ... --resume"
+            )
         raise ArchiveError(f"{path}: no such file")
     if not os.path.isfile(path):
         raise ArchiveError(f"{path}: not a file; give the path of an .h5 archive")

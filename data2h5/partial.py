@@ -137,6 +137,15 @@ class Partial:
         return gens[-1] + 1 if gens else 1
 
 
+def output_of_part(path: Path) -> Optional[Path]:
+    """The output that ``path`` is a part file of (None if it is not one)."""
+    name = path.name
+    head, sep, gen = name.rpartition(Partial.PREFIX)
+    if sep and gen.isdigit() and head.startswith(".") and len(head) > 1:
+        return path.with_name(head[1:])
+    return None
+
+
 class OutputLock:
     """Only one conversion writes an output at a time: an ``flock`` on the lock file, which
     the kernel releases however the holder ends (SIGKILL included)."""

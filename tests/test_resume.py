@@ -1,0 +1,312 @@
+"""Nothing lost: an interrupted conversion (Ctrl-C, SIGKILL at any instant, a file-size limit)
+resumes with --resume, reads again only what was not safely stored or has changed, and ends
+with exactly the archive an uninterrupted run makes. One writer per output at a time."""
+from __future__ import annotations
+
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import data2h5
+from data2h5 import format as fmt
+from data2h5.errors import ArchiveError, OutputError
+from data2h5.index import ArchiveReader, open_h5, read_index
+from data2h5.partial import Partial
+
+from conftest import write_images
+from convert_helpers import error_line, run_cli
+
+INDEX_COLUMNS = ("keys", "size", "crc32", "kind", "codec", "stored", fmt.STORED_CRC32, "dtype", "shape")
+STACKED_FIELDS = ("data", "labels", "keys", "classes", "__data2h5__/size", "__data2h5__/crc32",
+                  f"__data2h5__/{fmt.CHUNK_CRC32}")
+
+
+def content(path: Path) -> dict:
+    """Everything an archive holds but where its blocks lie and when it was made."""
+    with h5py.File(path, "r") as f:
+        out = {"attrs": {k: v for k, v in f.attrs.items() if k not in (fmt.ATTR_CREATED, fmt.ATTR_BYTES_OUT)}}
+        stacked = f.attrs[fmt.ATTR_LAYOUT] == fmt.LAYOUT_STACKED
+        if stacked:
+            for name in STACKED_FIELDS:
+                out[name] = f[name][()]
+            return out
+        group = f[fmt.INDEX_GROUP]
+        for name in INDEX_COLUMNS:
+            out[name] = group[name][()]
+    with ArchiveReader(path) as reader:
+        out["values"] = [reader.read_stored(i) for i in range(len(reader))]
+    return out
+
+
+def assert_same_archive(a: Path, b: Path) -> None:
+    ca, cb = content(a), content(b)
+    assert ca.keys() == cb.keys()
+    for name in ca:
+        if name == "attrs":
+            assert {k: str(v) for k, v in ca[name].items()} == {k: str(v) for k, v in cb[name].items()}
+        elif name == "values":
+            assert len(ca[name]) == len(cb[name])
+            for x, y in zip(ca[name], cb[name]):
+                np.testing.assert_array_equal(x, y)
+        else:
+            np.testing.assert_array_equal(ca[name], cb[name], err_msg=name)
+
+
+def make_source(root: Path, n: int = 40) -> Path:
+    """Images in class folders, plus arrays big enough to be stored as several chunks."""
+    write_images(root, [f"{('cat', 'dog', 'bird/small')[i % 3]}/img_{i:03d}" for i in range(n)], size=20)
+    rng = np.random.default_rng(3)
+    (root / "arrays").mkdir()
+    for i in range(2):
+        np.save(root / "arrays" / f"big_{i}.npy", rng.normal(size=(700, 1000)).astype(np.float32))
+    return root
+
+
+def stop_after(count: int, log: Path):
+    """A reader that stops the run (as Ctrl-C would) after ``count`` files, logging each read."""
+    import imageio.v3 as iio
+
+    seen = []
+
+    def read(path: str):
+        if len(seen) == count:
+            raise KeyboardInterrupt
+        seen.append(path)
+        with open(log, "a") as fh:
+            fh.write(path + "\n")
+        return np.load(path) if path.endswith(".npy") else iio.imread(path)
+
+    return read
+
+
+def logging_reader(log: Path):
+    return stop_after(-1, log)
+
+
+LAYOUTS = [
+    pytest.param("files", ("png", "npy"), id="files"),
+    pytest.param("stacked", ("png",), id="stacked"),
+]
+
+
+def stacked_source(root: Path, n: int = 40) -> Path:
+    rng = np.random.default_rng(4)
+    for i in range(n):
+        folder = root / ("cat", "dog")[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / f"s_{i:03d}.npy", rng.integers(0, 255, (256, 256, 3), dtype=np.uint8))  # 5 a chunk
+    return root
+
+
+@pytest.mark.parametrize("layout, exts", LAYOUTS)
+def test_resume_reads_only_what_was_not_stored_or_changed(tmp_path, layout, exts):
+    """Stop after 25 files; change one stored file, delete one, add one; the resume reads
+    the changed, the new and the never-read files only, and equals a fresh conversion."""
+    src = make_source(tmp_path / "src") if layout == "files" else stacked_source(tmp_path / "src")
+    exts = exts if layout == "files" else ("npy",)
+    out = tmp_path / "out.h5"
+    log = tmp_path / "read.log"
+    options = dict(ext=exts, layout=layout, workers=1, checkpoint_seconds=3600)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        data2h5.convert(src, out, reader=stop_after(25, log), **options)
+    assert stopped.value.data2h5_kept == 25 and not out.exists()
+    first = log.read_text().split()
+    changed, deleted = Path(first[12]), Path(first[20])
+    if changed.suffix == ".npy":
+        np.save(changed, np.load(changed)[::-1].copy())
+    else:
+        changed.write_bytes(changed.read_bytes())  # same bytes, new time: read again all the same
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    deleted.unlink()
+    added = src / "cat" / "zz_added.npy"
+    np.save(added, np.zeros((256, 256, 3), np.uint8))
+
+    with pytest.raises(OutputError, match="--resume"):  # never passed over silently
+        data2h5.convert(src, out, reader=logging_reader(log), **options)
+    log.write_text("")
+    report = data2h5.convert(src, out, reader=logging_reader(log), resume=True, **options)
+    again = set(log.read_text().split())
+    fresh = tmp_path / "fresh.h5"
+    data2h5.convert(src, fresh, reader=logging_reader(tmp_path / "fresh.log"), **options)
+    assert_same_archive(out, fresh)
+    every = set((tmp_path / "fresh.log").read_text().split())
+    if layout == "files":
+        assert again == (every - set(first)) | {str(changed)}
+        assert report.reused == 23
+    else:  # rows are positional: reuse stops at the first changed file's chunk
+        assert again == set(every) - set(first[:10])  # the chunks before the changed file's
+        assert report.reused == 10
+    assert report.entries == len(every) and not Partial(out).files()
+
+
+def test_resume_with_other_options_is_refused_naming_them(tmp_path):
+    src = make_source(tmp_path / "src", n=6)
+    out = tmp_path / "out.h5"
+    with pytest.raises(KeyboardInterrupt):
+        data2h5.convert(src, out, ext="png", reader=stop_after(3, tmp_path / "log"), workers=1)
+    with pytest.raises(OutputError, match=r"compression was 'auto', now 'gzip:4'.*--overwrite"):
+        data2h5.convert(src, out, ext="png", reader=stop_after(-1, tmp_path / "log"), workers=1,
+                        compression="gzip", resume=True)
+    data2h5.convert(src, out, ext="png", workers=1, compression="gzip", overwrite=True)  # starts over
+    assert len(read_index(out)) == 6 and not Partial(out).files()
+
+
+def test_resume_of_a_finished_conversion_does_nothing(tmp_path):
+    src = make_source(tmp_path / "src", n=4)
+    out = tmp_path / "out.h5"
+    data2h5.convert(src, out, ext="png", workers=1)
+    before = out.stat().st_mtime_ns
+    report = data2h5.convert(src, out, ext="png", workers=1, resume=True)
+    assert report.entries == 4 and out.stat().st_mtime_ns == before
+
+
+SLOW_READER = """
+import sys, time
+import numpy as np
+
+def read(path):
+    time.sleep({delay})
+    return np.load(path)
+"""
+
+
+def slow_cli(tmp_path: Path, src: Path, out: Path, *extra: str, delay: float = 0.002) -> list:
+    reader = tmp_path / "slow_reader.py"
+    reader.write_text(SLOW_READER.format(delay=delay))
+    return [sys.executable, "-m", "data2h5.cli", "convert", "--path-images", str(src), "--path-output", str(out),
+            "--ext", "npy", "--reader", f"{reader}:read", "--workers", "2", "-q", *extra]
+
+
+def npy_source(root: Path, n: int, shape=(32, 48), seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        folder = root / f"c{i % 4}" / f"d{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / f"{i:04d}.npy", rng.normal(size=shape).astype(np.float32))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["files", "stacked"])
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, layout):
+    """The acceptance test: kill -9 a real conversion at random instants, resume each time,
+    until one run completes; the archive equals an uninterrupted run's and verifies."""
+    src = npy_source(tmp_path / "src", 800)
+    out = tmp_path / "out.h5"
+    partial = Partial(out)
+    args = ["--layout", layout, "--checkpoint-every", "0.05"]
+    rng = random.Random(1234 if layout == "files" else 4321)
+    kills = 0
+    for attempt in range(40):
+        gen = partial.next_generation()
+        cmd = slow_cli(tmp_path, src, out, *args, *(["--resume"] if attempt else []), delay=0.004)
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if rng.random() < 0.25:  # anywhere in start-up: imports, walk, lock, reading the journals
+            when = time.monotonic() + rng.uniform(0, 0.6)
+        else:  # while writing: from the moment this run's journal exists
+            while not partial.journal(gen).exists() and proc.poll() is None:
+                time.sleep(0.005)
+            when = time.monotonic() + rng.uniform(0, 0.8)  # the pool starts, then files are written
+        while proc.poll() is None and time.monotonic() < when:
+            time.sleep(0.005)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        assert proc.returncode == 0, proc.stderr.read().decode()
+        break
+    else:
+        pytest.fail("no run completed")
+    assert kills >= 3, "the runs were too quick to be killed: slow the reader down"
+    assert out.exists() and not Partial(out).files() and not Partial(out).lock_path.exists()
+    fresh = tmp_path / "fresh.h5"
+    subprocess.run(slow_cli(tmp_path, src, fresh, *args, delay=0), check=True, cwd=tmp_path)
+    assert_same_archive(out, fresh)
+    verify = getattr(data2h5, "verify", None)
+    if verify is not None:
+        assert verify(out, source=src).ok
+
+
+def test_a_resumed_run_reuses_the_work_of_the_killed_one(tmp_path):
+    src = npy_source(tmp_path / "src", 400)
+    out = tmp_path / "out.h5"
+    cmd = slow_cli(tmp_path, src, out, "--checkpoint-every", "0.05")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while sum(len(r) for r in _journal_rows(out)) < 100:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stored = sum(len(r) for r in _journal_rows(out))
+    done = subprocess.run([c for c in cmd if c != "-q"] + ["--resume"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    reused = int(done.stderr.split("resumed: ")[1].split()[0])
+    assert stored <= reused < 400
+
+
+def _journal_rows(out: Path) -> list:
+    from data2h5.partial import read_journal
+
+    partial = Partial(out)
+    rows = []
+    for gen in partial.generations():
+        _, records = read_journal(partial.journal(gen))
+        rows += [r.get("entries", []) for r in records]
+    return rows
+
+
+def test_file_size_limit_mid_write_keeps_the_work_for_resume(tmp_path):
+    """`ulimit -f`: the write fails with EFBIG part way; the error says so in one line, OUT is
+    not written, and --resume completes the job once the limit is lifted."""
+    src = npy_source(tmp_path / "src", 120, shape=(300, 300))  # 360 KB each, ~43 MB in all
+    out = tmp_path / "out.h5"
+    limit = 24 << 20
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    cmd = [sys.executable, "-m", "data2h5.cli", "convert", "--path-images", str(src), "--path-output", str(out),
+           "--ext", "npy", "--compression", "none", "--workers", "2", "--checkpoint-every", "0.05"]
+    done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limited, cwd=tmp_path)
+    assert done.returncode == 1
+    line = error_line(done.stderr)
+    assert str(out) in line and "File too large" in line and "rerun with --resume" in line, done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "resumed:" in done.stderr
+    fresh = tmp_path / "fresh.h5"
+    data2h5.convert(src, fresh, ext="npy", compression="none", workers=2)
+    assert_same_archive(out, fresh)
+
+
+def test_one_writer_per_output_and_no_reading_of_unfinished_work(tmp_path):
+    src = npy_source(tmp_path / "src", 300)
+    out = tmp_path / "out.h5"
+    first = subprocess.Popen(slow_cli(tmp_path, src, out, delay=0.01), cwd=tmp_path, stderr=subprocess.PIPE)
+    partial = Partial(out)
+    deadline = time.monotonic() + 60
+    while not (partial.lock_path.exists() and partial.files()):
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    second = run_cli("convert", "--path-images", str(src), "--path-output", str(out), "--ext", "npy",
+                     "--overwrite", cwd=tmp_path)
+    assert second.returncode == 1
+    line = error_line(second.stderr)
+    assert f"{out} is being written by another data2h5 convert (pid {first.pid})" in line
+    with pytest.raises(ArchiveError, match="unfinished part of a conversion into out.h5"):
+        open_h5(partial.part(1))
+    with pytest.raises(ArchiveError, match="under way or was interrupted"):
+        open_h5(out)
+    assert first.wait(timeout=120) == 0, first.stderr.read().decode()
+    assert len(read_index(out)) == 300
