@@ -1,157 +1,113 @@
 #!/usr/bin/env python
-"""Measure data2h5 against the alternatives, side by side, in one run.
+"""Measure data2h5 against the usual alternatives, on your files or a generated corpus.
 
-    python benchmark.py                      # every section, 5,000 generated JPEGs
-    python benchmark.py --files 1000 --only convert
-    python benchmark.py --only load --cold   # as root: drop the page cache before each epoch
+    python benchmark.py --make-corpus 5000                  # photo-like JPEGs, made and removed
+    python benchmark.py --path-images DIR --ext jpg         # your own folder, left untouched
+    python benchmark.py --make-corpus 5000 --json out.json --plot out.png
 
-Sections (``--only``, repeatable):
+Conversion: data2h5 with its defaults, with ``--reader bytes`` and with ``--layout stacked``
+(through a reader that resizes every image to one shape when the files differ in shape),
+against baselines run on the same files in the same run: the h5py loop tutorials write
+(one process, imageio, gzip), a re-implementation of the original Data2H5 approach (a pool
+decoding small rounds of files, one writer compressing each with lzf), webdataset tar shards
+(when installed), and the limit: every file read and decoded in a pool of every core, the
+result discarded. Each conversion runs in a fresh child process, timed until its output is
+on disk (the baselines fsync as data2h5 does), after an untimed ``sync``.
 
-convert  files/s of turning the JPEG folder into one file: an emulation of the original
-         Data2H5 script (a Pool decoding rounds of 4×cores files, the main process writing
-         each with ``create_dataset(..., compression="lzf")``), the per-file work alone in a
-         Pool (read, decode, lzf; nothing written: the ceiling), webdataset tar shards of the
-         raw bytes, and data2h5 decoded (lzf) and as bytes.
-load     samples/s of a torch DataLoader epoch (shuffled, 2 workers): loose JPEGs decoded with
-         Pillow, a naive lazy h5py dataset, and ``data2h5.H5Dataset``; warm page cache, and
-         cold with ``--cold``.
-batch    ``data2h5.BatchReader`` over a stacked archive: how much of the read cost hides
-         behind a simulated training step, and shuffled against sequential throughput.
+Loading: a PyTorch DataLoader (persistent workers) over loose files decoded with Pillow
+(ImageFolder-style), over the decoded and the bytes archive with ``data2h5.H5Dataset``, and
+over the decoded archive with a hand-written lazy h5py dataset; and ``data2h5.BatchReader``
+over the stacked archive. Each run reads ``--samples`` samples, in order and shuffled, with a
+warm page cache and, as root, a cold one (``sync; echo 3 > /proc/sys/vm/drop_caches``).
 
-Conversions are timed until their output is on disk (data2h5 fsyncs its archive; the
-baselines are given the same fsync), each after an untimed ``sync`` so that no run pays for
-the write-back of the one before; decoders are imported before any Pool forks. The load
-section's epochs each start a fresh DataLoader, worker start-up included.
-
-The machine is noisy, so each figure is the best of ``--repeat`` runs (the median is shown
-beside it) and the goals are ratios against baselines measured in the same run. Generated
-data and outputs stay in ``--work-dir`` (default ./bench-data) between runs. Needs pillow
-and webdataset (``pip install 'data2h5[bench]'``) and torch for the load section; a section
-or variant whose package is missing is skipped with a note.
+Every figure is the median of ``--repeat`` runs, after one untimed warm-up; in each round
+the variants run in turn, so that a noisy spell hits them alike. The report (markdown) goes
+to stdout, progress to stderr. Needs Pillow; torch for the loading rows; webdataset for its
+row; matplotlib for ``--plot``. A row whose package is missing is left out with a note.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
+import multiprocessing
 import os
+import platform
+import resource
 import shutil
 import statistics
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
 
-SECTIONS = ("convert", "load", "batch")
-IMAGE_SIZE = 256
+SECTIONS = ("conversion", "loading")
+# Generated corpus: ~16 KB JPEGs of 12 shapes from 200 to 480 px, 10 classes each split over
+# 4 sub-folders. Smooth gradients, hard-edged shapes and a band of sensor-like noise make the
+# decoded arrays compress like photos (lzf: ~0.7), which noise over the whole frame would not.
+CORPUS_SHAPES = [(256, 256), (224, 224), (320, 240), (240, 320), (300, 200), (200, 300),
+                 (352, 224), (224, 352), (480, 270), (270, 480), (200, 200), (256, 192)]  # (width, height)
 CLASSES = 10
 SUBFOLDERS = 4
-# Tuned so the data behaves like the photos the goals were set on: ~14 KB per 256×256 JPEG,
-# and decoded arrays that lzf shrinks to ~0.7 (photos: 0.63). Sensor-like noise over the whole
-# frame would make every decoded array incompressible, which no real photo collection is.
 JPEG_QUALITY = 88
-NOISE_SIGMA = 20.0
-TEXTURED_FRACTION = 0.2  # rows of the frame with fine texture; the rest is smooth
-SHAPES = 20
+STACK_SIZE = (224, 224)  # (width, height) the stacked row resizes to when the files differ in shape
+WARMUP_FILES = 200  # files in the untimed warm-up round of the conversions
+MB = 1e6
 
 
-# -- results -----------------------------------------------------------------------------------
+# -- measurements -------------------------------------------------------------------------------
 
 
 @dataclass
 class Row:
-    """One measured variant: its times over the repeats and what it produced."""
+    """One measured variant: the wall time of each run and what it read and produced."""
 
     section: str
-    name: str
-    items: int
-    times: List[float]
-    size: Optional[int] = None  # bytes written, when the variant writes something
-    note: str = ""
+    key: str
+    label: str
+    items: int = 0  # files converted, or samples loaded, per run
+    times: List[float] = field(default_factory=list)
+    extra: Dict[str, Any] = field(default_factory=dict)  # as measured: output bytes, peak RSS, ...
+    figures: Dict[str, float] = field(default_factory=dict)  # as reported: rates, ratios, MB
 
     @property
-    def best(self) -> float:
-        return min(self.times)
+    def seconds(self) -> float:
+        return statistics.median(self.times)
 
     @property
     def rate(self) -> float:
-        return self.items / self.best
-
-    @property
-    def median_rate(self) -> float:
-        return self.items / statistics.median(self.times)
+        return self.items / self.seconds
 
 
-@dataclass
-class Results:
-    rows: Dict[str, Row] = field(default_factory=dict)
-    notes: List[str] = field(default_factory=list)
-    ratios: List[tuple] = field(default_factory=list)  # (label, value, goal)
-
-    def add(self, key: str, row: Row) -> Row:
-        self.rows[key] = row
-        print(f"  {row.name:<44} {row.rate:9.0f} /s  (best of {len(row.times)}: {row.best:.2f} s)", flush=True)
-        return row
-
-    def note(self, text: str) -> None:
-        self.notes.append(text)
-        print(f"  note: {text}", flush=True)
-
-    def ratio(self, label: str, num: str, den: str, goal: Optional[float]) -> None:
-        """Record rows[num].rate / rows[den].rate, if both were measured."""
-        if num in self.rows and den in self.rows:
-            self.ratios.append((label, self.rows[num].rate / self.rows[den].rate, goal))
-
-    def value(self, label: str, value: float, goal: Optional[float], lower_is_better: bool = False) -> None:
-        self.ratios.append((label, value, (goal, lower_is_better) if goal is not None else None))
-
-    def print(self) -> None:
-        print("\n== results " + "=" * 90)
-        print(f"{'section':<8} {'variant':<46} {'items':>6} {'best s':>8} {'per s':>8} {'median/s':>9} {'output':>10}  note")
-        for row in self.rows.values():
-            size = f"{row.size / 1e6:8.1f}MB" if row.size is not None else ""
-            print(
-                f"{row.section:<8} {row.name:<46} {row.items:>6} {row.best:>8.2f} {row.rate:>8.0f} "
-                f"{row.median_rate:>9.0f} {size:>10}  {row.note}"
-            )
-        if self.ratios:
-            print("\nratios (same run)")
-            width = max(len(label) for label, _, _ in self.ratios)
-            for label, value, goal in self.ratios:
-                print(f"  {label:<{width}} {value:7.2f}  {_goal_text(value, goal)}")
-        for text in self.notes:
-            print(f"note: {text}")
+def peak_rss_self() -> int:
+    """Peak resident set size of this process since it started its program (Linux: VmHWM;
+    ru_maxrss would also count the parent's memory at the fork before the exec)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_children(resource.RUSAGE_SELF)
 
 
-def _goal_text(value: float, goal) -> str:
-    if goal is None:
-        return ""
-    lower = False
-    if isinstance(goal, tuple):
-        goal, lower = goal
-    ok = value <= goal if lower else value >= goal
-    return f"goal {'≤' if lower else '≥'} {goal:g}  {'met' if ok else 'MISSED'}"
-
-
-def timed(run: Callable[[], object], repeat: int, before: Optional[Callable[[], None]] = None) -> List[float]:
-    """Wall times of ``repeat`` calls of ``run``; ``before`` runs untimed ahead of each."""
-    times = []
-    for _ in range(repeat):
-        if before is not None:
-            before()
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
+def peak_rss_children(who: int = resource.RUSAGE_CHILDREN) -> int:
+    """Peak resident set size of the largest waited-for child (or of ``who``)."""
+    value = resource.getrusage(who).ru_maxrss
+    return value if sys.platform == "darwin" else value * 1024
 
 
 def drop_page_cache() -> bool:
-    """Flush dirty pages and drop the page cache (root only); False if not permitted."""
+    """Write back dirty pages and drop the page cache (root only); False if not permitted."""
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as fh:
@@ -161,12 +117,13 @@ def drop_page_cache() -> bool:
     return True
 
 
-def warm_files(paths: Sequence[Path]) -> None:
-    """Read files once so that they are in the page cache."""
+def read_through(paths: Sequence[Path]) -> None:
+    """Read every file under ``paths`` once, so that they are in the page cache."""
     for path in paths:
-        with open(path, "rb") as fh:
-            while fh.read(1 << 22):
-                pass
+        for item in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            with open(item, "rb") as fh:
+                while fh.read(1 << 22):
+                    pass
 
 
 def tree_size(path: Path) -> int:
@@ -175,102 +132,213 @@ def tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def missing(module: str) -> bool:
+def fsync_tree(path: Path) -> None:
+    """Flush ``path`` (a file, or every file under a folder) to disk, as data2h5 does before it returns."""
+    for item in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it: torch alone would add ~200 MB)."""
+    return importlib.util.find_spec(module) is not None
+
+
+# -- the machine --------------------------------------------------------------------------------
+
+
+def version_of(dist: str) -> str:
     try:
-        __import__(module)
-    except ImportError:
-        return True
-    return False
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
-# -- data --------------------------------------------------------------------------------------
+def filesystem_of(path: Path) -> str:
+    """``ext4 on /dev/vda``: the mount holding ``path``, from /proc/mounts (Linux)."""
+    best = ("", "?", "?")
+    try:
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                device, mount, fstype = line.split()[:3]
+                if str(path.resolve()).startswith(mount.rstrip("/") + "/") and len(mount) >= len(best[0]):
+                    best = (mount, fstype, device)
+    except OSError:
+        return "unknown"
+    return f"{best[1]} on {best[2]}"
 
 
-def photo_like(index: int, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A deterministic RGB image with smooth gradients, hard-edged shapes and sensor-like noise."""
+def describe_machine(work: Path) -> Dict[str, str]:
+    """Cores, memory, OS and the versions that decide the figures."""
+    cpu = platform.processor() or platform.machine()
+    memory = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+        with open("/proc/meminfo") as fh:
+            memory = f"{int(fh.readline().split()[1]) / 2**20:.1f} GiB"
+    except OSError:
+        pass
+    return {
+        "cores": f"{os.cpu_count()} cores ({cpu})",
+        "memory": memory,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "HDF5": h5py.version.hdf5_version,
+        "torch": version_of("torch"),
+        "Pillow": version_of("pillow"),
+        "data2h5": version_of("data2h5"),
+        "work folder": f"{work} ({filesystem_of(work)})",
+    }
+
+
+# -- the source files ---------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """The files measured: relative keys in data2h5's walk order, and what they decode to."""
+
+    root: Path
+    exts: List[str]
+    keys: List[str]
+    nbytes: int
+    images: bool  # Pillow opens every file
+    shapes: List[Tuple[int, int, str]]  # distinct (width, height, mode) when images
+    description: str
+
+    @property
+    def one_shape(self) -> bool:
+        return self.images and len(self.shapes) == 1
+
+
+def photo_like(index: int, width: int, height: int) -> np.ndarray:
+    """A deterministic RGB image: smooth gradients, hard-edged shapes, a band of noise."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(index)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    img = np.empty((size, size, 3), np.float32)
+    scale = float(max(width, height))
+    x, y = np.arange(width, dtype=np.float32) / scale, np.arange(height, dtype=np.float32) / scale
+    img = np.empty((height, width, 3), np.float32)
     for c in range(3):
-        waves = np.zeros((size, size), np.float32)
-        for _ in range(4):
+        plane = np.full((height, width), rng.uniform(60, 190), np.float32)
+        for _ in range(4):  # sin(a + b) = sin a cos b + cos a sin b: two outer products
             fx, fy = rng.uniform(0.3, 4, 2)
-            waves += rng.uniform(10, 35) * np.sin(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 2 * np.pi))
-        img[..., c] = waves + rng.uniform(60, 190)
+            amp, phase = rng.uniform(10, 35), rng.uniform(0, 2 * np.pi)
+            ax, by = 2 * np.pi * fx * x + phase, 2 * np.pi * fy * y
+            plane += amp * (np.outer(np.cos(by), np.sin(ax)) + np.outer(np.sin(by), np.cos(ax)))
+        img[..., c] = plane
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    for _ in range(SHAPES):
-        x0, y0 = (int(v) for v in rng.integers(0, size, 2))
-        w, h = (int(v) for v in rng.integers(10, size // 2, 2))
+    for _ in range(20):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w, h = (int(v) for v in rng.integers(10, min(width, height) // 2, 2))
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x0 + w, y0 + h], fill=colour)
-    img = np.asarray(canvas).astype(np.float32)
-    band = int(size * TEXTURED_FRACTION)
-    img[:band] += rng.normal(0, NOISE_SIGMA, (band, size, 3)).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    out = np.asarray(canvas).astype(np.int16)
+    band = height // 5
+    out[:band] += rng.normal(0, 20.0, (band, width, 3)).astype(np.int16)
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def relative_name(index: int) -> str:
-    """``class_03/part_1/img_000123.jpg``: ~10 classes, each split over a few subfolders."""
+def corpus_name(index: int) -> str:
+    """``class_03/part_1/img_000123.jpg``."""
     return f"class_{index % CLASSES:02d}/part_{index // CLASSES % SUBFOLDERS}/img_{index:06d}.jpg"
 
 
-def _write_jpeg(job: tuple) -> int:
+def _write_corpus_file(job: Tuple[str, int]) -> int:
     from PIL import Image
 
     root, index = job
-    path = Path(root) / relative_name(index)
+    width, height = CORPUS_SHAPES[index * 7 % len(CORPUS_SHAPES)]
     buf = io.BytesIO()
-    Image.fromarray(photo_like(index)).save(buf, "JPEG", quality=JPEG_QUALITY)
-    path.write_bytes(buf.getvalue())
+    Image.fromarray(photo_like(index, width, height)).save(buf, "JPEG", quality=JPEG_QUALITY)
+    Path(root, corpus_name(index)).write_bytes(buf.getvalue())
     return len(buf.getvalue())
 
 
-def ensure_jpegs(work: Path, n: int, workers: int) -> Path:
-    """The folder of ``n`` generated JPEGs, made once and cached in ``work``."""
-    root = work / f"photos-{n}"
-    done = root / ".complete"
-    if done.exists():
-        return root
-    if root.exists():
-        shutil.rmtree(root)
-    for index in range(min(n, CLASSES * SUBFOLDERS)):
-        (root / relative_name(index)).parent.mkdir(parents=True, exist_ok=True)
-    print(f"generating {n} JPEGs in {root} ...", flush=True)
+def make_corpus(root: Path, n: int) -> float:
+    """Write ``n`` photo-like JPEGs under ``root`` in a pool of every core; returns the seconds taken."""
+    from tqdm import tqdm
+
     start = time.perf_counter()
-    with Pool(workers) as pool:
-        sizes = pool.map(_write_jpeg, [(str(root), i) for i in range(n)], chunksize=32)
-    done.write_text(json.dumps({"files": n, "mean_bytes": float(np.mean(sizes))}))
-    print(f"  {n} files, mean {np.mean(sizes) / 1e3:.1f} KB, {time.perf_counter() - start:.0f} s", flush=True)
-    return root
+    for index in range(min(n, CLASSES * SUBFOLDERS)):
+        (root / corpus_name(index)).parent.mkdir(parents=True, exist_ok=True)
+    with Pool(os.cpu_count()) as pool, tqdm(total=n, desc="corpus", unit="file", file=sys.stderr) as bar:
+        for _ in pool.imap_unordered(_write_corpus_file, [(str(root), i) for i in range(n)], chunksize=32):
+            bar.update(1)
+    return time.perf_counter() - start
 
 
-def source_files(n: int) -> List[str]:
-    return [relative_name(i) for i in range(n)]
+def list_keys(root: Path, exts: Sequence[str]) -> List[str]:
+    """Relative paths of the files with one of ``exts``, sorted as data2h5 walks them."""
+    wanted = {"." + e.lower().lstrip(".") for e in exts}
+    keys = []
+    for dirpath, _dirs, names in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for name in names:
+            if os.path.splitext(name)[1].lower() in wanted:
+                keys.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
+    return sorted(keys)
 
 
-def preload_decoders(sample: Path) -> None:
-    """Import the decoders and decode one file in this process, so that forked workers of
-    every variant start with them loaded and the figures measure steady-state work."""
-    import imageio.v3 as iio
-    import lzf  # noqa: F401
+def probe_shapes(root: Path, keys: Sequence[str]) -> Optional[List[Tuple[int, int, str]]]:
+    """Distinct (width, height, mode) of the files from their headers, or None if one is not an image."""
     from PIL import Image
 
-    iio.imread(sample)
-    with Image.open(sample) as img:
-        img.convert("RGB")
+    shapes = set()
+    for key in keys:
+        try:
+            with Image.open(root / key) as img:
+                shapes.add((img.width, img.height, img.mode))
+        except Exception:  # Pillow raises anything on a file that is not an image
+            return None
+    return sorted(shapes)
 
 
-# -- convert: the variants ---------------------------------------------------------------------
+def open_source(root: Path, exts: Sequence[str], description: str) -> Source:
+    keys = list_keys(root, exts)
+    if not keys:
+        raise SystemExit(f"benchmark.py: error: no file under {root} has the extension {' or '.join(exts)}; check --ext")
+    shapes = probe_shapes(root, keys)
+    nbytes = sum((root / key).stat().st_size for key in keys)
+    return Source(root, list(exts), keys, nbytes, shapes is not None, shapes or [], description)
+
+
+# -- conversion: the variants, each run in a fresh child process --------------------------------
+
+
+def convert_naive(src: Path, keys: Sequence[str], out: Path, exts: Sequence[str]) -> None:
+    """What tutorials write: one process walks the folder, imreads each file and stores it
+    with ``create_dataset(..., compression="gzip")``."""
+    import imageio.v3 as iio
+
+    wanted = {"." + e.lower() for e in exts}
+    with h5py.File(out, "w") as f:
+        for dirpath, _dirs, names in os.walk(src):
+            for name in names:
+                if os.path.splitext(name)[1].lower() in wanted:
+                    path = os.path.join(dirpath, name)
+                    f.create_dataset(os.path.relpath(path, src), data=iio.imread(path), compression="gzip")
+    fsync_tree(out)
 
 
 class _OriginalConverter:
-    """The shape of the original Data2H5 script's converter: one object holding every
-    relative path, whose bound method is what its Pool maps, so each task pickles the whole
-    object (the full file list included) to the workers; files are read through imageio's
-    legacy ``imageio.imread``."""
+    """The shape of the original Data2H5 script's converter: one object holding every relative
+    path, whose bound method is what its Pool maps (each task pickles the whole object, the
+    file list included); files are read with imageio's legacy ``imread``."""
 
     def __init__(self, root: Path, keys: Sequence[str]):
         self.root = str(root)
@@ -282,13 +350,13 @@ class _OriginalConverter:
         return key, iio2.imread(os.path.join(self.root, key))
 
 
-def convert_original(root: Path, keys: Sequence[str], out: Path) -> None:
-    """Emulates the original Data2H5 script: synchronous rounds of 4×cores files decoded by a
-    Pool mapping a bound method, each array then written by the main process as its own lzf
-    dataset (one chunk per image) in a file of the default format version."""
+def convert_original(src: Path, keys: Sequence[str], out: Path, exts: Sequence[str]) -> None:
+    """The original Data2H5 approach, re-implemented for this benchmark: synchronous rounds of
+    4×cores files decoded by a Pool, each array written by the one main process as its own
+    lzf dataset (one chunk per image)."""
     cores = os.cpu_count() or 1
     per_round = 4 * cores
-    converter = _OriginalConverter(root, keys)
+    converter = _OriginalConverter(src, keys)
     with Pool(cores) as pool, h5py.File(out, "w") as h5:
         for start in range(0, len(keys), per_round):
             for key, arr in pool.map(converter.read, converter.keys[start : start + per_round]):
@@ -296,451 +364,646 @@ def convert_original(root: Path, keys: Sequence[str], out: Path) -> None:
     fsync_tree(out)
 
 
-def _limit_work(path: str) -> int:
-    """What data2h5 does per file, done alone: read, checksum, decode (data2h5's own image
-    decoder), lzf-compress."""
-    import zlib
-
-    import lzf
-
-    from data2h5.readers import BUILTIN_READERS
+def _decode_file(path: str) -> None:
+    from data2h5.readers import reader_for_extension
 
     with open(path, "rb") as fh:
         raw = fh.read()
-    zlib.crc32(raw)
-    arr = BUILTIN_READERS["image"].from_bytes(raw, os.path.splitext(path)[1].lower())
-    packed = lzf.compress(arr.tobytes())
-    return len(packed) if packed is not None else arr.nbytes
+    ext = os.path.splitext(path)[1].lower()
+    reader_for_extension(ext).from_bytes(raw, ext)
 
 
-def convert_limit(root: Path, keys: Sequence[str]) -> int:
-    """The per-file work alone (read, decode, lzf) in a Pool of every core; nothing written."""
-    with Pool(os.cpu_count() or 1) as pool:
-        return sum(pool.imap_unordered(_limit_work, [str(root / key) for key in keys], chunksize=16))
+def convert_limit(src: Path, keys: Sequence[str], out: Path, exts: Sequence[str]) -> None:
+    """The limit: read and decode every file (data2h5's decoder) in a Pool of every core; nothing is kept."""
+    with Pool(os.cpu_count()) as pool:
+        for _ in pool.imap_unordered(_decode_file, [str(src / key) for key in keys], chunksize=16):
+            pass
 
 
-def convert_webdataset(root: Path, keys: Sequence[str], out: Path) -> None:
-    """Pack the raw files into webdataset tar shards, the usual way to ship loose JPEGs."""
+def convert_webdataset(src: Path, keys: Sequence[str], out: Path, exts: Sequence[str]) -> None:
+    """The files' bytes into webdataset tar shards, one process, the usual way to ship loose files."""
     import webdataset as wds
 
-    out.mkdir(parents=True, exist_ok=True)
+    from data2h5.stacked import class_of
+
+    out.mkdir(parents=True)
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=10000, verbose=0) as sink:
         for key in keys:
-            sink.write({"__key__": key[: -len(".jpg")], "jpg": (root / key).read_bytes(), "cls": key[6:8]})
+            stem, ext = os.path.splitext(key)
+            sink.write({"__key__": stem, ext[1:].lower(): (src / key).read_bytes(), "cls": class_of(key)})
     fsync_tree(out)
 
 
-def convert_data2h5(root: Path, out: Path, *, reader: str, workers: int, compression: str = "auto", layout: str = "files"):
+def convert_data2h5(src: Path, keys: Sequence[str], out: Path, exts: Sequence[str], **options: Any) -> None:
     import data2h5
 
-    return data2h5.convert(
-        root, out, ext="jpg", reader=reader, compression=compression, layout=layout, workers=workers, overwrite=True
-    )
+    data2h5.convert(src, out, ext=exts, **options)
 
 
-def remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+def read_resized(path: str) -> np.ndarray:
+    """Reader for the stacked row when the files differ in shape: RGB at :data:`STACK_SIZE`."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.draft("RGB", STACK_SIZE)  # JPEG: decode at a reduced scale when still >= the target
+        rgb = img.convert("RGB")
+    if rgb.size != STACK_SIZE:
+        rgb = rgb.resize(STACK_SIZE, Image.Resampling.BILINEAR)
+    return np.asarray(rgb)
 
 
-def fresh(path: Path) -> Callable[[], None]:
-    """Untimed set-up of a conversion: remove the last output and flush every dirty page, so
-    that no run pays for the write-back of the one before."""
-
-    def setup() -> None:
-        remove(path)
-        os.sync()
-
-    return setup
-
-
-def fsync_tree(path: Path) -> None:
-    """Flush ``path`` (a file, or every file under a folder) to disk. data2h5 syncs its archive
-    before it returns; the baselines are timed to the same point, a durable output."""
-    for item in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
-        fd = os.open(item, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+CONVERTERS: Dict[str, Callable[..., None]] = {
+    "naive": convert_naive,
+    "original": convert_original,
+    "limit": convert_limit,
+    "webdataset": convert_webdataset,
+    "data2h5": convert_data2h5,
+    "bytes": convert_data2h5,
+    "stacked": convert_data2h5,
+}
 
 
 @dataclass
-class Outputs:
-    """Where each variant's output lives, for the load and batch sections to reuse."""
+class Conversion:
+    """A conversion variant as the parent plans it; ``options`` go to its converter."""
 
-    dir: Path
-
-    @property
-    def original(self) -> Path:
-        return self.dir / "original.h5"
-
-    @property
-    def decoded(self) -> Path:
-        return self.dir / "data2h5-decoded.h5"
-
-    @property
-    def raw_bytes(self) -> Path:
-        return self.dir / "data2h5-bytes.h5"
-
-    @property
-    def stacked(self) -> Path:
-        return self.dir / "data2h5-stacked.h5"
-
-    @property
-    def shards(self) -> Path:
-        return self.dir / "webdataset"
+    key: str
+    label: str
+    options: Dict[str, Any] = field(default_factory=dict)
+    output: Optional[str] = None  # file or folder name under the work folder; None: writes nothing
 
 
-def run_convert(args, root: Path, keys: List[str], outs: Outputs, results: Results) -> set:
-    """Time every conversion variant; returns the outputs it (re)wrote in this run."""
-    print(f"\n== convert: {len(keys)} JPEGs, data2h5 with {args.workers} workers, {os.cpu_count()} cores", flush=True)
-    warm_files([root / key for key in keys])
-    n, made = len(keys), set()
-    sec = "convert"
-    src = tree_size(root)
-    results.note(f"source: {n} JPEGs, {src / 1e6:.1f} MB ({src / n / 1e3:.1f} KB each)")
-
-    times = timed(lambda: convert_original(root, keys, outs.original), args.repeat, fresh(outs.original))
-    results.add("original", Row(sec, "original Data2H5 emulation (lzf per dataset)", n, times, tree_size(outs.original)))
-    made.add("original")
-
-    times = timed(lambda: convert_limit(root, keys), args.repeat, os.sync)
-    results.add("limit", Row(sec, "limit: read+decode+lzf in a Pool, no writes", n, times, None, "ceiling"))
-
-    if missing("webdataset"):
-        results.note("webdataset is not installed: skipped its conversion (pip install 'data2h5[bench]')")
+def plan_conversions(source: Source, notes: List[str]) -> List[Conversion]:
+    plan = []
+    if source.images:
+        plan += [
+            Conversion("naive", "naive h5py loop (1 process, imageio, gzip)", output="naive.h5"),
+            Conversion("original", "original Data2H5 approach (re-implemented: pool rounds, one lzf writer)",
+                       output="original.h5"),
+        ]
     else:
-        times = timed(lambda: convert_webdataset(root, keys, outs.shards), args.repeat, fresh(outs.shards))
-        results.add("wds", Row(sec, "webdataset ShardWriter (raw bytes, 1 process)", n, times, tree_size(outs.shards)))
-
-    for key, reader, label in (("d2h_decoded", "image", "data2h5 decoded (image, lzf)"), ("d2h_bytes", "bytes", "data2h5 bytes")):
-        path = outs.decoded if reader == "image" else outs.raw_bytes
-        compression = "lzf" if reader == "image" else "auto"
-        times = timed(
-            lambda: convert_data2h5(root, path, reader=reader, workers=args.workers, compression=compression),
-            args.repeat,
-            fresh(path),
-        )
-        results.add(key, Row(sec, label, n, times, tree_size(path)))
-        made.add(key)
-
-    results.ratio("convert: data2h5 decoded / original", "d2h_decoded", "original", 5.0)
-    results.ratio("convert: data2h5 decoded / limit", "d2h_decoded", "limit", 0.8)
-    results.ratio("convert: data2h5 bytes / webdataset", "d2h_bytes", "wds", 1.5)
-    for key in ("original", "d2h_decoded", "d2h_bytes", "wds"):
-        if key in results.rows:
-            results.value(f"size: {results.rows[key].name} / source", results.rows[key].size / src, None)
-    return made
-
-
-def ensure_outputs(args, root: Path, keys: List[str], outs: Outputs, made: set, wanted: Sequence[str]) -> None:
-    """Build, untimed, the outputs a later section reads and this run has not written yet.
-
-    The original emulation's output is reused from an earlier run when present (its code does
-    not change); data2h5's archives are rebuilt so that they come from the code being measured.
-    """
-    outs.dir.mkdir(parents=True, exist_ok=True)
-    for name in wanted:
-        if name in made:
-            continue
-        print(f"  building {name} output (untimed) ...", flush=True)
-        if name == "original":
-            if not outs.original.exists():
-                convert_original(root, keys, outs.original)
-        elif name == "d2h_decoded":
-            convert_data2h5(root, outs.decoded, reader="image", compression="lzf", workers=args.workers)
-        elif name == "d2h_bytes":
-            convert_data2h5(root, outs.raw_bytes, reader="bytes", workers=args.workers)
-        elif name == "d2h_stacked":
-            convert_data2h5(root, outs.stacked, reader="image", compression="lzf", layout="stacked", workers=args.workers)
-        made.add(name)
+        notes.append("the files are not images Pillow opens: the naive loop and the original approach "
+                     "(both imread images) are left out")
+    plan.append(Conversion("limit", "limit: decode every file in a pool of all cores, discard"))
+    if installed("webdataset"):
+        plan.append(Conversion("webdataset", "webdataset tar shards (file bytes, 1 process)", output="shards"))
+        notes.append("webdataset: `import webdataset` loads torch, most of its row's peak RSS")
+    else:
+        notes.append("webdataset is not installed: its row is left out (pip install 'data2h5[bench]')")
+    plan += [
+        Conversion("data2h5", "data2h5, defaults (decoded, lzf)", output="data2h5.h5"),
+        Conversion("bytes", "data2h5 --reader bytes", {"reader": "bytes"}, output="bytes.h5"),
+    ]
+    if source.one_shape or not source.images:
+        plan.append(Conversion("stacked", "data2h5 --layout stacked", {"layout": "stacked"}, output="stacked.h5"))
+    else:
+        size = "×".join(map(str, STACK_SIZE))
+        spec = f"{Path(__file__).resolve()}:read_resized"
+        plan.append(Conversion("stacked", f"data2h5 --layout stacked (resized to {size} by a reader)",
+                               {"layout": "stacked", "reader": spec}, output="stacked.h5"))
+        notes.append(f"stacked: the files have {len(source.shapes)} shapes, so the stacked row converts them "
+                     f"through a reader that resizes each to {size} RGB (read_resized in benchmark.py); its "
+                     "decoded arrays are smaller than the other rows' and its time includes the resize")
+    return plan
 
 
-# -- load: datasets for the DataLoader ---------------------------------------------------------
+def preload_decoders(sample: Path) -> None:
+    """Import the decoders and decode one file, so that forked workers start with them loaded."""
+    from data2h5.readers import reader_for_extension
+
+    reader_for_extension(sample.suffix.lower())(str(sample))
+    try:
+        import imageio.v2 as iio2
+        import lzf
+
+        lzf.compress(iio2.imread(sample).tobytes())
+    except Exception:  # not an image: the baselines that imread are not run
+        pass
 
 
-class LooseJpegs:
-    """Decode each loose JPEG with Pillow on every access: the usual ImageFolder-style loader."""
+def _conversion_child(conn, key: str, src: str, keys: List[str], out: Optional[str], exts: List[str],
+                      options: Dict[str, Any]) -> None:
+    """Body of the child process: one timed conversion, then its times and peak RSS."""
+    try:
+        preload_decoders(Path(src, keys[0]))
+        base = peak_rss_self()
+        start = time.perf_counter()
+        CONVERTERS[key](Path(src), keys, Path(out) if out else None, exts, **options)
+        seconds = time.perf_counter() - start
+        conn.send({"seconds": seconds, "rss_base": base, "rss_writer": peak_rss_self(),
+                   "rss_workers": peak_rss_children()})
+    except BaseException as exc:  # reported by the parent as a note; a traceback helps nobody here
+        conn.send({"error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
+
+
+def run_conversion(conv: Conversion, root: Path, keys: Sequence[str], exts: Sequence[str], work: Path) -> Dict[str, Any]:
+    """Run ``conv`` once in a fresh (spawned) process, after removing its last output and an
+    untimed ``sync``; returns the child's figures plus the output's size."""
+    out = work / conv.output if conv.output else None
+    if out is not None:
+        remove(out)
+    os.sync()
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_conversion_child,
+                        args=(send, conv.key, str(root), list(keys), str(out) if out else None, list(exts), conv.options))
+    child.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:
+        result = {"error": "the child process died"}
+    child.join()
+    if out is not None and "error" not in result:
+        result["output_bytes"] = tree_size(out)
+    return result
+
+
+def link_subset(source: Source, dest: Path, n: int) -> List[str]:
+    """Hard-link (or copy) the first ``n`` files into ``dest`` for the warm-up round."""
+    keys = source.keys[:: max(1, len(source.keys) // n)][:n]
+    for key in keys:
+        (dest / key).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source.root / key, dest / key)
+        except OSError:
+            shutil.copyfile(source.root / key, dest / key)
+    return keys
+
+
+def run_conversions(plan: List[Conversion], source: Source, work: Path, repeat: int, bar, notes: List[str]) -> List[Row]:
+    """One untimed warm-up round on a few files, then ``repeat`` rounds, each running every
+    variant in turn; the outputs of the last round stay in ``work`` for the loading section."""
+    warm = work / "warmup"
+    warm_keys = link_subset(source, warm / "src", WARMUP_FILES)
+    for conv in plan:
+        bar.set_description(f"warm-up: {conv.key}")
+        run_conversion(conv, warm / "src", warm_keys, source.exts, warm)
+        bar.update(1)
+    remove(warm)
+    read_through([source.root])
+    rows = {c.key: Row("conversion", c.key, c.label, len(source.keys)) for c in plan}
+    for r in range(repeat):
+        for conv in plan:
+            bar.set_description(f"conversion {r + 1}/{repeat}: {conv.key}")
+            result = run_conversion(conv, source.root, source.keys, source.exts, work)
+            bar.update(1)
+            row = rows[conv.key]
+            if "error" in result:
+                notes.append(f"{conv.label}: failed ({result['error']}); row left out")
+                row.items = 0
+                continue
+            row.times.append(result.pop("seconds"))
+            row.extra.update(result)
+    for conv in plan:
+        if conv.output and conv.key not in ("data2h5", "bytes", "stacked"):
+            remove(work / conv.output)
+    return [row for row in rows.values() if row.items and row.times]
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+class LooseImages:
+    """ImageFolder-style: the class is the first folder; each access opens the file and
+    decodes it with Pillow to RGB."""
 
     def __init__(self, root: Path, keys: Sequence[str]):
         self.paths = [str(root / key) for key in keys]
+        self.targets = class_indices(keys)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def __getitem__(self, i: int):
         from PIL import Image
 
-        with Image.open(self.paths[i]) as img:
-            return np.asarray(img.convert("RGB"))
+        with open(self.paths[i], "rb") as fh:
+            rgb = Image.open(fh).convert("RGB")
+        return np.asarray(rgb), self.targets[i]
 
 
-class NaiveH5:
-    """The common lazy pattern: list the datasets up front, open the file on first access in
-    each worker, read ``f[key][:]`` through h5py's high-level API."""
+class LazyH5:
+    """The hand-written lazy pattern: list the datasets once, open the file on first access in
+    each worker, read ``f[key][()]`` through h5py."""
 
     def __init__(self, path: Path):
-        self.path = str(path)
+        from data2h5.format import INDEX_GROUP
+
         names: List[str] = []
-        with h5py.File(self.path, "r") as f:
+        with h5py.File(path, "r") as f:
             f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
-        self.keys = sorted(k for k in names if not k.startswith("__data2h5__"))
-        self.h5 = None
+        self.path = str(path)
+        self.keys = [k for k in names if not k.startswith(INDEX_GROUP + "/")]
+        self.targets = class_indices(self.keys)
+        self.h5: Optional[h5py.File] = None
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def __getitem__(self, i: int):
         if self.h5 is None:
             self.h5 = h5py.File(self.path, "r")
-        return self.h5[self.keys[i]][:]
+        return self.h5[self.keys[i]][()], self.targets[i]
 
 
-def find_h5dataset():
-    """``data2h5.H5Dataset``, or None if this checkout does not have it yet."""
-    try:
-        from data2h5 import H5Dataset
-    except ImportError:
-        try:
-            from data2h5.dataset import H5Dataset
-        except ImportError:
-            return None
-    return H5Dataset
+def class_indices(keys: Sequence[str]) -> List[int]:
+    from data2h5.stacked import class_of
+
+    classes = {c: i for i, c in enumerate(sorted({class_of(k) for k in keys}))}
+    return [classes[class_of(k)] for k in keys]
 
 
-def stack_collate(batch: list):
-    """Stack same-shape samples into one tensor (a sample may be an array or a tuple led by one)."""
-    import torch
+class IndexList:
+    """A sampler whose indices change between runs while the DataLoader's workers stay up."""
 
-    arrays = [s[0] if isinstance(s, tuple) else s for s in batch]
-    return torch.from_numpy(np.stack(arrays))
+    def __init__(self) -> None:
+        self.indices: List[int] = []
 
+    def __iter__(self):
+        return iter(self.indices)
 
-def load_epoch(dataset, workers: int, batch_size: int, seed: int = 0) -> int:
-    """One shuffled epoch through a fresh DataLoader (worker start-up included, as in training)."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=stack_collate, generator=generator
-    )
-    seen = 0
-    for batch in loader:
-        seen += batch.shape[0]
-    if seen != len(dataset):
-        raise RuntimeError(f"epoch saw {seen} samples, the dataset has {len(dataset)}")
-    return seen
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
-def run_load(args, root: Path, keys: List[str], outs: Outputs, made: set, results: Results) -> None:
-    print(f"\n== load: DataLoader, {args.load_workers} workers, batch {args.batch_size}, shuffled", flush=True)
-    if missing("torch"):
-        results.note("torch is not installed: skipped the load section")
-        return
-    if missing("PIL"):
-        results.note("pillow is not installed: skipped the load section (pip install 'data2h5[bench]')")
-        return
-    H5Dataset = find_h5dataset()
-    if H5Dataset is None:
-        results.note("data2h5.H5Dataset is not available yet: skipped its variants")
-    ensure_outputs(args, root, keys, outs, made, ["original", "d2h_decoded", "d2h_bytes"])
-
-    variants: Dict[str, tuple] = {
-        "loose": ("loose JPEG, Pillow decode", lambda: LooseJpegs(root, keys)),
-        "naive_orig": ("naive h5py over original output", lambda: NaiveH5(outs.original)),
-        "naive_dec": ("naive h5py over data2h5 decoded", lambda: NaiveH5(outs.decoded)),
-    }
-    if H5Dataset is not None:
-        variants.update(
-            {
-                "h5ds_bytes": ("H5Dataset over data2h5 bytes", lambda: H5Dataset(outs.raw_bytes)),
-                "h5ds_dec": ("H5Dataset over data2h5 decoded", lambda: H5Dataset(outs.decoded)),
-                "h5ds_orig": ("H5Dataset over original output", lambda: H5Dataset(outs.original)),
-            }
-        )
-    modes = ["warm"]
-    if args.cold:
-        if drop_page_cache():
-            modes.append("cold")
-        else:
-            results.note("--cold needs root to write /proc/sys/vm/drop_caches: cold loading skipped")
-
-    for mode in modes:
-        for key, (label, make) in variants.items():
-            dataset = make()
-            epoch = lambda: load_epoch(dataset, args.load_workers, args.batch_size)  # noqa: E731
-            if mode == "warm":
-                epoch()  # fill the page cache (and make the first epoch's imports)
-                times = timed(epoch, args.repeat)
-            else:
-                times = timed(epoch, args.repeat, drop_page_cache)
-            results.add(f"{key}_{mode}", Row(f"load {mode}", label, len(dataset), times))
-            close = getattr(dataset, "close", None)
-            if close is not None:
-                close()
-
-    for mode, goal in (("warm", 1.0), ("cold", 1.2)):
-        results.ratio(f"load {mode}: H5Dataset bytes / loose JPEG", f"h5ds_bytes_{mode}", f"loose_{mode}", goal)
-    for mode in modes:
-        results.ratio(f"load {mode}: H5Dataset decoded / naive over decoded", f"h5ds_dec_{mode}", f"naive_dec_{mode}", 1.2)
-        results.ratio(f"load {mode}: H5Dataset / naive over original output", f"h5ds_orig_{mode}", f"naive_orig_{mode}", 1.0)
+def as_list(batch: list) -> list:
+    """Collate: samples differ in shape, so a batch stays a list of (array, target)."""
+    return batch
 
 
-# -- batch: the asynchronous batch reader -------------------------------------------------------
+class TorchLoader:
+    """A DataLoader with persistent workers over one dataset; ``run`` reads the given indices."""
+
+    def __init__(self, dataset, workers: int, batch_size: int):
+        from torch.utils.data import DataLoader
+
+        self.sampler = IndexList()
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 collate_fn=as_list, persistent_workers=workers > 0)
+
+    def run(self, order: str, indices: List[int]) -> int:
+        self.sampler.indices = indices
+        return sum(len(batch) for batch in self.loader)
+
+    def close(self) -> None:
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
 
 
-def find_batch_reader():
-    """``data2h5.BatchReader``, or None if this checkout does not have it yet."""
-    try:
+class StackedReader:
+    """``data2h5.BatchReader`` over the stacked archive: one reader in order, one shuffled."""
+
+    def __init__(self, path: Path, batch_size: int):
         from data2h5 import BatchReader
-    except ImportError:
-        try:
-            from data2h5.prefetch import BatchReader
-        except ImportError:
-            return None
-    return BatchReader
+
+        self.batch_size = batch_size
+        self.readers = {"sequential": BatchReader(path, batch_size),
+                        "shuffled": BatchReader(path, batch_size, shuffle=True, seed=0)}
+
+    def run(self, order: str, indices: List[int]) -> int:
+        """Read as many batches as ``indices`` would fill; a BatchReader picks its own rows."""
+        reader = self.readers[order]
+        batches, seen = -(-len(indices) // self.batch_size), 0
+        for b, (data, _labels) in enumerate(reader):
+            seen += len(data)
+            if b + 1 == batches:
+                break
+        return seen
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
 
 
-def plain_epoch(path: Path, batch_size: int, step_s: float = 0.0) -> int:
-    """The loop people write first: slice each batch out of ``data``/``labels`` with h5py, in
-    order, then train on it; reading and training take turns."""
-    with h5py.File(path, "r") as f:
-        data, labels = f["data"], f["labels"]
-        n = data.shape[0]
-        for start in range(0, n, batch_size):
-            data[start : start + batch_size], labels[start : start + batch_size]
-            if step_s:
-                time.sleep(step_s)
-    return n
+def plan_loaders(source: Source, work: Path, workers: int, batch_size: int, notes: List[str]) -> Dict[str, Tuple[str, Callable[[], Any]]]:
+    """The loading variants: key → (label, a function that opens the loader)."""
+    from data2h5 import H5Dataset
+
+    def torch_loader(make_dataset):
+        return lambda: TorchLoader(make_dataset(), workers, batch_size)
+
+    loaders: Dict[str, Tuple[str, Callable[[], Any]]] = {}
+    if source.images:
+        loaders["loose"] = ("loose files, Pillow (ImageFolder-style)", torch_loader(lambda: LooseImages(source.root, source.keys)))
+    else:
+        notes.append("the files are not images Pillow opens: the loose-file row is left out, and with it the ratios")
+    loaders["h5dataset"] = ("H5Dataset, default archive (decoded)",
+                            torch_loader(lambda: H5Dataset(work / "data2h5.h5", target="folder")))
+    loaders["h5dataset_bytes"] = ("H5Dataset, bytes archive (decoded on read)",
+                                  torch_loader(lambda: H5Dataset(work / "bytes.h5", target="folder")))
+    loaders["lazy_h5py"] = ("hand-written lazy h5py dataset, default archive",
+                            torch_loader(lambda: LazyH5(work / "data2h5.h5")))
+    stored = "arrays" if source.one_shape or not source.images else f"arrays resized to {'×'.join(map(str, STACK_SIZE))}"
+    loaders["batch_reader"] = (f"BatchReader, stacked archive ({stored}, nothing to decode)",
+                               lambda: StackedReader(work / "stacked.h5", batch_size))
+    return loaders
 
 
-def h5py_shuffled_epoch(path: Path, batch_size: int, max_batches: int, seed: int = 0) -> int:
-    """Random rows per batch through h5py (sorted fancy indexing), for ``max_batches`` batches:
-    what shuffling costs without a reader that works chunk by chunk."""
-    with h5py.File(path, "r") as f:
-        data, labels = f["data"], f["labels"]
-        order = np.random.default_rng(seed).permutation(data.shape[0])
-        seen = 0
-        for b in range(min(max_batches, -(-len(order) // batch_size))):
-            rows = np.sort(order[b * batch_size : (b + 1) * batch_size])
-            data[rows], labels[rows]
-            seen += len(rows)
-    return seen
+def sample_indices(n: int, samples: int, round_: int) -> Dict[str, List[int]]:
+    """The first ``samples`` in order, and ``samples`` drawn at random from all ``n``."""
+    rng = np.random.default_rng(round_)
+    return {"sequential": list(range(samples)), "shuffled": [int(i) for i in rng.choice(n, samples, replace=False)]}
 
 
-def reader_epoch(reader, step_s: float = 0.0) -> int:
-    """One epoch from a BatchReader, sleeping ``step_s`` per batch as a stand-in for training."""
-    seen = 0
-    for data, _labels in reader:
-        seen += data.shape[0]
-        if step_s:
-            time.sleep(step_s)
-    return seen
+def run_loading(source: Source, work: Path, args, cold: bool, bar, notes: List[str]) -> List[Row]:
+    """Warm-up, then ``repeat`` rounds warm and (``cold``) ``repeat`` rounds cold; in each round
+    every loader runs in turn, in order and shuffled."""
+    planned = plan_loaders(source, work, args.workers, args.batch_size, notes)
+    samples = min(args.samples, len(source.keys))
+    loaders = {key: make() for key, (_label, make) in planned.items()}
+    rows: Dict[Tuple[str, str, str], Row] = {}
+    try:
+        read_through([source.root, work])
+        for key, loader in loaders.items():
+            bar.set_description(f"loading warm-up: {key}")
+            loader.run("shuffled", sample_indices(len(source.keys), samples, args.repeat)["shuffled"])
+            bar.update(1)
+        for cache in ("warm", "cold") if cold else ("warm",):
+            for r in range(args.repeat):
+                for order, indices in sample_indices(len(source.keys), samples, r).items():
+                    for key, loader in loaders.items():
+                        bar.set_description(f"loading {cache} {r + 1}/{args.repeat}: {key} {order}")
+                        if cache == "cold":
+                            drop_page_cache()
+                        start = time.perf_counter()
+                        seen = loader.run(order, indices)
+                        row = rows.setdefault((key, cache, order), Row("loading", key, planned[key][0], seen))
+                        row.times.append(time.perf_counter() - start)
+                        row.extra.update(cache=cache, order=order)
+                        bar.update(1)
+    finally:
+        for loader in loaders.values():
+            loader.close()
+    return list(rows.values())
 
 
-def run_batch(args, root: Path, keys: List[str], outs: Outputs, made: set, results: Results) -> None:
-    print(
-        f"\n== batch: BatchReader over a stacked archive, batch {args.batch_size}, {args.threads} threads, "
-        f"prefetch {args.prefetch or 'default'}",
-        flush=True,
-    )
-    BatchReader = find_batch_reader()
-    if BatchReader is None:
-        results.note("data2h5.BatchReader is not available yet: skipped the batch section")
-        return
-    ensure_outputs(args, root, keys, outs, made, ["d2h_stacked"])
-    path, n, bs, sec = outs.stacked, len(keys), args.batch_size, "batch"
-    batches = -(-n // bs)
-    warm_files([path])
+# -- report -------------------------------------------------------------------------------------
 
-    opts = {"threads": args.threads} if args.prefetch is None else {"threads": args.threads, "prefetch": args.prefetch}
-    with BatchReader(path, bs, shuffle=False, **opts) as seq, BatchReader(path, bs, shuffle=True, seed=0, **opts) as shuf:
-        print(f"  {path.name}: {n} rows, read by {seq.method}", flush=True)
-        readers = (("br_seq", seq, "BatchReader sequential"), ("br_shuf", shuf, "BatchReader shuffled"))
-        times = timed(lambda: plain_epoch(path, bs), args.repeat)
-        results.add("plain", Row(sec, "h5py loop, sequential slices", n, times))
-        for key, reader, label in readers:
-            times = timed(lambda: reader_epoch(reader), args.repeat)
-            results.add(key, Row(sec, label, n, times))
-        sample_batches = max(1, min(batches, 3))  # ~1 s per batch: a sample is enough
-        times = timed(lambda: h5py_shuffled_epoch(path, bs, sample_batches), args.repeat)
-        rows = min(n, sample_batches * bs)
-        results.add("h5py_shuf", Row(sec, "h5py shuffled rows (fancy index)", rows, times, note=f"first {sample_batches} batches"))
-
-        # Overlap: a simulated training step of T ms per batch against the read cost R. Runs
-        # with and without the step alternate, so that a noisy spell hits both alike; R is the
-        # best epoch without the step, which makes the ratio a strict one.
-        step_ms = args.step_ms if args.step_ms is not None else results.rows["br_shuf"].best / batches * 1e3
-        step_s = step_ms / 1e3
-        times = timed(lambda: plain_epoch(path, bs, step_s), args.repeat)
-        results.add("plain_step", Row(sec, f"h5py loop + {step_ms:.1f} ms step per batch", n, times))
-        for key, reader, label in readers:
-            stepped = []
-            for _ in range(args.repeat):
-                results.rows[key].times += timed(lambda: reader_epoch(reader), 1)
-                stepped += timed(lambda: reader_epoch(reader, step_s), 1)
-            results.add(f"{key}_step", Row(sec, f"{label} + {step_ms:.1f} ms step", n, stepped))
-            read_s = results.rows[key].best / batches
-            ideal = max(step_s, read_s) * batches
-            results.note(f"batch: {label}: R = {read_s * 1e3:.1f} ms per batch, T = {step_ms:.1f} ms, {batches} batches")
-            results.value(f"batch: {label}+step epoch / (max(T,R) × batches)", min(stepped) / ideal, 1.15, True)
-
-    results.ratio("batch: BatchReader shuffled+step / h5py loop+step (speed-up)", "br_shuf_step", "plain_step", None)
-    results.ratio("batch: BatchReader shuffled / sequential", "br_shuf", "br_seq", None)
-    results.ratio("batch: BatchReader sequential / h5py loop", "br_seq", "plain", None)
-    results.ratio("batch: BatchReader shuffled / h5py shuffled rows", "br_shuf", "h5py_shuf", None)
+SINGLE_PROCESS = {"naive", "webdataset"}  # conversions without a pool: no worker RSS
 
 
-# -- main --------------------------------------------------------------------------------------
+def add_figures(rows: List[Row], source: Source) -> None:
+    """Derive into each row's ``figures`` every number the tables show (the JSON has them too)."""
+    by = {(r.section, r.key, r.extra.get("cache"), r.extra.get("order")): r for r in rows}
+    limit, ours = by.get(("conversion", "limit", None, None)), by.get(("conversion", "data2h5", None, None))
+    for row in rows:
+        fig = row.figures = {"per_s": row.rate, "seconds": row.seconds}
+        if row.section == "loading":
+            base = by.get(("loading", "loose", row.extra["cache"], row.extra["order"]))
+            if base is not None:
+                fig["x_loose"] = row.rate / base.rate
+            continue
+        fig["mb_per_s"] = source.nbytes / MB / row.seconds
+        if "output_bytes" in row.extra:
+            fig["output_mb"] = row.extra["output_bytes"] / MB
+            fig["x_source"] = row.extra["output_bytes"] / source.nbytes
+        fig["peak_rss_main_mb"] = row.extra["rss_writer"] / MB
+        if row.key not in SINGLE_PROCESS:
+            fig["peak_rss_worker_mb"] = row.extra["rss_workers"] / MB
+        if limit is not None:
+            fig["x_limit"] = row.rate / limit.rate
+        if ours is not None:
+            fig["x_data2h5"] = row.rate / ours.rate
+
+
+def cell(value: Optional[float], spec: str = ",.2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def conversion_table(rows: List[Row], source: Source) -> List[str]:
+    lines = [
+        f"### Conversion: {len(source.keys):,} files, {source.nbytes / MB:,.1f} MB",
+        "",
+        "| conversion | files/s | MB/s read | output MB | × source | peak RSS MB (main / worker) | × limit | × data2h5 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        f = row.figures
+        lines.append(
+            f"| {row.label} | {cell(f['per_s'], ',.0f')} | {cell(f['mb_per_s'], ',.1f')} | {cell(f.get('output_mb'), ',.1f')} "
+            f"| {cell(f.get('x_source'))} | {cell(f['peak_rss_main_mb'], ',.0f')} / {cell(f.get('peak_rss_worker_mb'), ',.0f')} "
+            f"| {cell(f.get('x_limit'))} | {cell(f.get('x_data2h5'))} |"
+        )
+    return lines
+
+
+def loading_table(rows: List[Row], args, samples: int) -> List[str]:
+    regimes = list(dict.fromkeys((r.extra["cache"], r.extra["order"]) for r in rows))
+    cells = {(r.key, r.extra["cache"], r.extra["order"]): r for r in rows}
+    lines = [
+        f"### Loading: samples/s ({samples:,} samples a run, batch {args.batch_size}, "
+        f"{args.workers} DataLoader workers; in brackets: × loose files)",
+        "",
+        "| loader | " + " | ".join(f"{c} {o}" for c, o in regimes) + " |",
+        "|---|" + "---:|" * len(regimes),
+    ]
+    for key, label in dict.fromkeys((r.key, r.label) for r in rows):
+        shown = []
+        for cache, order in regimes:
+            row = cells.get((key, cache, order))
+            ratio = row.figures.get("x_loose") if row else None
+            shown.append("–" if row is None else cell(row.rate, ",.0f") + (f" ({ratio:.2f}×)" if ratio else ""))
+        lines.append(f"| {label} | " + " | ".join(shown) + " |")
+    return lines
+
+
+def report(result: Dict[str, Any], rows: List[Row], source: Source, args) -> str:
+    m = result["machine"]
+    runs = f"{args.repeat} runs" if args.repeat > 1 else "1 run"
+    lines = [
+        "## data2h5 benchmark",
+        "",
+        f"`{result['command']}`: {source.description}. Median of {runs} after one untimed warm-up, "
+        f"the variants taking turns within each round; {result['wall_seconds']:.0f} s in all.",
+        "",
+        f"Machine: {m['cores']}, {m['memory']}, {m['os']}; Python {m['python']}, numpy {m['numpy']}, "
+        f"h5py {m['h5py']}, HDF5 {m['HDF5']}, torch {m['torch']}, Pillow {m['Pillow']}, data2h5 {m['data2h5']}; "
+        f"work folder {m['work folder']}; load average {result['load_before']:.2f} before, {result['load_after']:.2f} after.",
+        "",
+    ]
+    conversions = [r for r in rows if r.section == "conversion"]
+    loads = [r for r in rows if r.section == "loading"]
+    if conversions:
+        lines += conversion_table(conversions, source) + [""]
+    if loads:
+        lines += loading_table(loads, args, result["samples"]) + [""]
+    lines += [f"- {note}" for note in result["notes"]]
+    return "\n".join(lines)
+
+
+STANDING_NOTES = [
+    "files/s and MB/s: source files and bytes over the median wall time, until the output is on disk "
+    "(the baselines fsync as data2h5 does); each run in a fresh process after an untimed sync.",
+    "limit: each file read and decoded with data2h5's decoder in a pool of every core, the arrays discarded: "
+    "what decoding alone allows; data2h5's default row also compresses (lzf) and writes.",
+    "peak RSS: the main (writer) process's peak, including the interpreter with numpy, h5py and Pillow "
+    "loaded, and the largest pool worker's peak (pages shared after fork count in both).",
+    "loading: DataLoader workers stay up between runs (persistent_workers); a batch is a list of "
+    "(array, class) pairs, no transforms; BatchReader is not a DataLoader: its 2 threads read whole "
+    "batches of the stacked array, and its shuffle mixes rows within windows of the file.",
+]
+
+
+def write_plot(path: Path, rows: List[Row]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conversions = [r for r in rows if r.section == "conversion"]
+    loads = [r for r in rows if r.section == "loading"]
+    fig, axes = plt.subplots(2, 1, figsize=(13, 9))
+    axes[0].barh([r.label for r in conversions], [r.rate for r in conversions], color="tab:blue")
+    axes[0].set_xlabel("files/s (conversion)")
+    axes[0].invert_yaxis()
+    regimes = list(dict.fromkeys((r.extra["cache"], r.extra["order"]) for r in loads))
+    labels = list(dict.fromkeys(r.label for r in loads))
+    height = 0.8 / max(1, len(regimes))
+    for i, regime in enumerate(regimes):
+        rates = {r.label: r.rate for r in loads if (r.extra["cache"], r.extra["order"]) == regime}
+        axes[1].barh([j + i * height for j in range(len(labels))], [rates.get(lb, 0) for lb in labels],
+                     height=height, label=" ".join(regime))
+    axes[1].set_yticks([j + height * (len(regimes) - 1) / 2 for j in range(len(labels))], labels)
+    axes[1].set_xlabel("samples/s (loading)")
+    axes[1].invert_yaxis()
+    if regimes:
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+# -- main ---------------------------------------------------------------------------------------
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    cores = os.cpu_count() or 1
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--files", type=int, default=5000, help="number of generated JPEGs (default 5000)")
-    p.add_argument("--workers", type=int, default=2, help="data2h5 conversion workers (default 2)")
-    p.add_argument("--load-workers", type=int, default=2, help="DataLoader workers (default 2)")
-    p.add_argument("--batch-size", type=int, default=64, help="DataLoader / BatchReader batch size (default 64)")
-    p.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is reported (default 3)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--path-images", type=Path, metavar="DIR", help="your own folder (read, never changed)")
+    src.add_argument("--make-corpus", type=int, metavar="N", help="generate N photo-like JPEGs in a temporary folder")
+    p.add_argument("--ext", action="append", help="extension of your files (repeatable; default jpg)")
+    p.add_argument("--keep-corpus", action="store_true", help="keep the generated corpus (its folder is printed)")
+    p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()),
+                   help="where the corpus and the outputs are written (default: the temporary folder)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs of each variant; the median is reported (default 3)")
+    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                   help="DataLoader workers (default: the cores, at most 8); conversions use data2h5's default")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size of the loading rows (default 64)")
+    p.add_argument("--samples", type=int, default=1024, help="samples read by each loading run (default 1024)")
+    p.add_argument("--no-cold", action="store_true", help="skip the cold-cache loading runs even as root")
     p.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable)")
-    p.add_argument("--work-dir", type=Path, default=Path("bench-data"), help="data and outputs (default ./bench-data)")
-    p.add_argument("--cold", action="store_true", help="also load with the page cache dropped before each epoch (root)")
-    p.add_argument("--threads", type=int, default=2, help="BatchReader threads (default 2)")
-    p.add_argument("--prefetch", type=int, default=None, help="BatchReader batches read ahead (default: its own)")
-    p.add_argument("--step-ms", type=float, default=None, help="batch section: simulated train step (default: the read cost)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every figure to FILE")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="bar chart of the rates (needs matplotlib)")
     args = p.parse_args(argv)
-    if args.files < 1 or args.repeat < 1 or args.workers < 1 or args.batch_size < 1:
-        p.error("--files, --repeat, --workers and --batch-size must be at least 1")
+    if args.make_corpus is not None and args.make_corpus < 1:
+        p.error("--make-corpus needs at least 1 file")
+    if min(args.repeat, args.batch_size, args.samples) < 1 or args.workers < 0:
+        p.error("--repeat, --batch-size and --samples must be at least 1, --workers at least 0")
+    if args.path_images is not None and not args.path_images.is_dir():
+        p.error(f"--path-images {args.path_images} is not a folder")
+    args.ext = [e.lower().lstrip(".") for e in (args.ext or ["jpg"])]
     args.sections = args.only or list(SECTIONS)
-    args.cores = cores
     return args
 
 
+def prepare_source(args, work: Path) -> Source:
+    if args.path_images is not None:
+        return open_source(args.path_images.resolve(), args.ext, f"{args.path_images} (--ext {' '.join(args.ext)})")
+    root = work / "corpus"
+    seconds = make_corpus(root, args.make_corpus)
+    source = open_source(root, ["jpg"], "")
+    shapes = sorted({(w, h) for w, h, _ in source.shapes})
+    source.description = (
+        f"{args.make_corpus:,} generated photo-like JPEGs in {CLASSES} class folders, {len(shapes)} shapes "
+        f"from {min(shapes)[0]}×{min(shapes)[1]} to {max(shapes)[0]}×{max(shapes)[1]}, {source.nbytes / MB:,.1f} MB "
+        f"({source.nbytes / len(source.keys) / 1e3:.1f} KB a file), generated in {seconds:.0f} s"
+    )
+    return source
+
+
+def ensure_archives(source: Source, work: Path, plan: List[Conversion], made: List[Row], notes: List[str]) -> bool:
+    """Build, untimed, the archives the loading rows read that no conversion row left behind."""
+    done = {row.key for row in made}
+    for conv in plan:
+        if conv.key in ("data2h5", "bytes", "stacked") and conv.key not in done:
+            result = run_conversion(conv, source.root, source.keys, source.exts, work)
+            if "error" in result:
+                notes.append(f"loading left out: the archive of '{conv.label}' could not be made ({result['error']})")
+                return False
+    return True
+
+
+def planned_steps(args, plan: List[Conversion], loaders: int, cold: bool) -> int:
+    steps = len(plan) * (1 + args.repeat) if "conversion" in args.sections else 0
+    if "loading" in args.sections:
+        steps += loaders * (1 + 2 * args.repeat * (2 if cold else 1))
+    return steps
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from tqdm import tqdm
+
     args = parse_args(argv)
-    if missing("PIL"):
-        print("benchmark.py needs pillow to generate its JPEGs: pip install 'data2h5[bench]'", file=sys.stderr)
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    if not installed("PIL"):
+        print("benchmark.py: error: needs Pillow: pip install 'data2h5[bench]'", file=sys.stderr)
         return 2
+    notes: List[str] = []
+    if args.plot is not None and not installed("matplotlib"):
+        print(f"benchmark.py: --plot needs matplotlib (pip install matplotlib); {args.plot} will not be written",
+              file=sys.stderr)
+        notes.append(f"--plot: matplotlib is not installed, so {args.plot} was not written (pip install matplotlib)")
+        args.plot = None
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    root = ensure_jpegs(args.work_dir, args.files, args.cores)
-    keys = source_files(args.files)
-    preload_decoders(root / keys[0])
-    outs = Outputs(args.work_dir / f"out-photos-{args.files}")
-    outs.dir.mkdir(parents=True, exist_ok=True)
-    results, made = Results(), set()
-    print(f"python {sys.version.split()[0]}, h5py {h5py.__version__}, {args.cores} cores, sections: {' '.join(args.sections)}")
-    if "convert" in args.sections:
-        made |= run_convert(args, root, keys, outs, results)
-    if "load" in args.sections:
-        run_load(args, root, keys, outs, made, results)
-    if "batch" in args.sections:
-        run_batch(args, root, keys, outs, made, results)
-    results.print()
+    work = Path(tempfile.mkdtemp(prefix="data2h5-bench-", dir=args.work_dir)).resolve()
+    keep = work / "corpus" if args.make_corpus is not None and args.keep_corpus else None
+    try:
+        source = prepare_source(args, work)
+        out = work / "out"
+        out.mkdir()
+        plan = plan_conversions(source, notes)
+        loading = "loading" in args.sections and installed("torch")
+        if "loading" in args.sections and not loading:
+            notes.append("torch is not installed: the loading rows are left out (pip install torch)")
+        cold = loading and not args.no_cold and drop_page_cache()
+        if loading and not args.no_cold and not cold:
+            notes.append("cold: not permitted (needs root to write /proc/sys/vm/drop_caches); warm page cache only")
+        rows: List[Row] = []
+        with tqdm(total=planned_steps(args, plan, 5 if source.images else 4, cold), unit="run", file=sys.stderr) as bar:
+            if "conversion" in args.sections:
+                rows += run_conversions(plan, source, out, args.repeat, bar, notes)
+            if loading and ensure_archives(source, out, plan, rows, notes):
+                rows += run_loading(source, out, args, cold, bar, notes)
+        notes += STANDING_NOTES
+        add_figures(rows, source)
+        if keep is not None:
+            notes.append(f"corpus kept in {keep} (reuse it: --path-images {keep} --ext jpg)")
+        result = {
+            "command": "python benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": describe_machine(work),
+            "source": {"description": source.description, "files": len(source.keys), "bytes": source.nbytes,
+                       "images": source.images, "shapes": source.shapes},
+            "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "samples": min(args.samples, len(source.keys)),
+            "load_before": load_before,
+            "load_after": os.getloadavg()[0],
+            "wall_seconds": time.perf_counter() - started,
+            "notes": notes,
+            "rows": [asdict(r) for r in rows],
+        }
+        print(report(result, rows, source, args))
+        if args.json is not None:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        if args.plot is not None:
+            write_plot(args.plot, rows)
+    finally:
+        for item in work.iterdir():
+            if item != keep:
+                remove(item)
+        if keep is None:
+            work.rmdir()
     return 0
 
 
