@@ -199,9 +199,17 @@ def _check_size(value, path: str, max_bytes: Optional[int]) -> None:
         return
     if nbytes > max_bytes:
         raise ReadError(
-            path, f"read as {nbytes / 2**30:.1f} GiB, over the {max_bytes / 2**30:.1f} GiB limit per file; "
+            path, f"read as {_binary_size(nbytes)}, over the {_binary_size(max_bytes)} limit per file; "
             "pass a larger --max-entry-size if that is expected"
         )
+
+
+def _binary_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _describe(value) -> str:
