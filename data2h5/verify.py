@@ -35,11 +35,11 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Ty
 import h5py
 import numpy as np
 
-from . import format as fmt
+from . import codecs, format as fmt
 from .convert import collect
 from .errors import ArchiveError, CorruptEntryError, PluginError, SourceError
 from .format import Kind
-from .index import LAYOUT_PLAIN, ArchiveReader, Index, PathLike, read_index
+from .index import _DECOMPRESS_ERRORS, LAYOUT_PLAIN, ArchiveReader, Index, PathLike, read_index
 from .plugins import load
 from .prune import match_extension, normalize_extensions
 from .writer import iter_chunk_offsets
@@ -66,7 +66,8 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.kind:<8} {self.key}: {self.reason}"
+        key = self.key if self.key.isprintable() else self.key.encode("unicode_escape").decode("ascii")
+        return f"{self.kind:<8} {key}: {self.reason}"  # one line, whatever a crafted key holds
 
 
 @dataclass
@@ -420,20 +421,13 @@ class _Checker:
         crcs = index.stored_crc32
         recorded = 0 if crcs is None or plain else int(crcs[pos])
         stored = int(index.stored[pos])
-        offset = int(index.offset[pos])
         # Entries stored as exact bytes are also checked against the source file's CRC-32.
         unchecked = int(plain or (kind == Kind.ARRAY and stored > 0 and recorded == 0))
         try:
-            if offset == 0 and recorded and stored:  # one block is checked by read_stored
-                dset = self.reader.h5file[key]
-                if stored_crc32(dset) != recorded:
-                    problems.append(Problem(CORRUPT, key, "checksum of the stored bytes does not match"))
-                    return 0
-            arr = self.reader.read_stored(pos)
-            if offset == 0 and not plain and (arr.shape != index.entry_shape(pos) or arr.dtype.str.encode() != index.dtype[pos]):
-                problems.append(Problem(CORRUPT, key, f"the dataset holds {arr.dtype.str} {arr.shape}, the index records "
-                                        f"{index.dtype[pos].decode()} {index.entry_shape(pos)}"))
-                return 0
+            if int(index.offset[pos]) or plain or not stored:  # read_stored checks one block
+                arr = self.reader.read_stored(pos)
+            else:
+                arr = self._check_chunked(pos, recorded)
         except CorruptEntryError as exc:
             problems.append(Problem(CORRUPT, key, _reason(exc)))
             return 0
@@ -446,6 +440,55 @@ class _Checker:
             if why:
                 problems.append(Problem(CHANGED, key, why))
         return unchecked
+
+    def _check_chunked(self, pos: int, recorded: int) -> Optional[np.ndarray]:
+        """Check an entry that is not one block: its shape and dtype against the index, its
+        chunks as stored against ``recorded`` (0: none recorded), each chunk decompressed
+        and, for exact bytes, the bytes against the source's CRC-32. Chunks are decompressed
+        here, in the calling thread, rather than by HDF5, which would hold h5py's global lock.
+        Returns the stored bytes of a BYTES entry (for comparing with its source), else None.
+        """
+        index, key = self.index, self.index.keys[pos]
+        dset = self.reader.h5file[key]
+        if dset.shape != index.entry_shape(pos) or dset.dtype.str.encode() != index.dtype[pos]:
+            raise CorruptEntryError(f"the dataset holds {dset.dtype.str} {dset.shape}, the index records "
+                                    f"{index.dtype[pos].decode()} {index.entry_shape(pos)}")
+        codec = codecs.codec_by_id(int(index.codec[pos]))
+        if dset.chunks is None or not codec.in_worker or not codec.can_decompress():
+            if recorded and stored_crc32(dset) != recorded:
+                raise CorruptEntryError("checksum of the stored bytes does not match")
+            return self.reader.read_stored(pos)  # HDF5 decodes it
+        kind = int(index.kind[pos])
+        chunk_bytes = math.prod(dset.chunks) * dset.dtype.itemsize
+        size = math.prod(dset.shape) * dset.dtype.itemsize
+        crc = source_crc = done = 0
+        pieces: Optional[List[bytes]] = [] if kind == Kind.BYTES and key in self.sources else None
+        failure: Optional[str] = None
+        for offset, _ in iter_chunk_offsets(dset.shape, dset.chunks):
+            mask, raw = dset.id.read_direct_chunk(offset)
+            crc = zlib.crc32(raw, crc)
+            if failure:
+                continue  # the checksum of the stored bytes, when recorded, is the better reason
+            try:
+                data = raw if mask & 1 else codec.decompress(raw, chunk_bytes)
+            except _DECOMPRESS_ERRORS as exc:
+                failure = f"chunk at {offset} does not decompress: {_one_line(exc)}"
+                continue
+            if len(data) != chunk_bytes:
+                failure = f"chunk at {offset} holds {len(data)} bytes where {chunk_bytes} were expected"
+            elif kind != Kind.ARRAY:  # 1-D: chunks run in order, the last one padded
+                piece = memoryview(data)[: size - done]
+                source_crc = zlib.crc32(piece, source_crc)
+                done += len(piece)
+                if pieces is not None:
+                    pieces.append(bytes(piece))
+        if recorded and crc != recorded:
+            raise CorruptEntryError("checksum of the stored bytes does not match")
+        if failure:
+            raise CorruptEntryError(failure)
+        if kind != Kind.ARRAY and (size != int(index.size[pos]) or source_crc != int(index.crc32[pos])):
+            raise CorruptEntryError("checksum of the source file's bytes does not match")
+        return np.frombuffer(b"".join(pieces), np.uint8) if pieces is not None else None
 
     def _absent(self, key: str) -> str:
         """Why the tree walk found no dataset for ``key``."""

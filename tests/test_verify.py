@@ -129,8 +129,10 @@ def single_block(out: Path, key: str) -> int:
 
 
 def second_chunk(out: Path, key: str) -> int:
+    """Inside the second chunk of a key (its only chunk if it has one)."""
     with h5py.File(out) as f:
-        info = f[key].id.get_chunk_info(1)
+        dsid = f[key].id
+        info = dsid.get_chunk_info(min(1, dsid.get_num_chunks() - 1))
     return info.byte_offset + info.size // 2
 
 
@@ -144,6 +146,9 @@ def second_chunk(out: Path, key: str) -> int:
         ("auto", "none", "cats/2.jpg", single_block),
         ("auto", "auto", BIG, second_chunk),  # a decoded array in several lzf chunks
         ("auto", "zstd", BIG, second_chunk),
+        ("auto", "gzip", BIG, second_chunk),
+        ("auto", "blosc-lz4", BIG, second_chunk),  # compressed by HDF5: decoded through it
+        ("auto", "blosc-lz4", "data/ramp.npy", second_chunk),  # one chunk, but not read as one block
     ],
 )
 def test_one_flipped_byte_fails_naming_the_entry(tmp_path, src, reader, compression, key, where):
@@ -177,6 +182,17 @@ def test_flipped_byte_in_a_stacked_chunk_names_its_rows(tmp_path, compression):
     assert sorted(p.key for p in report.problems) == [f"{i:02d}.npy" for i in range(rows, 2 * rows)]
     assert {p.kind for p in report.problems} == {"corrupt"}
     assert "checksum of the stored chunk" in report.problems[0].reason
+
+
+@pytest.mark.parametrize("key, where", [(BIG, second_chunk), ("data/ramp.npy", single_block)])
+def test_without_stored_checksums_damage_is_caught_by_decompression(tmp_path, src, key, where):
+    out = convert(src, tmp_path / "out.h5", compression="gzip")  # gzip checks its own data
+    with h5py.File(out, "r+") as f:
+        del f[fmt.INDEX_GROUP][fmt.STORED_CRC32]
+    flip(out, where(out, key))
+    report = verify(out)
+    assert [(p.kind, p.key) for p in report.problems] == [("corrupt", key)]
+    assert "error" in report.problems[0].reason.lower() or "decompress" in report.problems[0].reason
 
 
 def test_index_and_tree_must_agree(tmp_path, src):
