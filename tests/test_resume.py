@@ -265,29 +265,52 @@ def _journal_rows(out: Path) -> list:
     return rows
 
 
-def test_file_size_limit_mid_write_keeps_the_work_for_resume(tmp_path):
-    """`ulimit -f`: the write fails with EFBIG part way; the error says so in one line, OUT is
-    not written, and --resume completes the job once the limit is lifted."""
+def _small_disk(folder: Path, size: str) -> bool:
+    """Mount a tmpfs of ``size`` on ``folder`` (needs root); False where that is not allowed."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("limit", ["file-size-limit", "disk-full"])
+def test_a_write_that_fails_part_way_keeps_the_work_for_resume(tmp_path, limit):
+    """`ulimit -f`, or a full disk: the write fails part way; the error says so in one line,
+    OUT is not written, and --resume completes the job once there is room."""
     src = npy_source(tmp_path / "src", 120, shape=(300, 300))  # 360 KB each, ~43 MB in all
-    out = tmp_path / "out.h5"
-    limit = 24 << 20
+    folder = tmp_path / "out"
+    preexec = None
+    if limit == "disk-full":
+        if not _small_disk(folder, "24m"):
+            pytest.skip("mounting a small tmpfs needs root")
+    else:
+        folder.mkdir()
 
-    def limited():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        def preexec():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (24 << 20, 24 << 20))
 
+    out = folder / "out.h5"
     cmd = [sys.executable, "-m", "data2h5.cli", "convert", "--path-images", str(src), "--path-output", str(out),
            "--ext", "npy", "--compression", "none", "--workers", "2", "--checkpoint-every", "0.05"]
-    done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limited, cwd=tmp_path)
-    assert done.returncode == 1
-    line = error_line(done.stderr)
-    assert str(out) in line and "File too large" in line and "rerun with --resume" in line, done.stderr
-    assert "Traceback" not in done.stderr and not out.exists()
-    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert "resumed:" in done.stderr
-    fresh = tmp_path / "fresh.h5"
-    data2h5.convert(src, fresh, ext="npy", compression="none", workers=2)
-    assert_same_archive(out, fresh)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=preexec, cwd=tmp_path)
+        assert done.returncode == 1
+        line = error_line(done.stderr)
+        reason = "File too large" if limit == "file-size-limit" else "No space left on device"
+        assert f"cannot write {out}: {reason}" in line and "rerun with --resume" in line, done.stderr
+        assert "Traceback" not in done.stderr and not out.exists()
+        if limit == "disk-full":  # room is made: the resume copies what was kept, then goes on
+            subprocess.run(["mount", "-o", "remount,size=200m", str(folder)], check=True)
+        done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "resumed:" in done.stderr
+        fresh = tmp_path / "fresh.h5"
+        data2h5.convert(src, fresh, ext="npy", compression="none", workers=2)
+        assert_same_archive(out, fresh)
+    finally:
+        if limit == "disk-full":
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def test_one_writer_per_output_and_no_reading_of_unfinished_work(tmp_path):
