@@ -31,13 +31,12 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-import h5py
 import numpy as np
 
 from . import format as fmt
-from .errors import ArchiveError, ArchiveKeyError, OutputError
+from .errors import ArchiveError, ArchiveKeyError, Data2H5Error, OutputError
 from .format import Kind
-from .index import ArchiveReader, Index, PathLike, read_index
+from .index import ArchiveReader, Index, PathLike, open_h5, read_index
 from .verify import read_stacked_chunk, stacked_chunks
 
 log = logging.getLogger(__name__)
@@ -227,9 +226,8 @@ def extract(
             report.bytes += writer.write(rel, value, as_npy)
             report.files += 1
             bar.update(1)
-    except BaseException:
-        log.warning("extraction stopped after %d of %d files", report.files, len(todo))
-        raise
+    except Data2H5Error as exc:  # say what was done: the files written so far are complete
+        raise type(exc)(f"{exc} (extraction stopped: {report.files:,} of {len(todo):,} files were written to {dest})") from exc
     finally:
         writer.close()
         bar.close()
@@ -247,7 +245,7 @@ def _values(archive: str, index: Index, todo: List[Tuple[int, str]]) -> Iterator
                 yield rel, reader.read_stored(pos), int(index.kind[pos]) == Kind.ARRAY
         return
     wanted = dict(todo)
-    with h5py.File(archive, "r") as f:
+    with open_h5(archive) as f:
         data, count, crcs, problem = stacked_chunks(f)
         if problem:
             raise ArchiveError(f"{archive}: {problem}; convert the source again")

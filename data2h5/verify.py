@@ -294,7 +294,7 @@ def read_stacked_chunk(data: h5py.Dataset, crcs: Optional[np.ndarray], i: int) -
             if zlib.crc32(raw) != int(crcs[i]):
                 raise CorruptEntryError(f"checksum of the stored chunk of rows {lo}-{hi - 1} does not match")
         return data[lo:hi]
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CorruptEntryError(f"chunk of rows {lo}-{hi - 1} cannot be read: {_one_line(exc)}") from exc
 
 

@@ -303,12 +303,33 @@ def test_corrupt_entry_stops_extraction_leaving_only_complete_files(tmp_path, so
         fh.seek(int(index.offset[pos] + index.stored[pos] // 2))
         fh.write(b"\x00\xff\x00")
     dest = tmp_path / "dest"
-    with pytest.raises(CorruptEntryError, match="cats/2.jpg"):
+    with pytest.raises(CorruptEntryError, match=r"cats/2.jpg.*extraction stopped: \d+ of 11 files were written"):
         extract(out, dest)
     written = files_under(dest)
-    assert "cats/2.jpg" not in written and not any(PART_SUFFIX in name for name in written)
+    assert written and "cats/2.jpg" not in written and not any(PART_SUFFIX in name for name in written)
     for key in written:
         assert filecmp.cmp(source[key], dest / key, shallow=False)
+    done = run_cli("extract", out, tmp_path / "dest2", cwd=tmp_path)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
+    assert "damaged" in error_line(done.stderr) and "extraction stopped" in error_line(done.stderr)
+
+
+def test_corrupt_stacked_chunk_stops_extraction_naming_its_rows(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(40):
+        np.save(src / f"{i:02d}.npy", rng.random((128, 128), dtype=np.float32))
+    out = convert(tmp_path, ext="npy", layout="stacked")
+    with h5py.File(out) as f:
+        rows = f["data"].chunks[0]
+        info = f["data"].id.get_chunk_info(1)
+    with open(out, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(b"\x00\xff\x00")
+    with pytest.raises(CorruptEntryError, match=f"entries '{rows:02d}.npy' to '{2 * rows - 1:02d}.npy'"):
+        extract(out, tmp_path / "dest")
+    assert files_under(tmp_path / "dest") == [f"{i:02d}.npy" for i in range(rows)]
 
 
 def test_no_temporary_file_is_left_behind(tmp_path, source):
