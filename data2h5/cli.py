@@ -162,10 +162,11 @@ Examples:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary: the problems only.")
 def verify(archive: str, source: Optional[str], exts: Tuple[str, ...], prune: Optional[str],
            follow_symlinks: Optional[bool], workers: Optional[int], as_json: bool, quiet: bool) -> None:
-    """Check every entry against the checksums stored in the archive and, with --source,
-    the source folder against the archive.
+    """Check that an archive (and, with --source, its source folder) is intact.
 
-    Exits 0 only when all holds; otherwise lists each problem, one a line: corrupt (stored
+    Every entry is checked against the checksums stored in the archive; with --source,
+    every file the conversion's options select must be in the archive, unchanged. Exits 0
+    only when all holds; otherwise lists each problem, one a line: corrupt (stored
     data damaged), missing (in the source, not in the archive), skipped (in the source,
     skipped at conversion), extra (in the archive, not in the source), changed (the source
     file differs from what was recorded; for exact-bytes entries, from the stored bytes).
@@ -204,16 +205,16 @@ as KEY.npy (KEY itself when it ends in .npy), which numpy.load reads back unchan
 @main.command(epilog=EXTRACT_EXAMPLE)
 @click.argument("archive", type=click.Path())
 @click.argument("dest", type=click.Path())
-@click.argument("prefixes", nargs=-1)
+@click.argument("prefixes", nargs=-1, metavar="[PREFIX]...")
 @click.option("--overwrite", is_flag=True, help="Replace files that already exist (never links or folders).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def extract(archive: str, dest: str, prefixes: Tuple[str, ...], overwrite: bool, quiet: bool) -> None:
-    """Write the archive's entries back as files under DEST (created if needed), only those
-    equal to or under a PREFIX when some are given.
+    """Write the archive's entries back as files under DEST.
 
-    Keys that would land outside DEST (absolute, with '..', through a symlink inside DEST)
-    refuse the whole extraction before anything is written, as do existing files unless
-    --overwrite.
+    DEST is created if needed; with PREFIXes, only the keys equal to or under one of them
+    are written (cats selects cats/1.jpg, not catsup.jpg). Keys that would land outside
+    DEST (absolute, with '..', through a symlink inside DEST) refuse the whole extraction
+    before anything is written, as do existing files unless --overwrite.
     """
     from .extract import extract as extract_archive
 
