@@ -433,7 +433,8 @@ class Conversion:
     output: Optional[str] = None  # file or folder name under the work folder; None: writes nothing
 
 
-def plan_conversions(source: Source, notes: List[str]) -> List[Conversion]:
+def plan_conversions(source: Source, notes: List[str], timed: bool) -> List[Conversion]:
+    """The conversion rows; with ``timed`` False only the archives the loading rows read matter."""
     plan = []
     if source.images:
         plan += [
@@ -441,14 +442,15 @@ def plan_conversions(source: Source, notes: List[str]) -> List[Conversion]:
             Conversion("original", "original Data2H5 approach (re-implemented: pool rounds, one lzf writer)",
                        output="original.h5"),
         ]
-    else:
+    elif timed:
         notes.append("the files are not images Pillow opens: the naive loop and the original approach "
                      "(both imread images) are left out")
     plan.append(Conversion("limit", "limit: decode every file in a pool of all cores, discard"))
     if installed("webdataset"):
         plan.append(Conversion("webdataset", "webdataset tar shards (file bytes, 1 process)", output="shards"))
-        notes.append("webdataset: `import webdataset` loads torch, most of its row's peak RSS")
-    else:
+        if timed:
+            notes.append("webdataset: `import webdataset` loads torch, most of its row's peak RSS")
+    elif timed:
         notes.append("webdataset is not installed: its row is left out (pip install 'data2h5[bench]')")
     plan += [
         Conversion("data2h5", "data2h5, defaults (decoded, lzf)", output="data2h5.h5"),
@@ -833,13 +835,15 @@ def report(result: Dict[str, Any], rows: List[Row], source: Source, args) -> str
     return "\n".join(lines)
 
 
-STANDING_NOTES = [
+CONVERSION_NOTES = [
     "files/s and MB/s: source files and bytes over the median wall time, until the output is on disk "
     "(the baselines fsync as data2h5 does); each run in a fresh process after an untimed sync.",
     "limit: each file read and decoded with data2h5's decoder in a pool of every core, the arrays discarded: "
     "what decoding alone allows; data2h5's default row also compresses (lzf) and writes.",
     "peak RSS: the main (writer) process's peak, including the interpreter with numpy, h5py and Pillow "
     "loaded, and the largest pool worker's peak (pages shared after fork count in both).",
+]
+LOADING_NOTES = [
     "loading: DataLoader workers stay up between runs (persistent_workers); a batch is a list of "
     "(array, class) pairs, no transforms; BatchReader is not a DataLoader: its 2 threads read whole "
     "batches of the stacked array, and its shuffle mixes rows within windows of the file.",
@@ -915,8 +919,9 @@ def prepare_source(args, work: Path) -> Source:
     seconds = make_corpus(root, args.make_corpus)
     source = open_source(root, ["jpg"], "")
     shapes = sorted({(w, h) for w, h, _ in source.shapes})
+    classes = len({key.split("/")[0] for key in source.keys})
     source.description = (
-        f"{args.make_corpus:,} generated photo-like JPEGs in {CLASSES} class folders, {len(shapes)} shapes "
+        f"{args.make_corpus:,} generated photo-like JPEGs in {classes} class folders, {len(shapes)} shapes "
         f"from {min(shapes)[0]}×{min(shapes)[1]} to {max(shapes)[0]}×{max(shapes)[1]}, {source.nbytes / MB:,.1f} MB "
         f"({source.nbytes / len(source.keys) / 1e3:.1f} KB a file), generated in {seconds:.0f} s"
     )
@@ -963,20 +968,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         source = prepare_source(args, work)
         out = work / "out"
         out.mkdir()
-        plan = plan_conversions(source, notes)
+        plan = plan_conversions(source, notes, "conversion" in args.sections)
         loading = "loading" in args.sections and installed("torch")
         if "loading" in args.sections and not loading:
             notes.append("torch is not installed: the loading rows are left out (pip install torch)")
         cold = loading and not args.no_cold and drop_page_cache()
         if loading and not args.no_cold and not cold:
             notes.append("cold: not permitted (needs root to write /proc/sys/vm/drop_caches); warm page cache only")
+        elif cold:
+            notes.append("cold: `sync; echo 3 > /proc/sys/vm/drop_caches` before each cold run; warm: every file "
+                         "read once before the warm runs")
         rows: List[Row] = []
         with tqdm(total=planned_steps(args, plan, 5 if source.images else 4, cold), unit="run", file=sys.stderr) as bar:
             if "conversion" in args.sections:
                 rows += run_conversions(plan, source, out, args.repeat, bar, notes)
             if loading and ensure_archives(source, out, plan, rows, notes):
                 rows += run_loading(source, out, args, cold, bar, notes)
-        notes += STANDING_NOTES
+        notes += CONVERSION_NOTES if any(r.section == "conversion" for r in rows) else []
+        notes += LOADING_NOTES if any(r.section == "loading" for r in rows) else []
         add_figures(rows, source)
         if keep is not None:
             notes.append(f"corpus kept in {keep} (reuse it: --path-images {keep} --ext jpg)")

@@ -1,0 +1,134 @@
+"""benchmark.py end to end on tiny inputs, so that it never rots: every row in the markdown
+table and in the JSON with positive figures, the temporary corpus removed (or kept), --plot."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from conftest import photo_like
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmark.py"
+CONVERSIONS = {"naive", "original", "limit", "data2h5", "bytes", "stacked"}
+LOADERS = {"loose", "h5dataset", "h5dataset_bytes", "lazy_h5py", "batch_reader"}
+HAS_WEBDATASET = importlib.util.find_spec("webdataset") is not None
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def run_benchmark(work: Path, *args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(BENCHMARK), "--work-dir", str(work), "--repeat", "1", *map(str, args)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def table_labels(stdout: str) -> list:
+    """First cell of every markdown table row (headers and separators left out)."""
+    rows = [line for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+    return [row.split(" | ")[0][2:] for row in rows if not row.startswith(("| conversion |", "| loader |"))]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One full run on 24 generated JPEGs: (process, JSON, folder holding its outputs)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    proc = run_benchmark(tmp / "work", "--make-corpus", 24, "--workers", 2, "--samples", 16, "--batch-size", 8,
+                         "--json", tmp / "out.json", "--plot", tmp / "out.png")
+    return proc, json.loads((tmp / "out.json").read_text()), tmp
+
+
+def rows_of(data: dict, section: str) -> list:
+    return [row for row in data["rows"] if row["section"] == section]
+
+
+def test_every_conversion_row_is_in_the_table_and_the_json(tiny):
+    proc, data, _ = tiny
+    rows = {row["key"]: row for row in rows_of(data, "conversion")}
+    assert set(rows) == CONVERSIONS | ({"webdataset"} if HAS_WEBDATASET else set())
+    labels = table_labels(proc.stdout)
+    for row in rows.values():
+        assert row["label"] in labels
+        assert row["items"] == 24 and len(row["times"]) == 1
+        fig = row["figures"]
+        assert fig["per_s"] > 0 and fig["mb_per_s"] > 0 and fig["peak_rss_main_mb"] > 0
+        assert fig["x_limit"] > 0 and fig["x_data2h5"] > 0
+        if row["key"] != "limit":  # the limit writes nothing
+            assert fig["output_mb"] > 0 and fig["x_source"] > 0
+    assert rows["limit"]["figures"]["x_limit"] == pytest.approx(1.0)
+    assert rows["data2h5"]["figures"]["x_data2h5"] == pytest.approx(1.0)
+    assert "peak_rss_worker_mb" not in rows["naive"]["figures"]  # one process, no pool
+    assert rows["original"]["figures"]["peak_rss_worker_mb"] > 0
+    # the corpus has several shapes: the stacked row goes through the resizing reader and says so
+    assert "resized to 224×224 by a reader" in rows["stacked"]["label"]
+    if not HAS_WEBDATASET:
+        assert "webdataset is not installed" in proc.stdout
+
+
+def test_every_loading_row_is_in_the_table_and_the_json(tiny):
+    pytest.importorskip("torch")
+    proc, data, _ = tiny
+    rows = rows_of(data, "loading")
+    assert {row["key"] for row in rows} == LOADERS
+    regimes = {(row["extra"]["cache"], row["extra"]["order"]) for row in rows}
+    cold = ("cold", "sequential") in regimes
+    assert regimes == {(c, o) for c in (("warm", "cold") if cold else ("warm",)) for o in ("sequential", "shuffled")}
+    assert cold or "cold: not permitted (needs root" in proc.stdout
+    assert len(rows) == len(LOADERS) * len(regimes)
+    labels = table_labels(proc.stdout)
+    for row in rows:
+        assert row["label"] in labels
+        assert row["items"] == 16 and row["figures"]["per_s"] > 0 and row["figures"]["x_loose"] > 0
+        if row["key"] == "loose":
+            assert row["figures"]["x_loose"] == pytest.approx(1.0)
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| loader |"))
+    assert "warm sequential" in header and "warm shuffled" in header
+
+
+def test_machine_and_method_are_described(tiny):
+    proc, data, _ = tiny
+    for key in ("cores", "memory", "python", "numpy", "h5py", "HDF5", "torch", "os"):
+        assert data["machine"][key]
+    first = proc.stdout.split("###")[0]
+    for word in ("cores", "Python", "h5py", "HDF5", "Median of 1 run", "warm-up"):
+        assert word in first
+
+
+def test_plot_is_written_or_its_absence_explained(tiny):
+    proc, _, tmp = tiny
+    if HAS_MATPLOTLIB:
+        assert (tmp / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not (tmp / "out.png").exists()
+        assert "--plot needs matplotlib" in proc.stderr
+
+
+def test_generated_corpus_and_outputs_are_removed(tiny):
+    _, _, tmp = tiny
+    assert list((tmp / "work").iterdir()) == []
+
+
+def test_keep_corpus_keeps_only_the_corpus(tmp_path):
+    proc = run_benchmark(tmp_path, "--make-corpus", 6, "--keep-corpus", "--only", "conversion")
+    (kept,) = tmp_path.iterdir()
+    assert [p.name for p in kept.iterdir()] == ["corpus"]
+    assert len(list((kept / "corpus").rglob("*.jpg"))) == 6
+    assert f"corpus kept in {kept / 'corpus'}" in proc.stdout
+
+
+def test_own_folder_of_one_shape_is_stacked_as_it_is_and_left_untouched(tmp_path):
+    src = tmp_path / "mine"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (src / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
+        iio.imwrite(src / f"class_{i % 2}" / f"{i}.png", photo_like(rng, 20, 30))
+    before = {p: p.read_bytes() for p in src.rglob("*")if p.is_file()}
+    proc = run_benchmark(tmp_path / "work", "--path-images", src, "--ext", "png", "--only", "conversion")
+    assert "| data2h5 --layout stacked |" in proc.stdout  # one shape: no resizing reader
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
+    assert list((tmp_path / "work").iterdir()) == []
