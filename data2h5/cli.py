@@ -173,6 +173,8 @@ def verify(archive: str, source: Optional[str], exts: Tuple[str, ...], prune: Op
     """
     from .verify import verify as verify_archive
 
+    if source is None and (exts or prune is not None or follow_symlinks is not None):
+        raise click.UsageError("--ext, --prune and --follow-symlinks choose source files: give --source too")
     _cwd_importable()
     try:
         report = verify_archive(archive, source, ext=exts or None, prune=prune, follow_symlinks=follow_symlinks,

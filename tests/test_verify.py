@@ -392,6 +392,12 @@ def test_cli_verify_summary_and_quiet(tmp_path, src):
     assert invoke("verify", out, "-q").stdout == ""
 
 
+def test_cli_verify_source_options_need_source(tmp_path, src):
+    out = convert(src, tmp_path / "out.h5")
+    result = invoke("verify", out, "--ext", "png")
+    assert result.exit_code == 2 and "give --source too" in result.stderr
+
+
 def test_cli_verify_end_to_end(tmp_path, src):
     out = convert(src, tmp_path / "out.h5", reader="bytes")
     done = run_cli("verify", out, "--source", src, "--workers", "2", cwd=tmp_path)
