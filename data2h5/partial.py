@@ -163,7 +163,8 @@ class OutputLock:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise OutputError(
-                    f"cannot create {path}: {exc.strerror or exc}; choose a folder you can write to"
+                    f"cannot write {self.partial.dst} in {path.parent}: {exc.strerror or exc}; "
+                    "choose a folder you can write to"
                 ) from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
