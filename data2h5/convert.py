@@ -184,7 +184,10 @@ def _process_one(src: SourceFile) -> Packed:
     if job.stacked:
         return Packed(src.key, int(kind), arr.dtype.str, arr.shape, 0, None, arr, len(raw), crc, arr.nbytes, 0, mtime_ns)
     codec = choose_codec(job.codec, kind, ext)
-    return pack(src.key, int(kind), arr, codec, len(raw), crc, mtime_ns)
+    packed = pack(src.key, int(kind), arr, codec, len(raw), crc, mtime_ns)
+    if kind != Kind.ARRAY and arr.nbytes == len(raw) and memoryview(arr) == raw:
+        packed = packed._replace(verbatim=True)
+    return packed
 
 
 class _TimedOut(BaseException):

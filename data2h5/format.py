@@ -21,6 +21,9 @@ stored_crc32 uint32     CRC-32 of the entry's stored bytes: the block at ``offse
                         for an entry of several chunks, the chunks as stored (compressed)
                         run together in row-major chunk-grid order; damage to a
                         compressed block is caught even by codecs without a checksum
+verbatim    uint8       1 when a BYTES or TEXT entry holds exactly the source file's bytes
+                        (what the built-in readers store); 0 when a reader plugin returned
+                        other bytes or text, which the source's CRC-32 then does not describe
 dtype       S16         numpy dtype string of the stored array (``|u1``, ``<f4``)
 shape       int64 (8)   shape of the stored array, padded with -1
 ==========  ==========  ===============================================================
@@ -83,6 +86,7 @@ class Kind(enum.IntEnum):
 
 
 STORED_CRC32 = "stored_crc32"  # absent from archives written before it was recorded
+VERBATIM = "verbatim"  # absent from archives written before it was recorded
 
 INDEX_FIELDS = {
     "keys": None,  # fixed-length bytes, sized to the longest key
@@ -93,6 +97,7 @@ INDEX_FIELDS = {
     "offset": np.dtype("<u8"),
     "stored": np.dtype("<u8"),
     STORED_CRC32: np.dtype("<u4"),
+    VERBATIM: np.dtype("u1"),
     "dtype": np.dtype("S16"),
     "shape": np.dtype("<i8"),  # 2-D: (entries, MAX_NDIM)
 }

@@ -67,12 +67,20 @@ class Index:
     shape: np.ndarray  # int64 (n, MAX_NDIM), padded with -1
     attrs: Dict[str, Any] = field(default_factory=dict)
     stored_crc32: Optional[np.ndarray] = None  # uint32 CRC-32 of the bytes at ``offset``, if recorded
+    verbatim: Optional[np.ndarray] = None  # uint8: BYTES/TEXT entry is the source's own bytes, if recorded
     labels: Optional[np.ndarray] = None  # stacked: class index of each entry
     classes: Optional[List[str]] = None  # stacked: class names
     _positions: Optional[Dict[str, int]] = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def is_verbatim(self, pos: int) -> bool:
+        """Whether entry ``pos`` holds exactly its source file's bytes, so that the source's
+        size and CRC-32 describe it (older archives: every BYTES and TEXT entry)."""
+        if int(self.kind[pos]) == Kind.ARRAY:
+            return False
+        return self.verbatim is None or bool(self.verbatim[pos])
 
     def position(self, key: str) -> int:
         """The row of ``key``; raises :class:`ArchiveKeyError` naming key and archive."""
@@ -197,7 +205,7 @@ def _read_index(f: h5py.File) -> Index:
 def _read_files(f: h5py.File, group: h5py.Group, attrs: dict) -> Index:
     keys = _decode_keys(group["keys"][()])
     n = len(keys)
-    optional = {STORED_CRC32}  # absent from archives written before it was recorded
+    optional = {STORED_CRC32, fmt.VERBATIM}  # absent from archives written before they were recorded
     arrays = {name: group[name][()] for name in fmt.INDEX_FIELDS if name != "keys" and (name in group or name not in optional)}
     for name, arr in arrays.items():
         if len(arr) != n:
@@ -360,7 +368,6 @@ def _decompress_errors() -> tuple:
 
 
 _DECOMPRESS_ERRORS = _decompress_errors()
-_ARRAY = int(Kind.ARRAY)
 
 
 @functools.lru_cache(maxsize=None)
@@ -501,7 +508,7 @@ class ArchiveReader:
             arr = self._read_direct(pos, offset, codec_id)
         else:
             arr = self._read_h5(pos)
-        if self.verify and int(index.kind[pos]) != _ARRAY and index.size[pos]:
+        if self.verify and index.is_verbatim(pos) and index.size[pos]:
             if arr.nbytes != index.size[pos] or zlib.crc32(arr) != index.crc32[pos]:
                 raise self._corrupt(pos, "checksum of the source file's bytes does not match")
         return arr

@@ -4,7 +4,7 @@ Archive integrity (always):
 
 * ``files`` layout: every entry's stored bytes against the index's ``stored_crc32`` (the one
   block at ``offset``, or every chunk as stored, in chunk-grid order); every entry is also
-  decompressed, and BYTES and TEXT entries are checked against the source file's CRC-32
+  decompressed, and entries holding a file's exact bytes are checked against its CRC-32
   recorded at conversion. The index and the HDF5 tree must agree: a key without its
   dataset is corrupt, a dataset the index does not list is extra.
 * ``stacked`` layout: every chunk of ``data`` against the index's ``chunk_crc32``, and every
@@ -436,7 +436,7 @@ class _Checker:
             return 0
         if key in self.sources:
             why = compare_source(self.sources[key], int(index.size[pos]), int(index.crc32[pos]),
-                                 arr if kind == Kind.BYTES else None)
+                                 arr if kind == Kind.BYTES and index.is_verbatim(pos) else None)
             if why:
                 problems.append(Problem(CHANGED, key, why))
         return unchecked
@@ -462,7 +462,8 @@ class _Checker:
         chunk_bytes = math.prod(dset.chunks) * dset.dtype.itemsize
         size = math.prod(dset.shape) * dset.dtype.itemsize
         crc = source_crc = done = 0
-        pieces: Optional[List[bytes]] = [] if kind == Kind.BYTES and key in self.sources else None
+        verbatim = index.is_verbatim(pos)
+        pieces: Optional[List[bytes]] = [] if verbatim and kind == Kind.BYTES and key in self.sources else None
         failure: Optional[str] = None
         for offset, _ in iter_chunk_offsets(dset.shape, dset.chunks):
             mask, raw = dset.id.read_direct_chunk(offset)
@@ -476,7 +477,7 @@ class _Checker:
                 continue
             if len(data) != chunk_bytes:
                 failure = f"chunk at {offset} holds {len(data)} bytes where {chunk_bytes} were expected"
-            elif kind != Kind.ARRAY:  # 1-D: chunks run in order, the last one padded
+            elif verbatim:  # 1-D: chunks run in order, the last one padded
                 piece = memoryview(data)[: size - done]
                 source_crc = zlib.crc32(piece, source_crc)
                 done += len(piece)
@@ -486,7 +487,7 @@ class _Checker:
             raise CorruptEntryError("checksum of the stored bytes does not match")
         if failure:
             raise CorruptEntryError(failure)
-        if kind != Kind.ARRAY and (size != int(index.size[pos]) or source_crc != int(index.crc32[pos])):
+        if verbatim and (size != int(index.size[pos]) or source_crc != int(index.crc32[pos])):
             raise CorruptEntryError("checksum of the source file's bytes does not match")
         return np.frombuffer(b"".join(pieces), np.uint8) if pieces is not None else None
 

@@ -58,6 +58,7 @@ class Packed(NamedTuple):
     nbytes: int  # decoded size
     stored_crc32: int = 0  # CRC-32 of the stored bytes, chunks concatenated in chunk-grid order
     mtime_ns: int = 0  # source file's modification time when read: a resume re-reads it if it changed
+    verbatim: bool = False  # a BYTES/TEXT value that is exactly the source file's bytes
 
 
 def check_output(dst: Path, overwrite: bool) -> None:
@@ -246,7 +247,7 @@ class FilesWriter:
             dsid.close()
         self.bytes_stored += stored
         self._writeback.poll(stored)
-        self._rows.append((p.key, p.size, p.crc32, p.kind, codec_id, offset, stored, p.dtype, p.shape, crc))
+        self._rows.append((p.key, p.size, p.crc32, p.kind, codec_id, offset, stored, p.dtype, p.shape, crc, p.verbatim))
         if self._pending and time.monotonic() >= self._next_checkpoint:
             self.checkpoint()
 
@@ -328,13 +329,13 @@ def _journal_row(dsid, p: Packed, offset: int, crc: int) -> list:
         infos = (dsid.get_chunk_info(i) for i in range(dsid.get_num_chunks()))
         where = sorted([list(i.chunk_offset), i.byte_offset, i.size, i.filter_mask] for i in infos)
     return [p.key, p.kind, p.dtype, list(p.shape), p.codec, p.chunk_shape and list(p.chunk_shape), where,
-            p.size, p.crc32, p.nbytes, crc, p.mtime_ns]
+            p.size, p.crc32, p.nbytes, crc, p.mtime_ns, int(p.verbatim)]
 
 
 def unjournal_row(row: list, read) -> Optional[Packed]:
     """The :class:`Packed` a journal row describes, its stored bytes fetched with
     ``read(addr, size)``; None when they are missing or fail their checksum."""
-    key, kind, dtype, shape, codec, chunk_shape, where, size, crc32, nbytes, stored_crc, mtime_ns = row
+    key, kind, dtype, shape, codec, chunk_shape, where, size, crc32, nbytes, stored_crc, mtime_ns, verbatim = row
     if chunk_shape is None:
         addr, length = where
         data = read(addr, length) if length else b""
@@ -351,12 +352,13 @@ def unjournal_row(row: list, read) -> Optional[Packed]:
         if crc != stored_crc:
             return None
         chunk_shape = tuple(chunk_shape)
-    return Packed(key, kind, dtype, tuple(shape), codec, chunk_shape, data, size, crc32, nbytes, stored_crc, mtime_ns)
+    return Packed(key, kind, dtype, tuple(shape), codec, chunk_shape, data, size, crc32, nbytes, stored_crc, mtime_ns,
+                  bool(verbatim))
 
 
 def write_index(f: h5py.File, rows: List[tuple]) -> None:
     """Store the index group (see :mod:`data2h5.format`) for ``rows`` of
-    ``(key, size, crc32, kind, codec, offset, stored, dtype, shape, stored_crc32)``."""
+    ``(key, size, crc32, kind, codec, offset, stored, dtype, shape, stored_crc32, verbatim)``."""
     group = f.require_group(fmt.INDEX_GROUP)
     n = len(rows)
     keys = [r[0].encode("utf-8") for r in rows]
@@ -371,6 +373,7 @@ def write_index(f: h5py.File, rows: List[tuple]) -> None:
         "stored": np.fromiter((r[6] for r in rows), fmt.INDEX_FIELDS["stored"], n),
         "dtype": np.array([r[7].encode() for r in rows], dtype=fmt.INDEX_FIELDS["dtype"]),
         "stored_crc32": np.fromiter((r[9] for r in rows), fmt.INDEX_FIELDS["stored_crc32"], n),
+        "verbatim": np.fromiter((r[10] for r in rows), fmt.INDEX_FIELDS["verbatim"], n),
     }
     shape = np.full((n, fmt.MAX_NDIM), -1, dtype=fmt.INDEX_FIELDS["shape"])
     for i, r in enumerate(rows):

@@ -63,7 +63,7 @@ def write_archive(
             else:
                 offset, stored = 0, 0
             row = dict(size=len(source), crc32=zlib.crc32(source), kind=kind, codec=codecs.CODECS[codec].id,
-                       offset=offset, stored=stored, dtype=arr.dtype.str.encode())
+                       offset=offset, stored=stored, dtype=arr.dtype.str.encode(), verbatim=int(kind != Kind.ARRAY))
             for name, v in row.items():
                 fields[name][i] = v
             fields["shape"][i, : arr.ndim] = arr.shape

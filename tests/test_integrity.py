@@ -80,3 +80,25 @@ def test_entries_of_several_chunks_record_the_checksum_of_their_stored_chunks(tm
             crc = zlib.crc32(dset.id.read_direct_chunk(offset)[1], crc)
         np.testing.assert_array_equal(dset[()], big)
     assert crc == index.stored_crc32[pos] != 0
+
+
+def shout(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read().upper()
+
+
+@pytest.mark.parametrize("reader, verbatim, value", [
+    ("text", 1, "hello, archive"),
+    ("bytes", 1, "hello, archive"),  # decoded on read by its extension
+    (shout, 0, "HELLO, ARCHIVE"),  # a plugin's text is not the file's bytes
+])
+def test_source_checksums_are_checked_only_on_entries_that_hold_the_source_bytes(tmp_path, reader, verbatim, value):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "note.txt").write_text("hello, archive")
+    out = tmp_path / "out.h5"
+    data2h5.convert(src, out, ext="txt", reader=reader, workers=1)
+    index = read_index(out)
+    assert index.verbatim[0] == verbatim
+    assert data2h5.H5Dataset(out)[0] == value
+    assert data2h5.verify(out, source=src).ok
