@@ -20,9 +20,10 @@ from .errors import (
     PluginError,
     ReadError,
     SourceError,
+    UnsafeKeyError,
     WorkerError,
 )
-from .extract import ExtractReport, UnsafeKeyError, extract
+from .extract import ExtractReport, extract
 from .verify import VerifyReport, verify
 
 # The loaders import torch when it is installed; importing them only on first use keeps

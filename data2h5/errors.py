@@ -59,3 +59,8 @@ class ArchiveKeyError(ArchiveError, KeyError):
 
 class CorruptEntryError(ArchiveError):
     """An entry's stored bytes do not decode: the archive is damaged."""
+
+
+class UnsafeKeyError(ArchiveError):
+    """An archive key would be written outside the destination folder, through a link in it,
+    or onto another key's path: the archive is damaged or crafted; nothing is extracted."""

@@ -34,7 +34,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import format as fmt
-from .errors import ArchiveError, ArchiveKeyError, Data2H5Error, OutputError
+from .errors import ArchiveError, ArchiveKeyError, Data2H5Error, OutputError, UnsafeKeyError
 from .format import Kind
 from .index import ArchiveReader, Index, PathLike, open_h5, read_index
 from .verify import read_stacked_chunk, stacked_chunks
@@ -48,11 +48,6 @@ SHOWN_CONFLICTS = 3
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _NEW_FILE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
                    | getattr(os, "O_BINARY", 0))
-
-
-class UnsafeKeyError(ArchiveError):
-    """An archive key would be written outside the destination folder, through a link in it,
-    or onto another key's path: the archive is damaged or crafted; nothing is extracted."""
 
 
 @dataclass
