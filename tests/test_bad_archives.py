@@ -3,10 +3,8 @@ that is not HDF5, a folder. Every reader (``info``, ``ls``, ``H5Dataset``, ``Arc
 ``BatchReader``) says so in one line naming the file and what to do, and leaves it as it was."""
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from data2h5.dataset import H5Dataset
 from data2h5.errors import ArchiveError
 from data2h5.index import ArchiveReader
 from data2h5.prefetch import BatchReader
+from test_bad_input import permissions_apply, run_unprivileged
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -159,38 +158,12 @@ def test_one_bad_archive_among_good_ones_is_named(tmp_path, good):
 # -- an archive that cannot be read -------------------------------------------------------------
 
 
-PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
-
-
-def _drop_permission_override() -> None:
-    """In the child, before exec: a root user gives up reading past file permissions."""
-    if os.geteuid() != 0:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
-        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
-def run_unprivileged(*args, cwd: Path) -> subprocess.CompletedProcess:
-    """A command as a user bound by file permissions: as root, without CAP_DAC_OVERRIDE."""
-    return subprocess.run([*map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          preexec_fn=_drop_permission_override)
-
-
 @pytest.fixture
 def unreadable(tmp_path, good) -> Path:
-    if not sys.platform.startswith("linux"):
-        pytest.skip("drops root's permission override with Linux prctl")
+    permissions_apply(tmp_path)
     path = tmp_path / "locked.h5"
     shutil.copy(good["files"], path)
     path.chmod(0)
-    try:
-        probe = run_unprivileged("cat", path, cwd=tmp_path)
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot drop root's permission override here: {exc}")
-    if probe.returncode == 0:
-        pytest.skip("this user reads files whatever their permissions")
     return path
 
 
