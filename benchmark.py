@@ -522,7 +522,7 @@ def run_conversion(conv: Conversion, root: Path, keys: Sequence[str], exts: Sequ
 
 
 def link_subset(source: Source, dest: Path, n: int) -> List[str]:
-    """Hard-link (or copy) the first ``n`` files into ``dest`` for the warm-up round."""
+    """Hard-link (or copy) ``n`` files spread over the source into ``dest``, for the warm-up round."""
     keys = source.keys[:: max(1, len(source.keys) // n)][:n]
     for key in keys:
         (dest / key).parent.mkdir(parents=True, exist_ok=True)
@@ -533,14 +533,21 @@ def link_subset(source: Source, dest: Path, n: int) -> List[str]:
     return keys
 
 
+LOADED_ARCHIVES = ("data2h5", "bytes", "stacked")  # conversions whose output the loading rows read
+
+
 def run_conversions(plan: List[Conversion], source: Source, work: Path, repeat: int, bar, notes: List[str]) -> List[Row]:
     """One untimed warm-up round on a few files, then ``repeat`` rounds, each running every
-    variant in turn; the outputs of the last round stay in ``work`` for the loading section."""
+    variant in turn; the archives the loading rows read stay in ``work``. A variant that fails
+    once is left out, with a note."""
+    failed: Dict[str, str] = {}
     warm = work / "warmup"
     warm_keys = link_subset(source, warm / "src", WARMUP_FILES)
     for conv in plan:
         bar.set_description(f"warm-up: {conv.key}")
-        run_conversion(conv, warm / "src", warm_keys, source.exts, warm)
+        result = run_conversion(conv, warm / "src", warm_keys, source.exts, warm)
+        if "error" in result:
+            failed[conv.key] = result["error"]
         bar.update(1)
     remove(warm)
     read_through([source.root])
@@ -548,19 +555,18 @@ def run_conversions(plan: List[Conversion], source: Source, work: Path, repeat: 
     for r in range(repeat):
         for conv in plan:
             bar.set_description(f"conversion {r + 1}/{repeat}: {conv.key}")
-            result = run_conversion(conv, source.root, source.keys, source.exts, work)
+            result = {} if conv.key in failed else run_conversion(conv, source.root, source.keys, source.exts, work)
             bar.update(1)
-            row = rows[conv.key]
             if "error" in result:
-                notes.append(f"{conv.label}: failed ({result['error']}); row left out")
-                row.items = 0
-                continue
-            row.times.append(result.pop("seconds"))
-            row.extra.update(result)
+                failed[conv.key] = result["error"]
+            elif result:
+                rows[conv.key].times.append(result.pop("seconds"))
+                rows[conv.key].extra.update(result)
     for conv in plan:
-        if conv.output and conv.key not in ("data2h5", "bytes", "stacked"):
+        if conv.output and conv.key not in LOADED_ARCHIVES:
             remove(work / conv.output)
-    return [row for row in rows.values() if row.items and row.times]
+    notes += [f"{rows[key].label}: failed ({error}); row left out" for key, error in failed.items()]
+    return [row for key, row in rows.items() if key not in failed]
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -645,6 +651,7 @@ class TorchLoader:
                                  collate_fn=as_list, persistent_workers=workers > 0)
 
     def run(self, order: str, indices: List[int]) -> int:
+        """Load ``indices`` (already in ``order``); returns the samples seen."""
         self.sampler.indices = indices
         return sum(len(batch) for batch in self.loader)
 
@@ -680,27 +687,28 @@ class StackedReader:
 
 
 def plan_loaders(source: Source, work: Path, workers: int, batch_size: int, notes: List[str]) -> Dict[str, Tuple[str, Callable[[], Any]]]:
-    """The loading variants: key → (label, a function that opens the loader)."""
+    """The loading variants whose input exists: key → (label, a function that opens the loader)."""
     from data2h5 import H5Dataset
 
     def torch_loader(make_dataset):
         return lambda: TorchLoader(make_dataset(), workers, batch_size)
 
-    loaders: Dict[str, Tuple[str, Callable[[], Any]]] = {}
-    if source.images:
-        loaders["loose"] = ("loose files, Pillow (ImageFolder-style)", torch_loader(lambda: LooseImages(source.root, source.keys)))
-    else:
+    decoded, raw, stacked = work / "data2h5.h5", work / "bytes.h5", work / "stacked.h5"
+    resized = "" if source.one_shape or not source.images else f" resized to {'×'.join(map(str, STACK_SIZE))}"
+    planned = {
+        "loose": ("loose files, Pillow (ImageFolder-style)", source.root if source.images else None,
+                  torch_loader(lambda: LooseImages(source.root, source.keys))),
+        "h5dataset": ("H5Dataset, default archive (decoded)", decoded,
+                      torch_loader(lambda: H5Dataset(decoded, target="folder"))),
+        "h5dataset_bytes": ("H5Dataset, bytes archive (decoded on read)", raw,
+                            torch_loader(lambda: H5Dataset(raw, target="folder"))),
+        "lazy_h5py": ("hand-written lazy h5py dataset, default archive", decoded, torch_loader(lambda: LazyH5(decoded))),
+        "batch_reader": (f"BatchReader, stacked archive (arrays{resized}, nothing to decode)", stacked,
+                         lambda: StackedReader(stacked, batch_size)),
+    }
+    if not source.images:
         notes.append("the files are not images Pillow opens: the loose-file row is left out, and with it the ratios")
-    loaders["h5dataset"] = ("H5Dataset, default archive (decoded)",
-                            torch_loader(lambda: H5Dataset(work / "data2h5.h5", target="folder")))
-    loaders["h5dataset_bytes"] = ("H5Dataset, bytes archive (decoded on read)",
-                                  torch_loader(lambda: H5Dataset(work / "bytes.h5", target="folder")))
-    loaders["lazy_h5py"] = ("hand-written lazy h5py dataset, default archive",
-                            torch_loader(lambda: LazyH5(work / "data2h5.h5")))
-    stored = "arrays" if source.one_shape or not source.images else f"arrays resized to {'×'.join(map(str, STACK_SIZE))}"
-    loaders["batch_reader"] = (f"BatchReader, stacked archive ({stored}, nothing to decode)",
-                               lambda: StackedReader(work / "stacked.h5", batch_size))
-    return loaders
+    return {key: (label, make) for key, (label, needs, make) in planned.items() if needs is not None and needs.exists()}
 
 
 def sample_indices(n: int, samples: int, round_: int) -> Dict[str, List[int]]:
@@ -714,9 +722,13 @@ def run_loading(source: Source, work: Path, args, cold: bool, bar, notes: List[s
     every loader runs in turn, in order and shuffled."""
     planned = plan_loaders(source, work, args.workers, args.batch_size, notes)
     samples = min(args.samples, len(source.keys))
-    loaders = {key: make() for key, (_label, make) in planned.items()}
+    loaders: Dict[str, Any] = {}
     rows: Dict[Tuple[str, str, str], Row] = {}
+    bar.total = bar.n + len(planned) * (1 + args.repeat * 2 * (2 if cold else 1))
+    bar.refresh()
     try:
+        for key, (_label, make) in planned.items():
+            loaders[key] = make()
         read_through([source.root, work])
         for key, loader in loaders.items():
             bar.set_description(f"loading warm-up: {key}")
@@ -914,7 +926,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def prepare_source(args, work: Path) -> Source:
     if args.path_images is not None:
-        return open_source(args.path_images.resolve(), args.ext, f"{args.path_images} (--ext {' '.join(args.ext)})")
+        source = open_source(args.path_images.resolve(), args.ext, "")
+        source.description = (f"{len(source.keys):,} files under {source.root} (--ext {' '.join(args.ext)}), "
+                              f"{source.nbytes / MB:,.1f} MB")
+        return source
     root = work / "corpus"
     seconds = make_corpus(root, args.make_corpus)
     source = open_source(root, ["jpg"], "")
@@ -928,23 +943,19 @@ def prepare_source(args, work: Path) -> Source:
     return source
 
 
-def ensure_archives(source: Source, work: Path, plan: List[Conversion], made: List[Row], notes: List[str]) -> bool:
-    """Build, untimed, the archives the loading rows read that no conversion row left behind."""
-    done = {row.key for row in made}
+def ensure_archives(source: Source, work: Path, plan: List[Conversion], notes: List[str]) -> None:
+    """Build, untimed, the archives the loading rows read that no conversion left behind."""
     for conv in plan:
-        if conv.key in ("data2h5", "bytes", "stacked") and conv.key not in done:
+        if conv.key in LOADED_ARCHIVES and not (work / conv.output).exists():
             result = run_conversion(conv, source.root, source.keys, source.exts, work)
             if "error" in result:
-                notes.append(f"loading left out: the archive of '{conv.label}' could not be made ({result['error']})")
-                return False
-    return True
+                notes.append(f"{conv.label}: failed ({result['error']}); the loading rows that read it are left out")
 
 
-def planned_steps(args, plan: List[Conversion], loaders: int, cold: bool) -> int:
+def planned_steps(args, plan: List[Conversion], loading: bool, cold: bool) -> int:
+    """Runs the progress bar counts (the loading part is corrected once its loaders are known)."""
     steps = len(plan) * (1 + args.repeat) if "conversion" in args.sections else 0
-    if "loading" in args.sections:
-        steps += loaders * (1 + 2 * args.repeat * (2 if cold else 1))
-    return steps
+    return steps + (5 * (1 + 2 * args.repeat * (2 if cold else 1)) if loading else 0)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -979,10 +990,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             notes.append("cold: `sync; echo 3 > /proc/sys/vm/drop_caches` before each cold run; warm: every file "
                          "read once before the warm runs")
         rows: List[Row] = []
-        with tqdm(total=planned_steps(args, plan, 5 if source.images else 4, cold), unit="run", file=sys.stderr) as bar:
+        with tqdm(total=planned_steps(args, plan, loading, cold), unit="run", file=sys.stderr) as bar:
             if "conversion" in args.sections:
                 rows += run_conversions(plan, source, out, args.repeat, bar, notes)
-            if loading and ensure_archives(source, out, plan, rows, notes):
+            if loading:
+                if "conversion" not in args.sections:
+                    ensure_archives(source, out, plan, notes)
                 rows += run_loading(source, out, args, cold, bar, notes)
         notes += CONVERSION_NOTES if any(r.section == "conversion" for r in rows) else []
         notes += LOADING_NOTES if any(r.section == "loading" for r in rows) else []
