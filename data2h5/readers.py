@@ -89,6 +89,8 @@ def _decode_plain_jpeg(raw: bytes) -> Optional[np.ndarray]:
 
 
 def _decode_npy(raw: bytes, ext: str) -> np.ndarray:
+    if not raw:
+        raise Undecodable("the file is empty")
     loaded = np.load(io.BytesIO(raw), allow_pickle=False)
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:

@@ -124,7 +124,8 @@ def _folder_problem(path: str, exc: OSError, path_max: int) -> str:
     if too_long or exc.errno == errno.ENAMETOOLONG:
         return too_long or f"cannot list this folder ({exc.strerror}); shorten the folder names"
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return f"cannot list this folder ({exc.strerror}); make it readable (chmod u+rx) or move it out of the source folder"
+        return (f"cannot list this folder ({exc.strerror}); "
+                "make it readable (chmod u+rx) or move it out of the source folder")
     return f"cannot list this folder ({exc.strerror or exc}); fix it or move it out of the source folder"
 
 
