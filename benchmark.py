@@ -22,8 +22,10 @@ warm page cache and, as root, a cold one (``sync; echo 3 > /proc/sys/vm/drop_cac
 
 Every figure is the median of ``--repeat`` runs, after one untimed warm-up; in each round
 the variants run in turn, so that a noisy spell hits them alike. The report (markdown) goes
-to stdout, progress to stderr. Needs Pillow; torch for the loading rows; webdataset for its
-row; matplotlib for ``--plot``. A row whose package is missing is left out with a note.
+to stdout, progress to stderr. ``pip install 'data2h5[bench]'`` brings Pillow (needed),
+webdataset (its row) and matplotlib (``--plot``); the loading rows need torch. A row whose
+package is missing is left out with a note. Outputs go to ``--work-dir``: put it on the disk
+you care about (the report names its file system).
 """
 from __future__ import annotations
 
