@@ -239,7 +239,8 @@ def photo_like(index: int, width: int, height: int) -> np.ndarray:
         amp, phase = rng.uniform(10, 35, (4, 1)).astype(np.float32), rng.uniform(0, 2 * np.pi, (4, 1)).astype(np.float32)
         ax, by = 2 * np.pi * fx * x + phase, 2 * np.pi * fy * y  # (4, width), (4, height)
         rows = np.concatenate([amp * np.cos(by), amp * np.sin(by)]).T  # (height, 8)
-        img[..., c] = rows @ np.concatenate([np.sin(ax), np.cos(ax)]) + rng.uniform(60, 190)
+        # einsum, not @: BLAS would start threads of its own in every pool worker
+        img[..., c] = np.einsum("hk,kw->hw", rows, np.concatenate([np.sin(ax), np.cos(ax)])) + rng.uniform(60, 190)
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     for _ in range(20):
