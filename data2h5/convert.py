@@ -21,20 +21,20 @@ from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import h5py
-import numpy as np
 
 from . import format as fmt
 from ._version import __version__
 from .codecs import Codec, choose_codec, parse_compression
 from .errors import LayoutError, OutputError, PluginError, ReadError, SourceError, WorkerError
 from .format import Kind
-from .partial import BlockReader, Journal, OutputLock, Partial, Previous, differing_options, load_previous, unchanged
+from .partial import Journal, OutputLock, Partial, Previous, load_previous
+from .resume import previous_work, reuse
 from .plugins import Plugin, PluginSpec, load
 from .prune import keeps, match_extension, normalize_extensions
 from .readers import AUTO, BUILTIN_READERS, read_source
 from .transport import Slots, share
 from .walk import SourceFile, walk
-from .writer import CHECKPOINT_SECONDS, FilesWriter, Packed, check_output, create_part, pack, publish, unjournal_row
+from .writer import CHECKPOINT_SECONDS, FilesWriter, Packed, check_output, create_part, pack, publish
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def convert(
     }
     partial = Partial(dst)
     with OutputLock(partial):
-        previous = _previous_work(partial, options, resume, overwrite)
+        previous = previous_work(partial, options, resume, overwrite)
         if resume and previous is None and dst.exists():
             log.warning("nothing to resume: %s is complete", dst)
             return _report_of(dst, report, started)
@@ -341,36 +341,6 @@ def convert(
     return report
 
 
-def _previous_work(partial: Partial, options: dict, resume: bool, overwrite: bool) -> Optional[Previous]:
-    """What an interrupted conversion left, if it is to be resumed; refuses to pass it over
-    silently, and to resume it with options that would make a different archive."""
-    gens = [g for g in partial.generations() if partial.part(g).exists()]
-    stale = [g for g in partial.generations() if g not in gens]
-    partial.discard(stale)  # journals whose part became the archive: the run that wrote them finished
-    if not gens:
-        return None
-    if not resume:
-        if not overwrite:
-            raise OutputError(
-                f"an interrupted conversion into {partial.dst} was found ({partial.part(gens[-1]).name}); "
-                "rerun with --resume to continue it, or with --overwrite to start over"
-            )
-        partial.discard()
-        return None
-    previous = load_previous(partial)
-    if previous.header is None:
-        log.warning("the interrupted conversion into %s left nothing reusable; starting over", partial.dst)
-        partial.discard()
-        return None
-    differ = differing_options(previous.header, options)
-    if differ:
-        raise OutputError(
-            f"cannot resume {partial.dst} with other options than the interrupted run's ({'; '.join(differ)}); "
-            "rerun with its options, or with --overwrite to start over"
-        )
-    return previous
-
-
 def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], partial: Partial, options: dict,
            report: Report, workers: int, start_method: Optional[str], progress: Optional[bool], on_error: str,
            checkpoint_s: float) -> None:
@@ -393,7 +363,11 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
         try:
             todo = files
             if previous is not None:
-                todo = _reuse(previous, files, writer, partial, report, job.stacked)
+                reused = reuse(previous, files, writer, partial, job.stacked)
+                todo = reused.todo
+                report.reused = report.entries = reused.entries
+                report.bytes_in, report.bytes_decoded = reused.bytes_in, reused.bytes_decoded
+                report.skipped.extend(reused.skipped)
                 bar.update(len(files) - len(todo))
                 writer.checkpoint()
                 partial.discard(older)  # what they held is in this generation now
@@ -460,94 +434,6 @@ def _keep_partial(exc: BaseException, f, writer, partial: Partial) -> int:
     if not kept:
         partial.discard()
     return kept
-
-
-def _reuse(previous: Previous, files: List[SourceFile], writer, partial: Partial, report: Report,
-           stacked: bool) -> List[SourceFile]:
-    """Copy what ``previous`` safely holds into ``writer``; returns the files to read."""
-    blocks = BlockReader(partial)
-    try:
-        if stacked:
-            return _reuse_chunks(previous, files, writer, blocks, report)
-        return _reuse_entries(previous, files, writer, blocks, report)
-    finally:
-        blocks.close()
-        log.info("resume: %d of %d files reused", report.reused, len(files))
-
-
-def _reuse_entries(previous: Previous, files: List[SourceFile], writer, blocks: BlockReader,
-                   report: Report) -> List[SourceFile]:
-    todo = []
-    for src in files:
-        hit = previous.entries.get(src.key)
-        packed = None
-        if hit is not None:
-            gen, row = hit
-            size, mtime_ns = row[7], row[11]
-            if unchanged(src.path, size, mtime_ns):
-                packed = unjournal_row(row, lambda addr, n, gen=gen: blocks.read(gen, addr, n))
-                if packed is None:
-                    log.info("%s: its stored bytes in the interrupted run do not check out; reading it again", src.key)
-        if packed is None:
-            todo.append(src)
-            continue
-        writer.add(packed)
-        report.entries += 1
-        report.reused += 1
-        report.bytes_in += packed.size
-        report.bytes_decoded += packed.nbytes
-    return todo
-
-
-def _reuse_chunks(previous: Previous, files: List[SourceFile], writer, blocks: BlockReader,
-                  report: Report) -> List[SourceFile]:
-    """Stacked: reuse the longest run of chunks whose rows are still the first files, in
-    order and unchanged (rows are positional, so reuse stops at the first difference)."""
-    if previous.stacked is None:
-        return files
-    dtype, shape, rows_per_chunk = previous.stacked
-    writer.start(dtype, shape, rows_per_chunk)
-    pos = 0
-    for gen, chunk, rows, skipped in previous.chunks:
-        start, addr, size, mask, crc = chunk
-        end = _match_rows(files, pos, rows, skipped)
-        if start != len(writer) or end is None:
-            break
-        if len(rows) < rows_per_chunk and end != len(files):  # a last, partial chunk: only at the end
-            break
-        data = blocks.read(gen, addr, size)
-        if data is None or zlib.crc32(data) != crc:
-            log.info("chunk at row %d of the interrupted run does not check out; reading from there again", start)
-            break
-        writer.put_chunk(data, mask, crc, rows, skipped)
-        report.skipped.extend((key, reason) for key, reason in skipped)
-        report.entries += len(rows)
-        report.reused += len(rows)
-        report.bytes_in += sum(r[1] for r in rows)
-        report.bytes_decoded += len(rows) * int(np.prod(shape)) * np.dtype(dtype).itemsize
-        pos = end
-    return files[pos:]
-
-
-def _match_rows(files: List[SourceFile], pos: int, rows: list, skipped: list) -> Optional[int]:
-    """Where ``files[pos:]`` ends after the chunk's rows and skipped files (interleaved in walk
-    order), or None if they are not the next files or a row's source changed."""
-    want_rows = {r[0]: r for r in rows}
-    want_skipped = {key for key, _ in skipped}
-    left = len(rows) + len(skipped)
-    while left:
-        if pos >= len(files):
-            return None
-        src = files[pos]
-        row = want_rows.get(src.key)
-        if row is not None:
-            if not unchanged(src.path, row[1], row[3]):
-                return None
-        elif src.key not in want_skipped:
-            return None
-        pos += 1
-        left -= 1
-    return pos
 
 
 def _report_of(dst: Path, report: Report, started: float) -> Report:
