@@ -219,7 +219,7 @@ class Source:
     nbytes: int
     images: bool  # Pillow opens every file
     shapes: List[Tuple[int, int, str]]  # distinct (width, height, mode) when images
-    description: str
+    description: str = ""
 
     @property
     def one_shape(self) -> bool:
@@ -234,7 +234,7 @@ def photo_like(index: int, width: int, height: int) -> np.ndarray:
     scale = float(max(width, height))
     x, y = np.arange(width, dtype=np.float32) / scale, np.arange(height, dtype=np.float32) / scale
     img = np.empty((height, width, 3), np.float32)
-    for c in range(3):  # four plane waves: sin(a + b) = sin a cos b + cos a sin b, one matrix product
+    for c in range(3):  # four plane waves summed by one matrix product: sin(a + b) = sin a cos b + cos a sin b
         fx, fy = rng.uniform(0.3, 4, (2, 4, 1)).astype(np.float32)
         amp, phase = rng.uniform(10, 35, (4, 1)).astype(np.float32), rng.uniform(0, 2 * np.pi, (4, 1)).astype(np.float32)
         ax, by = 2 * np.pi * fx * x + phase, 2 * np.pi * fy * y  # (4, width), (4, height)
@@ -309,13 +309,13 @@ def probe_shapes(root: Path, keys: Sequence[str]) -> Optional[List[Tuple[int, in
     return sorted(shapes)
 
 
-def open_source(root: Path, exts: Sequence[str], description: str) -> Source:
+def open_source(root: Path, exts: Sequence[str]) -> Source:
     keys = list_keys(root, exts)
     if not keys:
         raise SystemExit(f"benchmark.py: error: no file under {root} has the extension {' or '.join(exts)}; check --ext")
     shapes = probe_shapes(root, keys)
     nbytes = sum((root / key).stat().st_size for key in keys)
-    return Source(root, list(exts), keys, nbytes, shapes is not None, shapes or [], description)
+    return Source(root, list(exts), keys, nbytes, shapes is not None, shapes or [])
 
 
 # -- conversion: the variants, each run in a fresh child process --------------------------------
@@ -930,13 +930,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def prepare_source(args, work: Path) -> Source:
     if args.path_images is not None:
-        source = open_source(args.path_images.resolve(), args.ext, "")
+        source = open_source(args.path_images.resolve(), args.ext)
         source.description = (f"{len(source.keys):,} files under {source.root} (--ext {' '.join(args.ext)}), "
                               f"{source.nbytes / MB:,.1f} MB")
         return source
     root = work / "corpus"
     seconds = make_corpus(root, args.make_corpus)
-    source = open_source(root, ["jpg"], "")
+    source = open_source(root, ["jpg"])
     shapes = sorted({(w, h) for w, h, _ in source.shapes})
     classes = len({key.split("/")[0] for key in source.keys})
     source.description = (
