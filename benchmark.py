@@ -20,6 +20,12 @@ over the decoded archive with a hand-written lazy h5py dataset; and ``data2h5.Ba
 over the stacked archive. Each run reads ``--samples`` samples, in order and shuffled, with a
 warm page cache and, as root, a cold one (``sync; echo 3 > /proc/sys/vm/drop_caches``).
 
+Batches: over the stacked archive, the first ``--batches`` batches of an epoch read by the
+plain h5py loop over slices of ``data``, by ``data2h5.BatchReader`` in order and shuffled, and
+(a few batches) by h5py fancy indexing of shuffled rows; then the loop, and BatchReader,
+with a simulated training step per batch (``--step-ms``, by default as long as the loop's
+read): how much of the read the reader hides behind training. ``--only`` picks sections.
+
 Every figure is the median of ``--repeat`` runs, after one untimed warm-up; in each round
 the variants run in turn, so that a noisy spell hits them alike. The report (markdown) goes
 to stdout, progress to stderr. ``pip install 'data2h5[bench]'`` brings Pillow (needed),
@@ -51,7 +57,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import h5py
 import numpy as np
 
-SECTIONS = ("conversion", "loading")
+SECTIONS = ("conversion", "loading", "batch")
 # Generated corpus: ~16 KB JPEGs of 12 shapes from 200 to 480 px, 10 classes each split over
 # 4 sub-folders. Smooth gradients, hard-edged shapes and a band of sensor-like noise make the
 # decoded arrays compress like photos (lzf: ~0.7), which noise over the whole frame would not.
@@ -754,6 +760,143 @@ def run_loading(source: Source, work: Path, args, cold: bool, bar, notes: List[s
     return list(rows.values())
 
 
+# -- batch: BatchReader against h5py loops over the stacked archive ------------------------------
+
+BATCH_ORDERS = ("sequential", "shuffled")
+FANCY_BATCHES = 2  # fancy indexing decompresses a whole chunk for every row (~50× slower): a sample suffices
+WARMUP_BATCHES = 1  # batches each batch variant reads in the untimed warm-up round
+
+
+def h5py_loop(path: Path, batch_size: int, batches: int, step_s: float = 0.0, seed: int = 0) -> Tuple[float, int]:
+    """The loop people write first: slice each batch of ``data``/``labels`` out with h5py, in
+    order, then train on it, reading and training in turn. Returns (seconds, rows read)."""
+    start = time.perf_counter()
+    seen = 0
+    with h5py.File(path, "r") as f:
+        data, labels = f["data"], f["labels"]
+        for b in range(batches):
+            seen += len(data[b * batch_size : (b + 1) * batch_size])
+            labels[b * batch_size : (b + 1) * batch_size]
+            if step_s:
+                time.sleep(step_s)
+        return time.perf_counter() - start, seen
+
+
+def h5py_fancy(path: Path, batch_size: int, batches: int, step_s: float = 0.0, seed: int = 0) -> Tuple[float, int]:
+    """Shuffled rows through h5py as people do it: one permutation, each batch's indices sorted
+    (h5py wants them increasing) and read by fancy indexing."""
+    start = time.perf_counter()
+    seen = 0
+    with h5py.File(path, "r") as f:
+        data, labels = f["data"], f["labels"]
+        order = np.random.default_rng(seed).permutation(data.shape[0])
+        for b in range(batches):
+            rows = np.sort(order[b * batch_size : (b + 1) * batch_size])
+            seen += len(data[rows])
+            labels[rows]
+            if step_s:
+                time.sleep(step_s)
+        return time.perf_counter() - start, seen
+
+
+def batch_reader_loop(shuffle: bool) -> Callable[..., Tuple[float, int]]:
+    def run(path: Path, batch_size: int, batches: int, step_s: float = 0.0, seed: int = 0) -> Tuple[float, int]:
+        """A fresh ``data2h5.BatchReader`` (its defaults) for the first ``batches`` batches of an
+        epoch; the clock stops at the last batch, before the reader stops its threads."""
+        from data2h5 import BatchReader
+
+        start = time.perf_counter()
+        seen = 0
+        with BatchReader(path, batch_size, shuffle=shuffle, seed=seed) as reader:
+            for b, (data, _labels) in enumerate(reader):
+                seen += len(data)
+                if step_s:
+                    time.sleep(step_s)
+                if b + 1 == batches:
+                    break
+            return time.perf_counter() - start, seen
+
+    return run
+
+
+@dataclass
+class BatchVariant:
+    key: str
+    label: str
+    run: Callable[..., Tuple[float, int]]
+    batches: int
+    overlap_of: Optional[str] = None  # for a variant with a training step: the same loop without
+
+
+def plan_batch(batches: int) -> List[BatchVariant]:
+    """The variants without a training step; the overlap ones are added once the step is known."""
+    fancy = min(batches, FANCY_BATCHES)
+    return [
+        BatchVariant("h5py_loop", "h5py loop over sequential slices of `data` (no prefetch)", h5py_loop, batches),
+        BatchVariant("reader_sequential", "BatchReader sequential", batch_reader_loop(False), batches),
+        BatchVariant("reader_shuffled", "BatchReader shuffled", batch_reader_loop(True), batches),
+        BatchVariant("h5py_fancy", f"h5py shuffled rows by fancy indexing (sorted indices per batch; "
+                     f"{fancy} batch{'es' if fancy > 1 else ''})", h5py_fancy, fancy),
+    ]
+
+
+def overlap_variants(plain: List[BatchVariant], step_ms: float) -> List[BatchVariant]:
+    by = {v.key: v for v in plain}
+    names = {"h5py_loop": "h5py loop", "reader_sequential": "BatchReader sequential", "reader_shuffled": "BatchReader shuffled"}
+    return [BatchVariant(f"overlap_{key}", f"overlap: {name} + {step_ms:.1f} ms step per batch",
+                         by[key].run, by[key].batches, overlap_of=key)
+            for key, name in names.items()]
+
+
+def run_batch(work: Path, args, bar, notes: List[str]) -> List[Row]:
+    """Warm-up, then ``repeat`` rounds; in each every variant runs in turn, those with a
+    simulated training step last. The step is ``--step-ms``, or the h5py loop's read time per
+    batch in the first round."""
+    stacked = work / "stacked.h5"
+    if not stacked.exists():
+        notes.append("batch: the stacked archive is missing (its conversion failed), so the batch section is left out")
+        bar.total -= batch_steps(args.repeat)
+        bar.refresh()
+        return []
+    with h5py.File(stacked, "r") as f:
+        n = f["data"].shape[0]
+    bs = args.batch_size
+    batches = max(1, min(args.batches, -(-n // bs)))
+    plain, stepped = plan_batch(batches), []
+    rows: Dict[str, Row] = {}
+
+    def measure(v: BatchVariant, r: int, step_ms: float = 0.0) -> None:
+        bar.set_description(f"batch {r + 1}/{args.repeat}: {v.key}")
+        seconds, seen = v.run(stacked, bs, v.batches, step_ms / 1e3, seed=r)
+        row = rows.setdefault(v.key, Row("batch", v.key, v.label, seen))
+        row.times.append(seconds)
+        row.extra.update(batches=v.batches, batch_size=bs)
+        if v.overlap_of is not None:
+            row.extra.update(step_ms=step_ms, overlap_of=v.overlap_of)
+        bar.update(1)
+
+    read_through([stacked])
+    for v in plain:
+        bar.set_description(f"batch warm-up: {v.key}")
+        v.run(stacked, bs, min(v.batches, WARMUP_BATCHES))
+        bar.update(1)
+    step_ms = args.step_ms
+    for r in range(args.repeat):
+        for v in plain:
+            measure(v, r)
+        if step_ms is None:
+            step_ms = rows["h5py_loop"].times[0] / batches * 1e3
+        stepped = stepped or overlap_variants(plain, step_ms)
+        for v in stepped:
+            measure(v, r, step_ms)
+    return list(rows.values())
+
+
+def batch_steps(repeat: int) -> int:
+    """Runs of the batch section: 4 variants warmed up, 7 timed in each round."""
+    return 4 + 7 * repeat
+
+
 # -- report -------------------------------------------------------------------------------------
 
 SINGLE_PROCESS = {"naive", "webdataset"}  # conversions without a pool: no worker RSS
@@ -770,6 +913,9 @@ def add_figures(rows: List[Row], source: Source) -> None:
             if base is not None:
                 fig["x_loose"] = row.rate / base.rate
             continue
+        if row.section == "batch":
+            batch_figures(row, {r.key: r for r in rows if r.section == "batch"})
+            continue
         fig["mb_per_s"] = source.nbytes / MB / row.seconds
         if "output_bytes" in row.extra:
             fig["output_mb"] = row.extra["output_bytes"] / MB
@@ -781,6 +927,23 @@ def add_figures(rows: List[Row], source: Source) -> None:
             fig["x_limit"] = row.rate / limit.rate
         if ours is not None:
             fig["x_data2h5"] = row.rate / ours.rate
+
+
+def batch_figures(row: Row, by: Dict[str, Row]) -> None:
+    """Rates against the h5py loop and, for a variant with a step, its overlap: the time over
+    max(step, its loop's own read time per batch) × batches, 1.0 when reading hides entirely."""
+    fig = row.figures
+    fig["batch_ms"] = row.seconds / row.extra["batches"] * 1e3
+    plain = by.get("h5py_loop")
+    if row.extra.get("overlap_of") is None:
+        if plain is not None:
+            fig["x_h5py_loop"] = row.rate / plain.rate
+        if row.key == "reader_shuffled" and "reader_sequential" in by:
+            fig["x_sequential"] = row.rate / by["reader_sequential"].rate
+        return
+    read_ms = by[row.extra["overlap_of"]].seconds / row.extra["batches"] * 1e3
+    fig.update(step_ms=row.extra["step_ms"], read_ms=read_ms,
+               overlap=row.seconds * 1e3 / (max(row.extra["step_ms"], read_ms) * row.extra["batches"]))
 
 
 def cell(value: Optional[float], spec: str = ",.2f") -> str:
@@ -824,6 +987,30 @@ def loading_table(rows: List[Row], args, samples: int) -> List[str]:
     return lines
 
 
+def batch_table(rows: List[Row], stacked: Dict[str, Any]) -> List[str]:
+    first = rows[0].extra
+    lines = [
+        f"### Batches: BatchReader over the stacked archive ({stacked['rows']:,} rows of "
+        f"{'×'.join(map(str, stacked['row_shape']))} {stacked['dtype']}, {stacked['mb']:,.{1 if stacked['mb'] >= 1 else 3}f} MB; batch "
+        f"{first['batch_size']}, the first {first['batches']} batches of an epoch a run)",
+        "",
+        "| batch reading | rows/s | ratio |",
+        "|---|---:|---:|",
+    ]
+    for row in rows:
+        f = row.figures
+        if "overlap" in f:
+            ratio = f"{f['overlap']:.2f} (ideal 1; R = {f['read_ms']:.1f} ms)"
+        elif "x_sequential" in f:
+            ratio = f"{f['x_sequential']:.2f}× sequential ({f['x_h5py_loop']:.2f}× h5py loop)"
+        elif row.key == "h5py_loop":
+            ratio = f"R = {f['batch_ms']:.1f} ms a batch"
+        else:
+            ratio = f"{f['x_h5py_loop']:.{3 if f['x_h5py_loop'] < 0.1 else 2}f}× h5py loop" if "x_h5py_loop" in f else "–"
+        lines.append(f"| {row.label} | {cell(f['per_s'], ',.0f')} | {ratio} |")
+    return lines
+
+
 def report(result: Dict[str, Any], rows: List[Row], source: Source, args) -> str:
     m = result["machine"]
     runs = f"{args.repeat} runs" if args.repeat > 1 else "1 run"
@@ -840,10 +1027,13 @@ def report(result: Dict[str, Any], rows: List[Row], source: Source, args) -> str
     ]
     conversions = [r for r in rows if r.section == "conversion"]
     loads = [r for r in rows if r.section == "loading"]
+    batches = [r for r in rows if r.section == "batch"]
     if conversions:
         lines += conversion_table(conversions, source) + [""]
     if loads:
         lines += loading_table(loads, args, result["samples"]) + [""]
+    if batches:
+        lines += batch_table(batches, result["stacked"]) + [""]
     lines += [f"- {note}" for note in result["notes"]]
     return "\n".join(lines)
 
@@ -860,6 +1050,16 @@ LOADING_NOTES = [
     "loading: DataLoader workers stay up between runs (persistent_workers); a batch is a list of "
     "(array, class) pairs, no transforms; BatchReader is not a DataLoader: its 2 threads read whole "
     "batches of the stacked array, and its shuffle mixes rows within windows of the file.",
+]
+
+BATCH_NOTES = [
+    "batches: each run opens the stacked archive and reads the first batches of an epoch (at most --batches), "
+    "page cache warm; BatchReader with its defaults (2 threads, 2 batches ahead), a fresh one each run, its "
+    "clock stopped at the last batch; h5py fancy indexing reads each row's whole chunk, so only a few batches.",
+    "overlap: each batch is followed by time.sleep(T), a stand-in for a training step that releases the GIL "
+    "as a GPU step would; T is --step-ms, else the h5py loop's read time per batch in the first round (so T ≈ R). "
+    "Ratio: the run's time ÷ (max(T, R) × batches), R the same loop's own median read time per batch: 1.0 "
+    "when reading hides entirely behind the step; a loop that reads, then trains, takes (T + R) ÷ max(T, R), ~2.",
 ]
 
 
@@ -907,8 +1107,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each variant; the median is reported (default 3)")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                    help="DataLoader workers (default: the cores, at most 8); conversions use data2h5's default")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size of the loading rows (default 64)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size of the loading and batch rows (default 64)")
     p.add_argument("--samples", type=int, default=1024, help="samples read by each loading run (default 1024)")
+    p.add_argument("--batches", type=int, default=100,
+                   help="batch section: batches read by each run, at most an epoch (default 100)")
+    p.add_argument("--step-ms", type=float, metavar="T",
+                   help="batch section: simulated training step per batch (default: the h5py loop's read time)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-cache loading runs even as root")
     p.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every figure to FILE")
@@ -916,8 +1120,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.make_corpus is not None and args.make_corpus < 1:
         p.error("--make-corpus needs at least 1 file")
-    if min(args.repeat, args.batch_size, args.samples) < 1 or args.workers < 0:
-        p.error("--repeat, --batch-size and --samples must be at least 1, --workers at least 0")
+    if min(args.repeat, args.batch_size, args.samples, args.batches) < 1 or args.workers < 0:
+        p.error("--repeat, --batch-size, --samples and --batches must be at least 1, --workers at least 0")
+    if args.step_ms is not None and args.step_ms < 0:
+        p.error("--step-ms must be at least 0")
     if args.path_images is not None and not args.path_images.is_dir():
         p.error(f"--path-images {args.path_images} is not a folder")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
@@ -926,6 +1132,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.ext = [e.lower().lstrip(".") for e in (args.ext or ["jpg"])]
     args.sections = args.only or list(SECTIONS)
     return args
+
+
+def describe_stacked(path: Path) -> Optional[Dict[str, Any]]:
+    """Rows, row shape, dtype and size of the stacked archive the batch rows read, if it exists."""
+    if not path.exists():
+        return None
+    with h5py.File(path, "r") as f:
+        data = f["data"]
+        return {"rows": data.shape[0], "row_shape": list(data.shape[1:]), "dtype": str(data.dtype),
+                "chunk_rows": data.chunks[0] if data.chunks else None, "mb": path.stat().st_size / MB}
 
 
 def prepare_source(args, work: Path) -> Source:
@@ -947,18 +1163,19 @@ def prepare_source(args, work: Path) -> Source:
     return source
 
 
-def ensure_archives(source: Source, work: Path, plan: List[Conversion], notes: List[str]) -> None:
-    """Build, untimed, the archives the loading rows read that no conversion left behind."""
+def ensure_archives(source: Source, work: Path, plan: List[Conversion], wanted: Sequence[str], notes: List[str]) -> None:
+    """Build, untimed, the ``wanted`` archives that no conversion left behind."""
     for conv in plan:
-        if conv.key in LOADED_ARCHIVES and not (work / conv.output).exists():
+        if conv.key in wanted and not (work / conv.output).exists():
             result = run_conversion(conv, source.root, source.keys, source.exts, work)
             if "error" in result:
-                notes.append(f"{conv.label}: failed ({result['error']}); the loading rows that read it are left out")
+                notes.append(f"{conv.label}: failed ({result['error']}); the rows that read it are left out")
 
 
 def planned_steps(args, plan: List[Conversion], loading: bool, cold: bool) -> int:
     """Runs the progress bar counts (the loading part is corrected once its loaders are known)."""
     steps = len(plan) * (1 + args.repeat) if "conversion" in args.sections else 0
+    steps += batch_steps(args.repeat) if "batch" in args.sections else 0
     return steps + (5 * (1 + 2 * args.repeat * (2 if cold else 1)) if loading else 0)
 
 
@@ -997,12 +1214,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with tqdm(total=planned_steps(args, plan, loading, cold), unit="run", file=sys.stderr) as bar:
             if "conversion" in args.sections:
                 rows += run_conversions(plan, source, out, args.repeat, bar, notes)
+            if "conversion" not in args.sections and (loading or "batch" in args.sections):
+                ensure_archives(source, out, plan, LOADED_ARCHIVES if loading else ["stacked"], notes)
             if loading:
-                if "conversion" not in args.sections:
-                    ensure_archives(source, out, plan, notes)
                 rows += run_loading(source, out, args, cold, bar, notes)
+            if "batch" in args.sections:
+                rows += run_batch(out, args, bar, notes)
+            stacked = describe_stacked(out / "stacked.h5")
         notes += CONVERSION_NOTES if any(r.section == "conversion" for r in rows) else []
         notes += LOADING_NOTES if any(r.section == "loading" for r in rows) else []
+        notes += BATCH_NOTES if any(r.section == "batch" for r in rows) else []
         add_figures(rows, source)
         if keep is not None:
             notes.append(f"corpus kept in {keep} (reuse it: --path-images {keep} --ext jpg)")
@@ -1013,6 +1234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        "images": source.images, "shapes": source.shapes},
             "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "samples": min(args.samples, len(source.keys)),
+            "stacked": stacked,
             "load_before": load_before,
             "load_after": os.getloadavg()[0],
             "wall_seconds": time.perf_counter() - started,

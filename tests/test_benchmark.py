@@ -1,9 +1,10 @@
 """benchmark.py end to end on tiny inputs, so that it never rots: every row in the markdown
-table and in the JSON with positive figures, the temporary corpus removed (or kept), --plot."""
+tables and in the JSON with positive figures, the temporary corpus removed (or kept), --plot."""
 from __future__ import annotations
 
 import importlib.util
 import json
+from types import SimpleNamespace
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from conftest import photo_like
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmark.py"
 CONVERSIONS = {"naive", "original", "limit", "data2h5", "bytes", "stacked"}
 LOADERS = {"loose", "h5dataset", "h5dataset_bytes", "lazy_h5py", "batch_reader"}
+BATCH_ROWS = {"h5py_loop", "reader_sequential", "reader_shuffled", "h5py_fancy",
+              "overlap_h5py_loop", "overlap_reader_sequential", "overlap_reader_shuffled"}
 HAS_WEBDATASET = importlib.util.find_spec("webdataset") is not None
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -31,7 +34,7 @@ def run_benchmark(work: Path, *args) -> subprocess.CompletedProcess:
 def table_labels(stdout: str) -> list:
     """First cell of every markdown table row (headers and separators left out)."""
     rows = [line for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("|---")]
-    return [row.split(" | ")[0][2:] for row in rows if not row.startswith(("| conversion |", "| loader |"))]
+    return [row.split(" | ")[0][2:] for row in rows if not row.startswith(("| conversion |", "| loader |", "| batch reading |"))]
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,48 @@ def test_every_loading_row_is_in_the_table_and_the_json(tiny):
     assert "warm sequential" in header and "warm shuffled" in header
 
 
+def test_every_batch_row_is_in_the_table_and_the_json(tiny):
+    proc, data, _ = tiny
+    rows = {row["key"]: row for row in rows_of(data, "batch")}
+    assert set(rows) == BATCH_ROWS
+    labels = table_labels(proc.stdout)
+    assert "### Batches: BatchReader over the stacked archive (24 rows of 224×224×3 uint8" in proc.stdout
+    for key, row in rows.items():
+        assert row["label"] in labels
+        # 24 rows in batches of 8: the whole epoch, but fancy indexing reads only 2 batches
+        assert row["items"] == (16 if key == "h5py_fancy" else 24) and len(row["times"]) == 1
+        assert row["extra"]["batches"] == (2 if key == "h5py_fancy" else 3)
+        assert row["figures"]["per_s"] > 0 and row["figures"]["batch_ms"] > 0
+    for key in ("reader_sequential", "reader_shuffled", "h5py_fancy"):
+        assert rows[key]["figures"]["x_h5py_loop"] > 0
+    assert rows["reader_shuffled"]["figures"]["x_sequential"] > 0
+    # the step defaults to the h5py loop's read time per batch in the first round
+    step = rows["h5py_loop"]["times"][0] / 3 * 1e3
+    for plain in ("h5py_loop", "reader_sequential", "reader_shuffled"):
+        fig = rows["overlap_" + plain]["figures"]
+        assert fig["step_ms"] == pytest.approx(step)
+        assert fig["read_ms"] == pytest.approx(rows[plain]["figures"]["batch_ms"])
+        assert fig["overlap"] > 0
+    # reading, then sleeping T ≈ R, takes about T + R: the plain loop cannot score near 1
+    assert rows["overlap_h5py_loop"]["figures"]["overlap"] > 1.3
+    assert "overlap: each batch is followed by time.sleep(T)" in proc.stdout
+
+
+def test_batch_section_without_a_stacked_archive_is_left_out_with_a_note(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("benchmark", BENCHMARK)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "benchmark", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    from tqdm import tqdm
+
+    notes: list = []
+    args = SimpleNamespace(repeat=2, batch_size=8, batches=10, step_ms=None)
+    with tqdm(total=bench.batch_steps(2), disable=True) as bar:
+        assert bench.run_batch(tmp_path, args, bar, notes) == []
+        assert bar.total == 0
+    assert notes == ["batch: the stacked archive is missing (its conversion failed), so the batch section is left out"]
+
+
 def test_machine_and_method_are_described(tiny):
     proc, data, _ = tiny
     for key in ("cores", "memory", "python", "numpy", "h5py", "HDF5", "torch", "os"):
@@ -119,6 +164,7 @@ def test_keep_corpus_keeps_only_the_corpus(tmp_path):
     assert [p.name for p in kept.iterdir()] == ["corpus"]
     assert len(list((kept / "corpus").rglob("*.jpg"))) == 6
     assert f"corpus kept in {kept / 'corpus'}" in proc.stdout
+    assert "### Conversion" in proc.stdout and "### Batches" not in proc.stdout and "### Loading" not in proc.stdout
 
 
 def test_own_folder_of_one_shape_is_stacked_as_it_is_and_left_untouched(tmp_path):
@@ -128,7 +174,11 @@ def test_own_folder_of_one_shape_is_stacked_as_it_is_and_left_untouched(tmp_path
         (src / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
         iio.imwrite(src / f"class_{i % 2}" / f"{i}.png", photo_like(rng, 20, 30))
     before = {p: p.read_bytes() for p in src.rglob("*")if p.is_file()}
-    proc = run_benchmark(tmp_path / "work", "--path-images", src, "--ext", "png", "--only", "conversion")
+    proc = run_benchmark(tmp_path / "work", "--path-images", src, "--ext", "png", "--only", "conversion",
+                         "--only", "batch", "--batch-size", 4, "--step-ms", 1)
     assert "| data2h5 --layout stacked |" in proc.stdout  # one shape: no resizing reader
+    # the batch rows read that archive as it is: 6 rows of 20×30×3, a 1 ms step as asked
+    assert "### Batches: BatchReader over the stacked archive (6 rows of 20×30×3 uint8" in proc.stdout
+    assert "| overlap: BatchReader shuffled + 1.0 ms step per batch |" in proc.stdout
     assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
     assert list((tmp_path / "work").iterdir()) == []
