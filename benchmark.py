@@ -762,7 +762,6 @@ def run_loading(source: Source, work: Path, args, cold: bool, bar, notes: List[s
 
 # -- batch: BatchReader against h5py loops over the stacked archive ------------------------------
 
-BATCH_ORDERS = ("sequential", "shuffled")
 FANCY_BATCHES = 2  # fancy indexing decompresses a whole chunk for every row (~50× slower): a sample suffices
 WARMUP_BATCHES = 1  # batches each batch variant reads in the untimed warm-up round
 
@@ -1055,7 +1054,8 @@ LOADING_NOTES = [
 BATCH_NOTES = [
     "batches: each run opens the stacked archive and reads the first batches of an epoch (at most --batches), "
     "page cache warm; BatchReader with its defaults (2 threads, 2 batches ahead), a fresh one each run, its "
-    "clock stopped at the last batch; h5py fancy indexing reads each row's whole chunk, so only a few batches.",
+    "clock stopped at the last batch; its shuffle visits chunks in random order and mixes rows within windows "
+    "of chunks (32 MiB by default). h5py fancy indexing decompresses each row's whole chunk, so only a few batches.",
     "overlap: each batch is followed by time.sleep(T), a stand-in for a training step that releases the GIL "
     "as a GPU step would; T is --step-ms, else the h5py loop's read time per batch in the first round (so T ≈ R). "
     "Ratio: the run's time ÷ (max(T, R) × batches), R the same loop's own median read time per batch: 1.0 "
