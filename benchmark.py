@@ -852,10 +852,10 @@ def run_batch(work: Path, args, bar, notes: List[str]) -> List[Row]:
     simulated training step last. The step is ``--step-ms``, or the h5py loop's read time per
     batch in the first round."""
     stacked = work / "stacked.h5"
+    bar.total = bar.n + (batch_steps(args.repeat) if stacked.exists() else 0)  # the last section: set, not planned
+    bar.refresh()
     if not stacked.exists():
         notes.append("batch: the stacked archive is missing (its conversion failed), so the batch section is left out")
-        bar.total -= batch_steps(args.repeat)
-        bar.refresh()
         return []
     with h5py.File(stacked, "r") as f:
         n = f["data"].shape[0]
