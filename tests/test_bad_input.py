@@ -125,7 +125,7 @@ def test_skip_lists_the_skipped_files_everywhere(src, out_dir):
     out = out_dir / "out.h5"
     done = convert_cli(src, out, "--ext", "png", "--on-error", "skip")
     assert done.returncode == 0, done.stderr
-    summary = done.stderr[done.stderr.rindex("3 files") :]
+    summary = done.stderr[done.stderr.rindex("3 files, ") :]
     assert "2 skipped" in summary
     assert "a/bad1.png: cannot read as image" in summary and "c/bad2.png: cannot read as image" in summary
     assert index(out)["keys"] == ["a/b/two.png", "a/one.png", "c/three.png"]
@@ -318,6 +318,16 @@ def test_unlistable_folder_stops_the_run_naming_it(src, out_dir, locked, on_erro
     line = one_line(convert_unprivileged(src, out, "--on-error", on_error, "-q"))
     assert f"{folder}: cannot list this folder (Permission denied)" in line and "make it readable" in line
     assert not out.exists()
+
+
+@pytest.mark.xfail(reason="needs cli.py: click.Path() checks --path-images is readable first and prints a 4-line "
+                          "usage error with exit 2; declare it click.Path(readable=False) so the walk names it",
+                   strict=True)
+def test_unreadable_source_folder_is_named(src, out_dir, locked):
+    locked(src)
+    line = one_line(convert_unprivileged(src, out_dir / "out.h5", "-q"))
+    assert f"{src}: cannot list this folder (Permission denied)" in line
+    assert os.listdir(out_dir) == []
 
 
 def test_read_only_output_folder_is_refused_naming_it(src, out_dir, locked):
