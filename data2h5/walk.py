@@ -88,7 +88,7 @@ def _walk_dir(
         with os.scandir(path) as it:
             entries = [(entry, _is_dir(entry)) for entry in it]
     except OSError as exc:
-        raise ReadError(path, _folder_problem(path, exc, path_max)) from exc
+        raise ReadError(path, _folder_problem(path, exc, path_max, is_root=not prefix)) from exc
     ancestors += (ident,)
     # a folder sorts as "name/" so that keys come out in plain sorted order ("a.b" < "a/x")
     entries.sort(key=lambda e: e[0].name + "/" if e[1] else e[0].name)
@@ -119,14 +119,14 @@ def _too_long(path: str, path_max: int) -> Optional[str]:
             "move the source folder higher up or shorten the folder names")
 
 
-def _folder_problem(path: str, exc: OSError, path_max: int) -> str:
+def _folder_problem(path: str, exc: OSError, path_max: int, is_root: bool) -> str:
     too_long = _too_long(path, path_max)
     if too_long or exc.errno == errno.ENAMETOOLONG:
         return too_long or f"cannot list this folder ({exc.strerror}); shorten the folder names"
+    elsewhere = "" if is_root else " or move it out of the source folder"
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return (f"cannot list this folder ({exc.strerror}); "
-                "make it readable (chmod u+rx) or move it out of the source folder")
-    return f"cannot list this folder ({exc.strerror or exc}); fix it or move it out of the source folder"
+        return f"cannot list this folder ({exc.strerror}); make it readable (chmod u+rx){elsewhere}"
+    return f"cannot list this folder ({exc.strerror or exc}); fix it{elsewhere}"
 
 
 def _file_problem(entry: os.DirEntry, path_max: int) -> Optional[str]:
