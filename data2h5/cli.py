@@ -42,7 +42,7 @@ def main(verbose: bool) -> None:
 
 
 @main.command(epilog=CONVERT_EXAMPLE)
-@click.option("--path-images", "--path_images", "src", required=True, type=click.Path(file_okay=True, dir_okay=True),
+@click.option("--path-images", "--path_images", "src", required=True, type=click.Path(readable=False),
               help="Folder holding the files to convert.")
 @click.option("--path-output", "--path_output", "dst", required=True, type=click.Path(),
               help="Archive to write (e.g. out.h5).")
@@ -102,7 +102,7 @@ def convert(src: str, dst: str, exts: Tuple[str, ...], reader: Optional[str], pr
 
 
 @main.command()
-@click.argument("archive", type=click.Path())
+@click.argument("archive", type=click.Path(readable=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
 def info(archive: str, as_json: bool) -> None:
     """Show what an archive holds and how it was made."""
@@ -126,7 +126,7 @@ def info(archive: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("archive", type=click.Path())
+@click.argument("archive", type=click.Path(readable=False))
 @click.argument("prefix", required=False, default="")
 def ls(archive: str, prefix: str) -> None:
     """List the archive's entry keys, optionally only those under PREFIX."""
@@ -150,8 +150,8 @@ Examples:
 
 
 @main.command(epilog=VERIFY_EXAMPLE)
-@click.argument("archive", type=click.Path())
-@click.option("--source", type=click.Path(), default=None,
+@click.argument("archive", type=click.Path(readable=False))
+@click.option("--source", type=click.Path(readable=False), default=None,
               help="Also check this folder: every file the conversion's options select must be in the archive, unchanged.")
 @click.option("--ext", "exts", multiple=True, help="Select source files by these extensions, not the archive's.")
 @click.option("--prune", default=None, help="Select source files with this prune plugin, not the archive's.")
@@ -205,7 +205,7 @@ as KEY.npy (KEY itself when it ends in .npy), which numpy.load reads back unchan
 
 
 @main.command(epilog=EXTRACT_EXAMPLE)
-@click.argument("archive", type=click.Path())
+@click.argument("archive", type=click.Path(readable=False))
 @click.argument("dest", type=click.Path())
 @click.argument("prefixes", nargs=-1, metavar="[PREFIX]...")
 @click.option("--overwrite", is_flag=True, help="Replace files that already exist (never links or folders).")

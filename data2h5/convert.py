@@ -375,6 +375,8 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
                 if not isinstance(item, Packed):
                     key, error = item
                     if on_error == "fail":
+                        if isinstance(error, ReadError):
+                            raise ReadError(error.path, f"{error.reason} (or pass --on-error skip)") from error
                         raise error
                     log.warning("skipping %s", error)
                     reason = getattr(error, "reason", str(error))
@@ -497,10 +499,23 @@ def _run(files: List[SourceFile], job: _Job, workers: int, start_method: Optiona
         finished = True
     finally:
         if not finished:  # stop now: do not let workers finish the queue
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                proc.terminate()
+            _stop_workers(pool)
         pool.shutdown(wait=True, cancel_futures=True)
         slots.close()
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End every worker now. A worker stopped while it held the result queue's lock leaves
+    its siblings blocked on it, so whoever does not end on SIGTERM is killed, and all are
+    joined here: the pool's shutdown then has no one left to wait for."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
 
 
 def _progress_bar(total: int, enabled: Optional[bool]):

@@ -185,9 +185,6 @@ def test_unreadable_archive_in_the_library(tmp_path, unreadable):
     assert done.stderr.strip() == f"ArchiveError: {unreadable}: cannot open (Permission denied); make it readable"
 
 
-@pytest.mark.xfail(reason="needs cli.py: click.Path() checks readability first and prints a 4-line usage "
-                          "error with exit 2; declare ARCHIVE as click.Path(readable=False) in info and ls",
-                   strict=True)
 @pytest.mark.parametrize("command", ["info", "ls"])
 def test_unreadable_archive_on_the_command_line(tmp_path, unreadable, command):
     done = run_unprivileged(sys.executable, "-m", "data2h5.cli", command, unreadable, cwd=tmp_path)

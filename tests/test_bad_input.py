@@ -101,8 +101,6 @@ def test_corrupt_image_fails_naming_file_and_reason(src, out_dir, name, workers)
     assert published(out_dir) == []  # no OUT (a resume may use the part files)
 
 
-@pytest.mark.xfail(reason="needs convert.py: a file's ReadError raised under --on-error fail should mention "
-                          "--on-error skip, as errors found by the walk do", strict=True)
 @pytest.mark.parametrize("name", sorted(CORRUPT))
 def test_a_bad_file_says_how_to_go_on_without_it(src, out_dir, name):
     make, _ = CORRUPT[name]
@@ -320,9 +318,6 @@ def test_unlistable_folder_stops_the_run_naming_it(src, out_dir, locked, on_erro
     assert not out.exists()
 
 
-@pytest.mark.xfail(reason="needs cli.py: click.Path() checks --path-images is readable first and prints a 4-line "
-                          "usage error with exit 2; declare it click.Path(readable=False) so the walk names it",
-                   strict=True)
 def test_unreadable_source_folder_is_named(src, out_dir, locked):
     locked(src)
     line = one_line(convert_unprivileged(src, out_dir / "out.h5", "-q"))
