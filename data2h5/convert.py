@@ -31,7 +31,7 @@ from .partial import Journal, OutputLock, Partial, Previous, load_previous
 from .resume import previous_work, reuse
 from .plugins import Plugin, PluginSpec, load
 from .prune import keeps, match_extension, normalize_extensions
-from .readers import AUTO, BUILTIN_READERS, read_source
+from .readers import AUTO, BUILTIN_READERS, BuiltinReader, read_source
 from .transport import Slots, share
 from .walk import SourceFile, walk
 from .writer import CHECKPOINT_SECONDS, FilesWriter, Packed, check_output, create_part, pack, publish
@@ -117,17 +117,19 @@ class _Job:
 
 
 _worker_reader: Optional[Plugin] = None
+_worker_builtin = True  # the reader is a built-in one (or the auto rule)
 _worker_job: Optional[_Job] = None
 
 
 def _init_worker(job: _Job, ignore_sigint: bool = True) -> None:
-    global _worker_reader, _worker_job
+    global _worker_reader, _worker_builtin, _worker_job
     if ignore_sigint:  # a pool worker (not the in-process path)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler inherited through fork
         _exit_with_parent()
     _worker_job = job
     _worker_reader = _resolve_reader(job.reader)
+    _worker_builtin = _worker_reader is None or isinstance(_worker_reader.func, BuiltinReader)
 
 
 def _exit_with_parent() -> None:
@@ -185,8 +187,8 @@ def _process_one(src: SourceFile) -> Packed:
         return Packed(src.key, int(kind), arr.dtype.str, arr.shape, 0, None, arr, len(raw), crc, arr.nbytes, 0, mtime_ns)
     codec = choose_codec(job.codec, kind, ext)
     packed = pack(src.key, int(kind), arr, codec, len(raw), crc, mtime_ns)
-    if kind != Kind.ARRAY and arr.nbytes == len(raw) and memoryview(arr) == raw:
-        packed = packed._replace(verbatim=True)
+    if kind != Kind.ARRAY and (_worker_builtin or (arr.nbytes == len(raw) and arr.tobytes() == raw)):
+        packed = packed._replace(verbatim=True)  # built-in readers store text and bytes as read
     return packed
 
 

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"data2h5 journal 1\n"
 _FRAME = struct.Struct("<II")  # payload length, CRC-32 of the payload
+_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 #: Options that decide what an archive holds: a resume must use the same ones.
 CONTENT_OPTIONS = ("source", "extensions", "prune", "reader", "compression", "layout", "follow_symlinks")
 
@@ -47,7 +48,7 @@ class Journal:
         self.append(header)
 
     def append(self, record: dict) -> None:
-        payload = json.dumps(record, separators=(",", ":")).encode()
+        payload = _ENCODER.encode(record).encode()
         self._write(_FRAME.pack(len(payload), zlib.crc32(payload)) + payload)
 
     def _write(self, data: bytes) -> None:

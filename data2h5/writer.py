@@ -318,30 +318,36 @@ class FilesWriter:
         return self.bytes_stored
 
 
-def _journal_row(dsid, p: Packed, offset: int, crc: int) -> list:
+def _journal_row(dsid, p: Packed, offset: int, crc: int) -> tuple:
     """What a resume needs to rebuild the entry from the part file: its :class:`Packed`
-    fields, with where each stored block lies in place of the data."""
+    fields, with where its stored bytes lie in place of the data: ``(addr, size)`` when
+    contiguous, ``(addr, size, filter mask)`` for one chunk, else ``[[chunk offset, addr,
+    size, mask], ...]`` (a tuple per entry: this runs for every entry written)."""
     if p.chunk_shape is None:
-        where = [offset, p.nbytes]
+        where = (offset, p.nbytes)
     elif offset:  # one chunk, found already
-        where = [[[0] * len(p.shape), offset, len(p.data[0][1]), p.data[0][2]]]
+        where = (offset, len(p.data[0][1]), p.data[0][2])
     else:
         infos = (dsid.get_chunk_info(i) for i in range(dsid.get_num_chunks()))
         where = sorted([list(i.chunk_offset), i.byte_offset, i.size, i.filter_mask] for i in infos)
-    return [p.key, p.kind, p.dtype, list(p.shape), p.codec, p.chunk_shape and list(p.chunk_shape), where,
-            p.size, p.crc32, p.nbytes, crc, p.mtime_ns, int(p.verbatim)]
+    return (p.key, p.kind, p.dtype, p.shape, p.codec, p.chunk_shape, where, p.size, p.crc32, p.nbytes, crc,
+            p.mtime_ns, p.verbatim)
 
 
 def unjournal_row(row: list, read) -> Optional[Packed]:
     """The :class:`Packed` a journal row describes, its stored bytes fetched with
     ``read(addr, size)``; None when they are missing or fail their checksum."""
     key, kind, dtype, shape, codec, chunk_shape, where, size, crc32, nbytes, stored_crc, mtime_ns, verbatim = row
+    shape = tuple(shape)
     if chunk_shape is None:
         addr, length = where
         data = read(addr, length) if length else b""
         if data is None or zlib.crc32(data) != stored_crc:
             return None
     else:
+        if isinstance(where[0], int):  # one chunk
+            addr, length, mask = where
+            where = [[[0] * len(shape), addr, length, mask]]
         data, crc = [], 0
         for offset, addr, length, mask in where:
             block = read(addr, length)
@@ -352,7 +358,7 @@ def unjournal_row(row: list, read) -> Optional[Packed]:
         if crc != stored_crc:
             return None
         chunk_shape = tuple(chunk_shape)
-    return Packed(key, kind, dtype, tuple(shape), codec, chunk_shape, data, size, crc32, nbytes, stored_crc, mtime_ns,
+    return Packed(key, kind, dtype, shape, codec, chunk_shape, data, size, crc32, nbytes, stored_crc, mtime_ns,
                   bool(verbatim))
 
 
