@@ -2,6 +2,7 @@
 the real CLI in a subprocess, and reading what an archive holds."""
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typing import Dict, List, Optional
 import h5py
 import imageio.v3 as iio
 import numpy as np
+import pytest
 
 from conftest import photo_like
 from data2h5 import format as fmt
@@ -144,3 +146,42 @@ def error_line(stderr: str) -> str:
     assert lines, "nothing on stderr"
     assert lines[-1].startswith("data2h5: error: "), stderr
     return lines[-1]
+
+
+# -- permissions, also as root ---------------------------------------------------------------
+
+PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
+
+
+def _drop_permission_override() -> None:
+    """In the child, before exec: root gives up reading and writing past file permissions."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def run_unprivileged(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """A command as a user bound by file permissions. Root (CI containers) is made one by
+    dropping CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its bounding set before exec."""
+    return subprocess.run([*map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          preexec_fn=_drop_permission_override)
+
+
+def permissions_apply(tmp_path: Path) -> None:
+    """Skip the test unless ``run_unprivileged`` is really refused a file it may not read."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("drops root's permission override with Linux prctl")
+    probe = tmp_path / "probe"
+    probe.write_text("secret")
+    probe.chmod(0)
+    try:
+        done = run_unprivileged("cat", probe, cwd=tmp_path)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot drop root's permission override here: {exc}")
+    finally:
+        probe.unlink()
+    if done.returncode == 0:
+        pytest.skip("this user reads files whatever their permissions")

@@ -4,7 +4,6 @@ memory. Grouped by what is wrong: the files' bytes, what the paths are (links, p
 permissions, files changing during a run, names and paths, the output, plugins, stopping."""
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -26,7 +25,7 @@ import pytest
 import data2h5
 from data2h5 import format as fmt
 from data2h5.partial import Partial
-from convert_helpers import entry_kind, error_line, index, run_cli
+from convert_helpers import entry_kind, error_line, index, permissions_apply, run_cli, run_unprivileged
 from data2h5.format import Kind
 from data2h5.index import ArchiveReader
 
@@ -236,43 +235,6 @@ def test_folder_symlink_loops_end(src, out_dir, case, follow):
 
 
 # -- permissions ------------------------------------------------------------------------------
-
-PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
-
-
-def _drop_permission_override() -> None:
-    """In the child, before exec: root gives up reading and writing past file permissions."""
-    if os.geteuid() != 0:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
-        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
-def run_unprivileged(*args, cwd: Path) -> subprocess.CompletedProcess:
-    """A command as a user bound by file permissions. Root (CI containers) is made one by
-    dropping CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its bounding set before exec."""
-    return subprocess.run([*map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          preexec_fn=_drop_permission_override)
-
-
-def permissions_apply(tmp_path: Path) -> None:
-    """Skip the test unless ``run_unprivileged`` is really refused a file it may not read."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("drops root's permission override with Linux prctl")
-    probe = tmp_path / "probe"
-    probe.write_text("secret")
-    probe.chmod(0)
-    try:
-        done = run_unprivileged("cat", probe, cwd=tmp_path)
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot drop root's permission override here: {exc}")
-    finally:
-        probe.unlink()
-    if done.returncode == 0:
-        pytest.skip("this user reads files whatever their permissions")
-
 
 def convert_unprivileged(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return run_unprivileged(sys.executable, "-m", "data2h5.cli", "convert", "--path-images", src,

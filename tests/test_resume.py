@@ -274,6 +274,11 @@ def _small_disk(folder: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+def _limit_file_size() -> None:
+    """In the child: `ulimit -f` of 24 MiB."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (24 << 20, 24 << 20))
+
+
 @pytest.mark.parametrize("limit", ["file-size-limit", "disk-full"])
 def test_a_write_that_fails_part_way_keeps_the_work_for_resume(tmp_path, limit):
     """`ulimit -f`, or a full disk: the write fails part way; the error says so in one line,
@@ -286,9 +291,7 @@ def test_a_write_that_fails_part_way_keeps_the_work_for_resume(tmp_path, limit):
             pytest.skip("mounting a small tmpfs needs root")
     else:
         folder.mkdir()
-
-        def preexec():
-            resource.setrlimit(resource.RLIMIT_FSIZE, (24 << 20, 24 << 20))
+        preexec = _limit_file_size
 
     out = folder / "out.h5"
     cmd = [sys.executable, "-m", "data2h5.cli", "convert", "--path-images", str(src), "--path-output", str(out),
