@@ -25,6 +25,7 @@ import h5py
 from . import format as fmt
 from ._version import __version__
 from .codecs import Codec, choose_codec, parse_compression
+from .display import decimal_size, progress_bar
 from .errors import LayoutError, OutputError, PluginError, ReadError, SourceError, WorkerError
 from .format import Kind
 from .partial import Journal, OutputLock, Partial, Previous, load_previous
@@ -79,7 +80,7 @@ class Report:
         """One line for the end of a run."""
         rate = self.entries / self.elapsed if self.elapsed else 0.0
         line = (
-            f"{self.entries} files, {_mb(self.bytes_in)} → {_mb(self.bytes_out)} ({self.ratio:.2f}×), "
+            f"{self.entries} files, {decimal_size(self.bytes_in)} → {decimal_size(self.bytes_out)} ({self.ratio:.2f}×), "
             f"{len(self.skipped)} skipped, {self.elapsed:.1f} s ({rate:.0f} files/s) → {self.output}"
         )
         if self.reused:
@@ -94,15 +95,6 @@ class Report:
             )
         return line
 
-
-def _mb(n: float) -> str:
-    if n < 1000:
-        return f"{n:.0f} B"
-    for unit in ("kB", "MB", "GB"):
-        n /= 1000
-        if n < 1000:
-            break
-    return f"{n:.1f} {unit}"
 
 
 @dataclass(frozen=True)
@@ -361,7 +353,7 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
             writer = StackedWriter(f, len(files), job.codec, journal=journal, checkpoint_s=checkpoint_s)
         else:
             writer = FilesWriter(f, job.codec, journal=journal, checkpoint_s=checkpoint_s)
-        bar = _progress_bar(len(files), progress)
+        bar = progress_bar(len(files), progress)
         try:
             todo = files
             if previous is not None:
@@ -519,11 +511,6 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
             proc.kill()
             proc.join(timeout=5)
 
-
-def _progress_bar(total: int, enabled: Optional[bool]):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="file", disable=None if enabled is None else not enabled, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
 
 def _spec_name(spec: Optional[PluginSpec]) -> str:

@@ -26,7 +26,6 @@ import logging
 import os
 import secrets
 import stat
-import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -34,6 +33,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import format as fmt
+from .display import decimal_size, progress_bar
 from .errors import ArchiveError, ArchiveKeyError, Data2H5Error, OutputError, UnsafeKeyError
 from .format import Kind
 from .index import ArchiveReader, Index, PathLike, open_h5, read_index
@@ -61,7 +61,7 @@ class ExtractReport:
     elapsed: float = 0.0
 
     def summary(self) -> str:
-        return f"{self.files:,} files ({_mb(self.bytes)}) extracted from {self.archive} to {self.dest} in {self.elapsed:.1f} s"
+        return f"{self.files:,} files ({decimal_size(self.bytes)}) extracted from {self.archive} to {self.dest} in {self.elapsed:.1f} s"
 
 
 def output_path(key: str, kind: int) -> str:
@@ -214,7 +214,7 @@ def extract(
     except OSError as exc:
         raise OutputError(f"cannot create {dest}: {exc.strerror or exc}") from exc
 
-    bar = _progress_bar(len(todo), progress)
+    bar = progress_bar(len(todo), progress)
     writer = _Writer(dest, overwrite)
     try:
         for rel, value, as_npy in _values(archive, index, todo):
@@ -364,20 +364,3 @@ class _Writer:
 
     def _shown(self, folders: List[str]) -> str:
         return os.path.join(self.dest, *folders)
-
-
-def _mb(n: float) -> str:
-    if n < 1000:
-        return f"{n:.0f} B"
-    for unit in ("kB", "MB", "GB"):
-        n /= 1000
-        if n < 1000:
-            break
-    return f"{n:.1f} {unit}"
-
-
-def _progress_bar(total: int, enabled: Optional[bool]):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="file", disable=None if enabled is None else not enabled, file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.1)

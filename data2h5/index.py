@@ -28,6 +28,7 @@ import numpy as np
 
 from . import codecs, format as fmt
 from .chunks import pread_exact, pread_into
+from .display import one_line
 from .errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError
 from .format import Kind
 from .partial import Partial, output_of_part
@@ -158,13 +159,8 @@ def _open_problem(exc: OSError) -> str:
 
 
 def _damaged(exc: BaseException) -> str:
-    return f"the archive is damaged ({_reason(exc)}); copy or convert it again"
+    return f"the archive is damaged ({one_line(exc)}); copy or convert it again"
 
-
-def _reason(exc: BaseException) -> str:
-    """h5py's message on one line (a KeyError's without the quotes ``str`` would add)."""
-    detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-    return " ".join(str(detail).split())
 
 
 def read_index(source: Union[PathLike, h5py.File]) -> Index:
@@ -198,7 +194,7 @@ def _read_index(f: h5py.File) -> Index:
         raise
     except (KeyError, ValueError, OSError, RuntimeError) as exc:  # what h5py raises on damaged metadata
         if fmt.ATTR_FORMAT in attrs:
-            raise ArchiveError(f"{path}: damaged data2h5 index ({_reason(exc)}); convert the source again") from exc
+            raise ArchiveError(f"{path}: damaged data2h5 index ({one_line(exc)}); convert the source again") from exc
         raise ArchiveError(f"{path}: {_damaged(exc)}") from exc
 
 

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
+from .display import binary_size
 from .errors import PluginError, ReadError
 from .format import Kind
 from .plugins import Plugin
@@ -201,17 +202,10 @@ def _check_size(value, path: str, max_bytes: Optional[int]) -> None:
         return
     if nbytes > max_bytes:
         raise ReadError(
-            path, f"read as {_binary_size(nbytes)}, over the {_binary_size(max_bytes)} limit per file; "
+            path, f"read as {binary_size(nbytes)}, over the {binary_size(max_bytes)} limit per file; "
             "pass a larger --max-entry-size if that is expected"
         )
 
-
-def _binary_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _describe(value) -> str:

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 import zlib
 from collections import deque
@@ -37,6 +36,7 @@ import numpy as np
 
 from . import codecs, format as fmt
 from .convert import collect
+from .display import one_line, progress_bar
 from .errors import ArchiveError, CorruptEntryError, PluginError, SourceError
 from .format import Kind
 from .index import _DECOMPRESS_ERRORS, LAYOUT_PLAIN, ArchiveReader, Index, PathLike, read_index
@@ -158,7 +158,7 @@ def verify(
     reader = ArchiveReader(archive, index, verify=True)
     try:
         checker = _Checker(reader, sources)
-        bar = _progress_bar(len(index), progress)
+        bar = progress_bar(len(index), progress, unit="entry")
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="data2h5-verify") as pool:
                 for problems, unchecked, done in _ordered(pool, checker.check, checker.tasks(), 4 * workers):
@@ -295,7 +295,7 @@ def read_stacked_chunk(data: h5py.Dataset, crcs: Optional[np.ndarray], i: int) -
                 raise CorruptEntryError(f"checksum of the stored chunk of rows {lo}-{hi - 1} does not match")
         return data[lo:hi]
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise CorruptEntryError(f"chunk of rows {lo}-{hi - 1} cannot be read: {_one_line(exc)}") from exc
+        raise CorruptEntryError(f"chunk of rows {lo}-{hi - 1} cannot be read: {one_line(exc)}") from exc
 
 
 def stacked_chunks(f: h5py.File) -> Tuple[h5py.Dataset, int, Optional[np.ndarray], Optional[str]]:
@@ -377,7 +377,7 @@ class _Checker:
         try:
             h5py.h5o.visit(self.reader.h5file.id, visit, info=True)
         except (RuntimeError, KeyError, OSError) as exc:
-            log.info("%s: %s; walking the archive's groups one object at a time", index.path, _one_line(exc))
+            log.info("%s: %s; walking the archive's groups one object at a time", index.path, one_line(exc))
             present[:] = False
             extra = []
             self._walk_tolerant(self.reader.h5file.id, b"", found)
@@ -395,7 +395,7 @@ class _Checker:
             gid.links.iterate(lambda name: names.append(name))
         except (RuntimeError, KeyError, OSError) as exc:
             self.tree_problems.append(Problem(CORRUPT, (prefix.rstrip(b"/") or b"/").decode("utf-8", "replace"),
-                                              f"the group cannot be listed: {_one_line(exc)}"))
+                                              f"the group cannot be listed: {one_line(exc)}"))
             return
         for name in names:
             path = prefix + name
@@ -432,7 +432,7 @@ class _Checker:
             problems.append(Problem(CORRUPT, key, _reason(exc)))
             return 0
         except (ArchiveError, OSError, ValueError, RuntimeError, KeyError) as exc:
-            problems.append(Problem(CORRUPT, key, _one_line(exc)))
+            problems.append(Problem(CORRUPT, key, one_line(exc)))
             return 0
         if key in self.sources:
             why = compare_source(self.sources[key], int(index.size[pos]), int(index.crc32[pos]),
@@ -473,7 +473,7 @@ class _Checker:
             try:
                 data = raw if mask & 1 else codec.decompress(raw, chunk_bytes)
             except _DECOMPRESS_ERRORS as exc:
-                failure = f"chunk at {offset} does not decompress: {_one_line(exc)}"
+                failure = f"chunk at {offset} does not decompress: {one_line(exc)}"
                 continue
             if len(data) != chunk_bytes:
                 failure = f"chunk at {offset} holds {len(data)} bytes where {chunk_bytes} were expected"
@@ -500,7 +500,7 @@ class _Checker:
             if not isinstance(f[key], h5py.Dataset):
                 return "listed in the index, but the archive holds a group there, not a dataset"
         except (RuntimeError, KeyError, OSError, ValueError) as exc:
-            return f"its dataset cannot be opened: {_one_line(exc)}"
+            return f"its dataset cannot be opened: {one_line(exc)}"
         return "listed in the index, but its dataset cannot be reached"
 
     # stacked layout
@@ -524,14 +524,10 @@ class _Checker:
 
 def _reason(exc: CorruptEntryError) -> str:
     """The reason in a reader's ``...: entry 'k' is damaged (REASON); convert ...`` message."""
-    text = _one_line(exc)
+    text = one_line(exc)
     start, end = text.find(" is damaged ("), text.rfind("); ")
     return text[start + len(" is damaged (") : end] if 0 <= start < end else text
 
-
-def _one_line(exc: BaseException) -> str:
-    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # not str(KeyError)'s quotes
-    return " ".join(str(text).split()) or type(exc).__name__
 
 
 def _ordered(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], inflight: int) -> Iterator[R]:
@@ -547,11 +543,3 @@ def _ordered(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T],
     finally:
         for future in pending:
             future.cancel()
-
-
-def _progress_bar(total: int, enabled: Optional[bool]):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="entry", disable=None if enabled is None else not enabled, file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.1)
-
