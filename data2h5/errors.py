@@ -58,7 +58,15 @@ class ArchiveKeyError(ArchiveError, KeyError):
 
 
 class CorruptEntryError(ArchiveError):
-    """An entry's stored bytes do not decode: the archive is damaged."""
+    """An entry's stored bytes do not decode: the archive is damaged. ``reason`` is what is
+    wrong, without the archive and entry that the message names around it."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+    def __reduce__(self):  # travels from DataLoader workers intact
+        return type(self), (self.args[0], self.reason)
 
 
 class UnsafeKeyError(ArchiveError):

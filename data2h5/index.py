@@ -568,7 +568,7 @@ class ArchiveReader:
 
     def _corrupt(self, pos: int, why: str) -> CorruptEntryError:
         return CorruptEntryError(
-            f"{self.path}: entry {self.index.keys[pos]!r} is damaged ({why}); convert the source again"
+            f"{self.path}: entry {self.index.keys[pos]!r} is damaged ({why}); convert the source again", why
         )
 
 

@@ -429,7 +429,7 @@ class _Checker:
             else:
                 arr = self._check_chunked(pos, recorded)
         except CorruptEntryError as exc:
-            problems.append(Problem(CORRUPT, key, _reason(exc)))
+            problems.append(Problem(CORRUPT, key, " ".join(exc.reason.split())))
             return 0
         except (ArchiveError, OSError, ValueError, RuntimeError, KeyError) as exc:
             problems.append(Problem(CORRUPT, key, one_line(exc)))
@@ -521,12 +521,6 @@ class _Checker:
         why = compare_source(self.sources[key], int(self.index.size[pos]), int(self.index.crc32[pos]))
         return [Problem(CHANGED, key, why)] if why else []
 
-
-def _reason(exc: CorruptEntryError) -> str:
-    """The reason in a reader's ``...: entry 'k' is damaged (REASON); convert ...`` message."""
-    text = one_line(exc)
-    start, end = text.find(" is damaged ("), text.rfind("); ")
-    return text[start + len(" is damaged (") : end] if 0 <= start < end else text
 
 
 

@@ -102,3 +102,12 @@ def test_source_checksums_are_checked_only_on_entries_that_hold_the_source_bytes
     assert index.verbatim[0] == verbatim
     assert data2h5.H5Dataset(out)[0] == value
     assert data2h5.verify(out, source=src).ok
+
+
+def test_corrupt_entry_error_keeps_its_reason_across_processes():
+    import pickle
+
+    exc = CorruptEntryError("a.h5: entry 'k' is damaged (bad block); convert the source again", "bad block")
+    again = pickle.loads(pickle.dumps(exc))
+    assert (str(again), again.reason) == (str(exc), "bad block")
+    assert CorruptEntryError("no separate reason").reason == "no separate reason"
