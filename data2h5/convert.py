@@ -28,14 +28,14 @@ from .codecs import Codec, choose_codec, parse_compression
 from .display import decimal_size, progress_bar
 from .errors import LayoutError, OutputError, PluginError, ReadError, SourceError, WorkerError
 from .format import Kind
-from .partial import Journal, OutputLock, Partial, Previous, load_previous
+from .partial import CHECKPOINT_SECONDS, Checkpoints, Journal, OutputLock, Partial, Previous, load_previous
 from .resume import previous_work, reuse
 from .plugins import Plugin, PluginSpec, load
 from .prune import keeps, match_extension, normalize_extensions
 from .readers import AUTO, BUILTIN_READERS, BuiltinReader, read_source
 from .transport import Slots, share
 from .walk import SourceFile, walk
-from .writer import CHECKPOINT_SECONDS, FilesWriter, Packed, check_output, create_part, pack, publish
+from .writer import FilesWriter, Packed, check_output, create_part, pack, publish
 
 log = logging.getLogger(__name__)
 
@@ -350,9 +350,9 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
         if job.stacked:
             from .stacked import StackedWriter
 
-            writer = StackedWriter(f, len(files), job.codec, journal=journal, checkpoint_s=checkpoint_s)
+            writer = StackedWriter(f, len(files), job.codec, checkpoints=Checkpoints(f, journal, checkpoint_s))
         else:
-            writer = FilesWriter(f, job.codec, journal=journal, checkpoint_s=checkpoint_s)
+            writer = FilesWriter(f, job.codec, checkpoints=Checkpoints(f, journal, checkpoint_s))
         bar = progress_bar(len(files), progress)
         try:
             todo = files

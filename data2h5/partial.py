@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 MAGIC = b"data2h5 journal 1\n"
 _FRAME = struct.Struct("<II")  # payload length, CRC-32 of the payload
 _ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+#: At most this long between checkpoints: what a kill can cost, in conversion time.
+CHECKPOINT_SECONDS = 2.0
 #: Options that decide what an archive holds: a resume must use the same ones.
 CONTENT_OPTIONS = ("source", "extensions", "prune", "reader", "compression", "layout", "follow_symlinks")
 
@@ -60,6 +63,27 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class Checkpoints:
+    """When and how a writer journals what it wrote: at most ``every`` seconds apart, and
+    only after HDF5 has handed the data to the kernel, so that the journal never vouches for
+    bytes still in HDF5's buffers."""
+
+    def __init__(self, f, journal: Journal, every: float = CHECKPOINT_SECONDS):
+        self._f = f
+        self._journal = journal
+        self.every = every
+        self._next = time.monotonic() + every
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next
+
+    def write(self, record: dict) -> None:
+        """Flush the HDF5 file, then journal ``record``."""
+        self._next = time.monotonic() + self.every
+        self._f.flush()
+        self._journal.append(record)
 
 
 def read_journal(path: Path) -> Tuple[Optional[dict], List[dict]]:

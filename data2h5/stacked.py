@@ -27,7 +27,6 @@ source folder have the class :data:`ROOT_CLASS` (``"."``, a name no folder can h
 from __future__ import annotations
 
 import logging
-import time
 import zlib
 from typing import List, Optional, Sequence
 
@@ -36,7 +35,6 @@ import numpy as np
 
 from .codecs import Codec, choose_codec
 from .errors import LayoutError
-from .writer import CHECKPOINT_SECONDS
 from .format import (
     CHUNK_CRC32,
     INDEX_GROUP,
@@ -73,8 +71,8 @@ class StackedWriter:
     each chunk's checksum (``chunk_crc32``) is taken on exactly the bytes in the file.
     """
 
-    def __init__(self, f: h5py.File, n: int, codec: Optional[Codec], chunk_bytes: int = 1 << 20, journal=None,
-                 checkpoint_s: float = CHECKPOINT_SECONDS):
+    def __init__(self, f: h5py.File, n: int, codec: Optional[Codec], chunk_bytes: int = 1 << 20,
+                 checkpoints=None):
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         self.f = f
@@ -86,9 +84,7 @@ class StackedWriter:
         self.crcs: List[int] = []
         self.chunk_crcs: List[int] = []
         self.mtimes: List[int] = []
-        self._journal = journal
-        self._checkpoint_s = checkpoint_s
-        self._next_checkpoint = time.monotonic() + checkpoint_s
+        self._checkpoints = checkpoints  # a data2h5.partial.Checkpoints, to journal each chunk
         self._pending: dict = {}
         self._skipped: List[list] = []  # since the last chunk: journaled with the next one
         self._dset: Optional[h5py.Dataset] = None
@@ -123,7 +119,7 @@ class StackedWriter:
         self.mtimes.append(int(mtime_ns))
         if self._fill == len(self._buf):
             self._flush()
-        if self._pending and time.monotonic() >= self._next_checkpoint:
+        if self._pending and self._checkpoints.due():
             self.checkpoint()
 
     def skip(self, key: str, reason: str) -> None:
@@ -132,13 +128,10 @@ class StackedWriter:
         self._skipped.append([key, reason])
 
     def checkpoint(self) -> None:
-        """Hand every full chunk written to the kernel and journal it with its rows."""
-        self._next_checkpoint = time.monotonic() + self._checkpoint_s
-        if not self._pending:
-            return
-        self.f.flush()
-        self._journal.append(self._pending)
-        self._pending = {}
+        """Journal every full chunk written since the last checkpoint, with its rows."""
+        if self._pending:
+            self._checkpoints.write(self._pending)
+            self._pending = {}
 
     def start(self, dtype: str, shape: Sequence[int], rows: int) -> None:
         """Create ``/data`` for samples of ``shape`` and ``dtype``, ``rows`` to a chunk (a resume
@@ -159,7 +152,7 @@ class StackedWriter:
 
     def _record_chunk(self, start: int, data: bytes, mask: int, crc: int, rows, skipped) -> None:
         self.chunk_crcs.append(crc)
-        if self._journal is None:
+        if self._checkpoints is None:
             return
         addr = self._dset.id.get_chunk_info_by_coord((start,) + (0,) * (self._buf.ndim - 1)).byte_offset
         if not self._pending:

@@ -15,7 +15,6 @@ import ctypes
 import math
 import os
 import sys
-import time
 import zlib
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional, Tuple
@@ -39,8 +38,6 @@ LIBVER = ("v110", "v112")  # readable by HDF5 1.12 and later; linear-time group 
 #: ~37 MB that grows with the number of entries until then. Entries are written once, so a
 #: small cache costs no speed (measured: same µs per entry at 20,000 and 60,000 entries).
 METADATA_CACHE_BYTES = 256 << 10
-#: At most this long between journal checkpoints: what a kill can cost, in conversion time.
-CHECKPOINT_SECONDS = 2.0
 
 
 class Packed(NamedTuple):
@@ -211,12 +208,11 @@ def _sync_file_range():
 class FilesWriter:
     """Writes entries of the ``files`` layout and, on :meth:`close`, the index.
 
-    With a ``journal``, every entry's location is recorded there at checkpoints (at most
-    ``checkpoint_s`` apart), after HDF5 has handed its data to the kernel.
+    With ``checkpoints`` (:class:`data2h5.partial.Checkpoints`), every entry's location is
+    journaled at checkpoints, so that a resume can reuse it.
     """
 
-    def __init__(self, f: h5py.File, codec: Optional[Codec] = None, journal=None,
-                 checkpoint_s: float = CHECKPOINT_SECONDS):
+    def __init__(self, f: h5py.File, codec: Optional[Codec] = None, checkpoints=None):
         self._f = f
         self._codec = codec  # the user's choice, with its level (a Packed carries only the id)
         self._lcpl = h5py.h5p.create(h5py.h5p.LINK_CREATE)
@@ -227,10 +223,8 @@ class FilesWriter:
         self._rows: List[tuple] = []
         self.bytes_stored = 0
         self._writeback = Writeback(f.filename)
-        self._journal = journal
-        self._checkpoint_s = checkpoint_s
-        self._next_checkpoint = time.monotonic() + checkpoint_s
-        self._pending: List[list] = []
+        self._checkpoints = checkpoints
+        self._pending: List[tuple] = []
 
     def add(self, p: Packed) -> None:
         """Create the entry's dataset, write its data and remember its index row."""
@@ -241,28 +235,25 @@ class FilesWriter:
         )
         try:
             offset, stored, codec_id, crc = self._write(dsid, p, codec)
-            if self._journal is not None:
+            if self._checkpoints is not None:
                 self._pending.append(_journal_row(dsid, p, offset, crc))
         finally:
             dsid.close()
         self.bytes_stored += stored
         self._writeback.poll(stored)
         self._rows.append((p.key, p.size, p.crc32, p.kind, codec_id, offset, stored, p.dtype, p.shape, crc, p.verbatim))
-        if self._pending and time.monotonic() >= self._next_checkpoint:
+        if self._pending and self._checkpoints.due():
             self.checkpoint()
 
     def skip(self, key: str, reason: str) -> None:
         """A file that could not be read: nothing to record, a resume tries it again."""
 
     def checkpoint(self) -> None:
-        """Hand everything written to the kernel, then journal the entries added since the
-        last checkpoint: from here on a resume can reuse them."""
-        self._next_checkpoint = time.monotonic() + self._checkpoint_s
-        if not self._pending:
-            return
-        self._f.flush()
-        self._journal.append({"entries": self._pending})
-        self._pending = []
+        """Journal the entries added since the last checkpoint: from here on a resume can
+        reuse them."""
+        if self._pending:
+            self._checkpoints.write({"entries": self._pending})
+            self._pending = []
 
     def _write(self, dsid, p: Packed, codec: Codec) -> Tuple[int, int, int, int]:
         """Returns ``(offset, stored bytes, codec id, stored CRC-32)`` for the index; offset 0 =
