@@ -28,6 +28,7 @@ from .codecs import Codec, choose_codec, parse_compression
 from .display import decimal_size, progress_bar
 from .errors import LayoutError, OutputError, PluginError, ReadError, SourceError, WorkerError
 from .format import Kind
+from .index import open_h5
 from .partial import CHECKPOINT_SECONDS, Checkpoints, Journal, OutputLock, Partial, Previous, load_previous
 from .resume import previous_work, reuse
 from .plugins import Plugin, PluginSpec, load
@@ -313,10 +314,10 @@ def convert(
             log.warning("nothing to resume: %s is complete", dst)
             return _report_of(dst, report, started)
         check_output(dst, overwrite)
+        gen = partial.next_generation()
         files, bad_names = collect(
             src, exts, prune_plugin, follow_symlinks=follow_symlinks,
-            exclude=[dst, partial.lock_path, *partial.files(), partial.part(partial.next_generation()),
-                     partial.journal(partial.next_generation())],
+            exclude=[dst, partial.lock_path, *partial.files(), partial.part(gen), partial.journal(gen)],
         )
         if bad_names and on_error == "fail":
             key, reason = bad_names[0]
@@ -327,7 +328,7 @@ def convert(
         report.skipped.extend(bad_names)
         job = _Job(reader, codec, layout == fmt.LAYOUT_STACKED, timeout, max_entry_bytes)
         log.info("converting %d files from %s with %d workers", len(files), src, workers)
-        _write(files, job, previous, partial, options, report, workers, start_method, progress, on_error,
+        _write(files, job, previous, partial, gen, options, report, workers, start_method, progress, on_error,
                checkpoint_seconds)
     report.bytes_out = dst.stat().st_size
     report.elapsed = time.perf_counter() - started
@@ -335,12 +336,11 @@ def convert(
     return report
 
 
-def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], partial: Partial, options: dict,
+def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], partial: Partial, gen: int, options: dict,
            report: Report, workers: int, start_method: Optional[str], progress: Optional[bool], on_error: str,
            checkpoint_s: float) -> None:
-    """Build the archive in a new part file, reusing ``previous`` work, and publish it."""
+    """Build the archive in part ``gen``, reusing ``previous`` work, and publish it."""
     dst = partial.dst
-    gen = partial.next_generation()
     older = partial.generations()
     part = partial.part(gen)
     journal = Journal(partial.journal(gen), {"options": options, "pid": os.getpid()})
@@ -434,7 +434,7 @@ def _keep_partial(exc: BaseException, f, writer, partial: Partial) -> int:
 
 def _report_of(dst: Path, report: Report, started: float) -> Report:
     """The report of a conversion already complete (a resume with nothing left to do)."""
-    with h5py.File(dst, "r") as f:
+    with open_h5(dst) as f:
         report.entries = int(f.attrs.get(fmt.ATTR_ENTRIES, 0))
         report.bytes_in = int(f.attrs.get(fmt.ATTR_BYTES_IN, 0))
         report.skipped = [tuple(s) for s in json.loads(f.attrs.get(fmt.ATTR_SKIPPED, "[]"))]
