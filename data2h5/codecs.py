@@ -23,6 +23,11 @@ FILTER_LZF = 32000
 FILTER_ZSTD = 32015
 FILTER_BLOSC = 32001
 
+#: The most one stored byte can decompress to, by codec id (lzf: a 3-byte back-reference
+#: copies at most 264 bytes; deflate: 258 bytes per 1-bit code, about 1032:1 in practice).
+#: zstd frames declare their size, which is checked instead.
+MAX_RATIO = {LZF: 90.0, GZIP: 1040.0}
+
 # Extensions whose bytes are already compressed: compressing them again costs time and saves
 # next to nothing.
 COMPRESSED_EXTENSIONS = frozenset(
@@ -68,9 +73,17 @@ class Codec:
         raise CompressionError(f"codec {self.spec} cannot compress outside HDF5")
 
     def decompress(self, data: bytes, nbytes: int) -> bytes:
-        """Invert :meth:`compress` for a chunk of ``nbytes`` uncompressed bytes."""
+        """Invert :meth:`compress` for a chunk of ``nbytes`` uncompressed bytes.
+
+        Never produces (or allocates for) more than ``nbytes``: data that would decompress
+        to more, or that claims more than the codec can make of ``len(data)`` bytes, raises
+        :class:`ValueError` instead, so a crafted chunk cannot exhaust memory.
+        """
         if self.id == NONE:
             return data
+        ratio = MAX_RATIO.get(self.id)
+        if ratio is not None and nbytes > len(data) * ratio + 64:
+            raise ValueError(f"{len(data)} stored bytes cannot hold {nbytes} bytes of {self.name} data")
         if self.id == LZF:
             import lzf
 
@@ -79,8 +92,17 @@ class Codec:
                 raise ValueError("lzf data does not decompress to the expected size")
             return out
         if self.id == GZIP:
-            return zlib.decompress(data, 15, max(nbytes, 1))
+            inflate = zlib.decompressobj()
+            out = inflate.decompress(data, nbytes)
+            if inflate.unconsumed_tail:
+                raise ValueError(f"deflate data decompresses to more than {nbytes} bytes")
+            return out
         if self.id == ZSTD:
+            import zstandard
+
+            declared = zstandard.frame_content_size(data)
+            if declared >= 0 and declared != nbytes:
+                raise ValueError(f"zstd frame declares {declared} bytes where {nbytes} were expected")
             return _zstd_decompressor().decompress(data, max_output_size=nbytes)
         raise CompressionError(f"codec {self.spec} cannot decompress outside HDF5")
 

@@ -37,4 +37,4 @@ def progress_bar(total: int, enabled: Optional[bool], unit: str = "file"):
     from tqdm import tqdm
 
     return tqdm(total=total, unit=unit, disable=None if enabled is None else not enabled, file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.1)
+                dynamic_ncols=True, smoothing=0.1, unit_scale=unit == "B", unit_divisor=1000)

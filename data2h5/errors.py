@@ -5,9 +5,28 @@ there is one, what to do about it.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 
 class Data2H5Error(Exception):
-    """Base class of every error data2h5 raises on purpose."""
+    """Base class of every error data2h5 raises on purpose.
+
+    ``context`` holds what the raising operation adds on the way out (e.g. how far an
+    extraction got), shown after the message; the type and fields stay those of the failure.
+    """
+
+    context: tuple = ()
+
+    def add_context(self, text: str) -> "Data2H5Error":
+        """Append ``text`` to what :meth:`__str__` shows; returns the same exception."""
+        self.context = (*self.context, text)
+        return self
+
+    def _with_context(self, text: str) -> str:
+        return text + "".join(f" ({c})" for c in self.context)
+
+    def __str__(self) -> str:
+        return self._with_context(super().__str__())
 
 
 class SourceError(Data2H5Error):
@@ -54,7 +73,7 @@ class ArchiveKeyError(ArchiveError, KeyError):
     """An entry key is not in the archive."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else ""
+        return self._with_context(str(self.args[0]) if self.args else "")
 
 
 class CorruptEntryError(ArchiveError):
@@ -72,3 +91,35 @@ class CorruptEntryError(ArchiveError):
 class UnsafeKeyError(ArchiveError):
     """An archive key would be written outside the destination folder, through a link in it,
     or onto another key's path: the archive is damaged or crafted; nothing is extracted."""
+
+
+class UnsafeArchiveError(ArchiveError):
+    """An archive holds something data2h5 never reads: an entry stored or linked outside the
+    file (external storage, an external link, a virtual dataset) or an index row that is not
+    its entry's own storage. The archive is crafted or damaged; nothing of it was read."""
+
+    def __init__(self, path: str, key: str, reason: str):
+        self.path, self.key, self.reason = path, key, reason
+        from .safety import printable
+
+        super().__init__(f"{path}: {printable(repr(key))} {reason}; refusing to read it (the archive is crafted or "
+                         "damaged)")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.key, self.reason)
+
+
+class SizeLimitError(ArchiveError):
+    """Something in an archive (an entry, a row, a chunk, an extraction's total) declares more
+    bytes than the read limit allows. ``size`` is None when the declared size overflows."""
+
+    def __init__(self, path: str, what: str, size: Optional[int], limit: int, hint: str = ""):
+        self.path, self.what, self.size, self.limit, self.hint = path, what, size, limit, hint
+        from .display import binary_size
+
+        declared = "more than can be counted" if size is None else binary_size(size)
+        super().__init__(f"{path}: {what} declares {declared}, over the limit of {binary_size(limit)}; "
+                         + (hint or "raise --max-entry-size (max_entry_bytes=) only if you trust this archive"))
+
+    def __reduce__(self):
+        return type(self), (self.path, self.what, self.size, self.limit, self.hint)

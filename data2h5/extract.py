@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import secrets
+import shutil
 import stat
 import time
 from dataclasses import dataclass
@@ -32,18 +34,22 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import format as fmt
+from . import format as fmt, safety
 from .display import decimal_size, progress_bar
-from .errors import ArchiveError, ArchiveKeyError, Data2H5Error, OutputError, UnsafeKeyError
+from .errors import ArchiveError, ArchiveKeyError, Data2H5Error, OutputError, SizeLimitError, UnsafeKeyError
 from .format import Kind
 from .index import ArchiveReader, Index, PathLike, open_h5, read_index
-from .verify import read_stacked_chunk, stacked_chunks
+from .verify import block_rows, read_stacked_chunk, stacked_chunks
 
 log = logging.getLogger(__name__)
 
 NPY_SUFFIX = ".npy"
 PART_SUFFIX = ".data2h5-part"
 SHOWN_CONFLICTS = 3
+NPY_HEADER_BYTES = 256  # at most, for the shapes an index records
+MAX_EXPANSION = 100
+"""An extraction may write at most this many times the archive's size unless allowed: a
+decoded archive expands about 1.6 times, a crafted one (fill values, shared blocks) much more."""
 
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _NEW_FILE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -58,6 +64,7 @@ class ExtractReport:
     dest: str
     files: int = 0
     bytes: int = 0
+    planned_bytes: int = 0  # what the entries declare, stated before anything is written
     elapsed: float = 0.0
 
     def summary(self) -> str:
@@ -138,6 +145,38 @@ def plan(index: Index, positions: Sequence[int]) -> List[Tuple[int, str]]:
     return out
 
 
+def planned_bytes(index: Index, positions: Sequence[int]) -> int:
+    """Bytes the selected entries will take as files, from the shapes the (checked) index
+    declares: their values, plus a .npy header for each decoded array."""
+    rows = np.asarray(positions, dtype=np.int64)
+    if not len(rows):
+        return 0
+    shape = index.shape[rows]
+    elements = np.where(shape < 0, 1, shape).astype(np.float64).prod(axis=1)
+    itemsize = safety.row_itemsizes(index.dtype[rows], index.path, lambda i: index.keys[int(rows[i])],
+                                    index.layout != "plain")
+    headers = (index.kind[rows] == Kind.ARRAY) * NPY_HEADER_BYTES
+    total = float((elements * itemsize + headers).sum())
+    return int(total) if math.isfinite(total) else 1 << 62
+
+
+def check_room(archive: str, dest: str, total: int, allow_expansion: bool) -> None:
+    """Refuse an extraction of ``total`` bytes that ``dest``'s file system has no room for, or
+    that expands the archive more than :data:`MAX_EXPANSION` times unless allowed."""
+    limit = MAX_EXPANSION * max(os.path.getsize(archive), 1)
+    if total > limit and not allow_expansion:
+        raise SizeLimitError(archive, "the extraction", total, limit,
+                             f"more than {MAX_EXPANSION} times the archive's size; pass --allow-expansion "
+                             "(allow_expansion=True) only if you trust this archive")
+    here = dest
+    while not os.path.isdir(here) and os.path.dirname(here) != here:
+        here = os.path.dirname(here)
+    free = shutil.disk_usage(here).free
+    if total > free:
+        raise OutputError(f"{dest}: the extraction writes {decimal_size(total)}, but its file system has "
+                          f"{decimal_size(free)} free; free space or extract elsewhere")
+
+
 def check_dest(dest: str, paths: Iterable[str], overwrite: bool) -> None:
     """Refuse, before anything is written, paths that lead through a link or a non-folder in
     ``dest``, and existing files unless ``overwrite`` (never links, folders or devices)."""
@@ -188,41 +227,50 @@ def extract(
     *,
     overwrite: bool = False,
     progress: Optional[bool] = False,
+    allow_expansion: bool = False,
+    max_entry_bytes: int = safety.MAX_ENTRY_BYTES,
 ) -> ExtractReport:
     """Write the entries of ``archive`` (those equal to or under one of ``prefixes``; all
     when none is given) as files under ``dest``, creating it if needed. See the module's
     docstring for what each entry becomes and for the checks that come first.
 
     ``overwrite``: replace existing regular files (never links or folders). ``progress``: a
-    tqdm bar on stderr (``None``: only on a terminal). Raises :class:`UnsafeKeyError` or
-    :class:`OutputError` before writing anything when the keys or the folder are unsafe or in
-    the way, and :class:`CorruptEntryError` when an entry fails its checksum (files written
-    until then are complete).
+    tqdm bar on stderr, in bytes, stating the total first (``None``: only on a terminal).
+    ``max_entry_bytes``: the most one entry may declare. ``allow_expansion``: write more than
+    :data:`MAX_EXPANSION` times the archive's size.
+
+    Raises, before writing anything, :class:`UnsafeKeyError` or :class:`OutputError` when the
+    keys or the folder are unsafe or in the way or the folder's file system lacks the room,
+    and :class:`SizeLimitError` past the limits above; :class:`CorruptEntryError` when an
+    entry fails its checksum (files written until then are complete).
     """
     started = time.perf_counter()
     if not os.supports_dir_fd >= {os.open, os.mkdir, os.rename, os.stat, os.unlink} or not hasattr(os, "O_NOFOLLOW"):
         raise OutputError("extract needs a system that can open files relative to a folder without following links (POSIX)")
     archive, dest = os.fspath(archive), os.path.abspath(os.fspath(dest))
-    index = read_index(archive)
+    index = read_index(archive, max_entry_bytes=max_entry_bytes)
     todo = plan(index, select(index.keys, prefixes, archive))
     if os.path.lexists(dest) and not os.path.isdir(dest):
         raise OutputError(f"{dest} exists and is not a folder; name a folder to extract into")
     check_dest(dest, (rel for _, rel in todo), overwrite)
-    report = ExtractReport(os.path.abspath(archive), dest)
+    report = ExtractReport(os.path.abspath(archive), dest, planned_bytes=planned_bytes(index, [p for p, _ in todo]))
+    check_room(archive, dest, report.planned_bytes, allow_expansion)
+    log.info("%s: extracting %d files (%s) to %s", archive, len(todo), decimal_size(report.planned_bytes), dest)
     try:
         os.makedirs(dest, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {dest}: {exc.strerror or exc}") from exc
 
-    bar = progress_bar(len(todo), progress)
+    bar = progress_bar(report.planned_bytes, progress, unit="B")
     writer = _Writer(dest, overwrite)
     try:
         for rel, value, as_npy in _values(archive, index, todo):
-            report.bytes += writer.write(rel, value, as_npy)
+            written = writer.write(rel, value, as_npy)
+            report.bytes += written
             report.files += 1
-            bar.update(1)
+            bar.update(written)
     except Data2H5Error as exc:  # say what was done: the files written so far are complete
-        raise type(exc)(f"{exc} (extraction stopped: {report.files:,} of {len(todo):,} files were written to {dest})") from exc
+        raise exc.add_context(f"extraction stopped: {report.files:,} of {len(todo):,} files were written to {dest}")
     finally:
         writer.close()
         bar.close()
@@ -241,10 +289,10 @@ def _values(archive: str, index: Index, todo: List[Tuple[int, str]]) -> Iterator
         return
     wanted = dict(todo)
     with open_h5(archive) as f:
-        data, count, crcs, problem = stacked_chunks(f)
+        data, count, crcs, problem = stacked_chunks(f, index.max_entry_bytes)
         if problem:
             raise ArchiveError(f"{archive}: {problem}; convert the source again")
-        rows = data.chunks[0] if data.chunks else max(1, len(data))
+        rows = block_rows(data)
         for i in range(count):
             lo, hi = i * rows, min(len(data), (i + 1) * rows)
             if not any(r in wanted for r in range(lo, hi)):
@@ -253,7 +301,8 @@ def _values(archive: str, index: Index, todo: List[Tuple[int, str]]) -> Iterator
                 block = read_stacked_chunk(data, crcs, i)
             except ArchiveError as exc:
                 keys = index.keys[lo:hi]
-                raise type(exc)(f"{archive}: entries {keys[0]!r} to {keys[-1]!r}: {exc}; convert the source again") from exc
+                raise exc.add_context(f"in {archive}, entries {safety.printable(repr(keys[0]))} to "
+                                      f"{safety.printable(repr(keys[-1]))}; convert the source again")
             for r in range(lo, hi):
                 if r in wanted:
                     yield wanted[r], block[r - lo], True

@@ -19,7 +19,6 @@ byte equal to what is stored.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -34,10 +33,10 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Ty
 import h5py
 import numpy as np
 
-from . import codecs, format as fmt
+from . import codecs, format as fmt, safety
 from .convert import collect
 from .display import one_line, progress_bar
-from .errors import ArchiveError, CorruptEntryError, PluginError, SourceError
+from .errors import ArchiveError, CorruptEntryError, PluginError, SourceError, UnsafeArchiveError
 from .format import Kind
 from .index import _DECOMPRESS_ERRORS, LAYOUT_PLAIN, ArchiveReader, Index, PathLike, read_index
 from .plugins import load
@@ -65,9 +64,8 @@ class Problem:
     key: str
     reason: str
 
-    def __str__(self) -> str:
-        key = self.key if self.key.isprintable() else self.key.encode("unicode_escape").decode("ascii")
-        return f"{self.kind:<8} {key}: {self.reason}"  # one line, whatever a crafted key holds
+    def __str__(self) -> str:  # one line, whatever a crafted key holds
+        return f"{self.kind:<8} {safety.printable(self.key)}: {safety.printable(self.reason)}"
 
 
 @dataclass
@@ -81,6 +79,7 @@ class VerifyReport:
     source_files: int = 0  # files the source walk selected
     unchecked: int = 0  # decoded entries whose stored bytes have no recorded checksum
     problems: List[Problem] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)  # one line each: how the check was made, where it matters
     elapsed: float = 0.0
 
     @property
@@ -117,6 +116,7 @@ class VerifyReport:
             "source": self.source,
             "source_files": self.source_files,
             "unchecked": self.unchecked,
+            "notes": self.notes,
             "ok": self.ok,
             **{kind: [{"key": p.key, "reason": p.reason} for p in self.sorted_problems() if p.kind == kind]
                for kind in KINDS},
@@ -132,14 +132,18 @@ def verify(
     follow_symlinks: Optional[bool] = None,
     workers: Optional[int] = None,
     progress: Optional[bool] = False,
+    max_entry_bytes: int = safety.MAX_ENTRY_BYTES,
 ) -> VerifyReport:
     """Check every entry of ``archive`` against the checksums it stores and, given ``source``,
     every file selected under that folder against the archive.
 
-    The source is walked with the extensions, prune plugin and symlink choice the archive
-    records; ``ext``, ``prune`` and ``follow_symlinks`` override them. ``workers``: threads
-    reading and checksumming (default: up to 8). ``progress``: a tqdm bar on stderr (``None``:
-    only on a terminal).
+    The source is walked with the extensions and symlink choice the archive records;
+    ``ext`` and ``follow_symlinks`` override them. The prune plugin the archive names is
+    never run (an archive carries no code): files are selected by extension, unless
+    ``prune`` names the user's own plugin (a note in the report says so when the archive
+    was made with one). ``workers``: threads reading and checksumming (default: up to 8).
+    ``progress``: a tqdm bar on stderr (``None``: only on a terminal).
+    ``max_entry_bytes``: the most one entry may declare (see :mod:`data2h5.safety`).
 
     Problems are returned, not raised. Raises :class:`ArchiveError` when the archive cannot be
     opened or its index cannot be read, :class:`SourceError` or :class:`PluginError` when the
@@ -147,7 +151,7 @@ def verify(
     """
     started = time.perf_counter()
     archive = os.fspath(archive)
-    index = read_index(archive)
+    index = read_index(archive, max_entry_bytes=max_entry_bytes)
     report = VerifyReport(os.path.abspath(archive), index.layout, len(index))
     workers = max(1, workers or min(8, os.cpu_count() or 1))
 
@@ -187,10 +191,7 @@ def verify(
 
 def recorded_skips(index: Index) -> Dict[str, str]:
     """The files the conversion skipped, recorded in the archive: ``{key: reason}``."""
-    try:
-        return {str(k): str(r) for k, r in json.loads(index.attrs.get(fmt.ATTR_SKIPPED, "[]"))}
-    except (ValueError, TypeError):
-        return {}
+    return dict(safety.attr_json_list(index.attrs, fmt.ATTR_SKIPPED, safety.is_text_pair, index.path))
 
 
 # -- the source folder -------------------------------------------------------------------------
@@ -210,17 +211,21 @@ def _walk_source(index: Index, source: Path, ext, prune: Optional[str], follow_s
     if ext is not None:
         exts = normalize_extensions([ext] if isinstance(ext, str) else ext)
     else:
-        exts = normalize_extensions(json.loads(attrs.get(fmt.ATTR_EXTENSIONS, "[]")))
-    spec = prune if prune is not None else attrs.get(fmt.ATTR_PRUNE, "ext")
-    try:
-        plugin = load(spec, "prune", {"ext": match_extension})
-    except PluginError as exc:
-        if prune is not None:
-            raise
-        raise PluginError(f"{exc} (the archive was made with --prune {spec}); pass --prune to name one that loads here") from exc
+        exts = normalize_extensions(safety.attr_json_list(attrs, fmt.ATTR_EXTENSIONS, safety.is_text, archive))
+    # An archive names its prune plugin for information only: running it would run code the
+    # file carries. Only a plugin the user names is loaded.
+    plugin = load(prune if prune is not None else "ext", "prune", {"ext": match_extension})
+    recorded = safety.attr_text(attrs, fmt.ATTR_PRUNE, "ext")
+    if prune is None and recorded != "ext":
+        report.notes.append(f"the archive was made with prune plugin {safety.printable(recorded)!r}, which verify "
+                            "never runs: source files were selected by extension; pass --prune to use your own")
     if plugin.spec == "ext" and not exts:
+        if prune is None and recorded != "ext":
+            raise SourceError(f"{archive} was made with prune plugin {safety.printable(recorded)!r}, which verify never "
+                              "runs, and records no extension to select source files by; pass --prune or --ext")
         raise SourceError(f"{archive} records no extension to select source files with; pass --ext")
-    follow = bool(attrs.get(fmt.ATTR_FOLLOW_SYMLINKS, False)) if follow_symlinks is None else follow_symlinks
+    follow = attrs.get(fmt.ATTR_FOLLOW_SYMLINKS) is True or attrs.get(fmt.ATTR_FOLLOW_SYMLINKS) == 1 \
+        if follow_symlinks is None else follow_symlinks
     files, bad_names = collect(source, exts, plugin, follow_symlinks=follow, exclude=[Path(archive).absolute()])
     report.source = str(source.absolute())
     report.source_files = len(files) + len(bad_names)
@@ -282,11 +287,23 @@ def stored_crc32(dset: h5py.Dataset) -> int:
     return crc
 
 
+UNCHUNKED_BLOCK = 16 << 20  # an unchunked stacked ``data`` is read in blocks of about this size
+
+
+def block_rows(data: h5py.Dataset) -> int:
+    """Rows of a stacked archive's ``data`` read together: a chunk's, or for unchunked data,
+    the rows in :data:`UNCHUNKED_BLOCK` bytes (never the whole dataset at once)."""
+    if data.chunks:
+        return data.chunks[0]
+    row_bytes = int(np.prod(data.shape[1:], dtype=np.float64)) * data.dtype.itemsize
+    return max(1, UNCHUNKED_BLOCK // max(1, row_bytes))
+
+
 def read_stacked_chunk(data: h5py.Dataset, crcs: Optional[np.ndarray], i: int) -> np.ndarray:
     """Rows of chunk ``i`` of a stacked archive's ``data``, decoded; its stored bytes are first
     checked against ``crcs[i]`` when the archive records them. Raises
     :class:`CorruptEntryError` (without naming keys: the caller knows the rows)."""
-    rows = data.chunks[0] if data.chunks else max(1, len(data))
+    rows = block_rows(data)
     lo, hi = i * rows, min(len(data), (i + 1) * rows)
     try:
         if crcs is not None:
@@ -298,16 +315,21 @@ def read_stacked_chunk(data: h5py.Dataset, crcs: Optional[np.ndarray], i: int) -
         raise CorruptEntryError(f"chunk of rows {lo}-{hi - 1} cannot be read: {one_line(exc)}") from exc
 
 
-def stacked_chunks(f: h5py.File) -> Tuple[h5py.Dataset, int, Optional[np.ndarray], Optional[str]]:
+def stacked_chunks(f: h5py.File, limit: int = safety.MAX_ENTRY_BYTES
+                   ) -> Tuple[h5py.Dataset, int, Optional[np.ndarray], Optional[str]]:
     """``(data, chunk count, chunk CRC-32s or None, problem or None)`` of an open stacked
     archive; the problem says why recorded checksums cannot be used."""
-    data = f[fmt.STACKED_DATA]
-    rows = data.chunks[0] if data.chunks else max(1, len(data))
+    data = safety.open_dataset(f, fmt.STACKED_DATA)
+    safety.check_chunks(data, limit, f.filename, fmt.STACKED_DATA)
+    rows = block_rows(data)
     count = math.ceil(len(data) / rows)
-    group = f.get(fmt.INDEX_GROUP)
-    if not isinstance(group, h5py.Group) or fmt.CHUNK_CRC32 not in group:
+    group = safety.open_group(f, fmt.INDEX_GROUP)
+    if group is None or fmt.CHUNK_CRC32 not in group:
         return data, count, None, None  # written before chunks had checksums
-    crcs = group[fmt.CHUNK_CRC32][()]
+    at = f"{fmt.INDEX_GROUP}/{fmt.CHUNK_CRC32}"
+    crcs = safety.read_small(safety.open_dataset(f, at), limit, f.filename, at)
+    if crcs.ndim != 1 or crcs.dtype.kind not in "ui":
+        return data, count, None, f"the index's chunk checksums are {crcs.dtype} {crcs.shape}, not one per chunk"
     if len(crcs) != count or data.chunks is None:
         return data, count, None, f"the index records {len(crcs)} chunk checksums for {count} chunks of data"
     return data, count, crcs, None
@@ -329,7 +351,7 @@ class _Checker:
         index = self.index
         n = len(index)
         if index.layout == fmt.LAYOUT_STACKED:
-            self._data, count, self._crcs, problem = stacked_chunks(self.reader.h5file)
+            self._data, count, self._crcs, problem = stacked_chunks(self.reader.h5file, index.max_entry_bytes)
             if problem:
                 self.tree_problems.append(Problem(CORRUPT, fmt.INDEX_GROUP, problem))
             yield from (("chunk", i) for i in range(count))
@@ -384,8 +406,10 @@ class _Checker:
         self._present = present
         self.tree_problems.extend(extra)
         entries = index.attrs.get(fmt.ATTR_ENTRIES)
-        if entries is not None and int(entries) != len(index):
-            self.tree_problems.append(Problem(CORRUPT, fmt.INDEX_GROUP, f"the index lists {len(index):,} entries, the archive records {int(entries):,}"))
+        if entries is not None and safety.attr_int(index.attrs, fmt.ATTR_ENTRIES) != len(index):
+            recorded = safety.attr_int(index.attrs, fmt.ATTR_ENTRIES)
+            said = f"{recorded:,}" if recorded is not None else "a malformed count"
+            self.tree_problems.append(Problem(CORRUPT, fmt.INDEX_GROUP, f"the index lists {len(index):,} entries, the archive records {said}"))
 
     def _walk_tolerant(self, gid, prefix: bytes, found: Callable[[str], None]) -> None:
         """Walk a group's links, skipping (and, unless keys lie there, reporting) what
@@ -449,10 +473,8 @@ class _Checker:
         Returns the stored bytes of a BYTES entry (for comparing with its source), else None.
         """
         index, key = self.index, self.index.keys[pos]
-        dset = self.reader.h5file[key]
-        if dset.shape != index.entry_shape(pos) or dset.dtype.str.encode() != index.dtype[pos]:
-            raise CorruptEntryError(f"the dataset holds {dset.dtype.str} {dset.shape}, the index records "
-                                    f"{index.dtype[pos].decode()} {index.entry_shape(pos)}")
+        dset = self.reader.dataset(pos)
+        safety.check_chunks(dset, index.max_entry_bytes, index.path, key)
         codec = codecs.codec_by_id(int(index.codec[pos]))
         if dset.chunks is None or not codec.in_worker or not codec.can_decompress():
             if recorded and stored_crc32(dset) != recorded:
@@ -492,21 +514,22 @@ class _Checker:
         return np.frombuffer(b"".join(pieces), np.uint8) if pieces is not None else None
 
     def _absent(self, key: str) -> str:
-        """Why the tree walk found no dataset for ``key``."""
+        """Why the tree walk found no dataset for ``key`` (the walk sees hard links only)."""
         f = self.reader.h5file
         try:
-            if key not in f:
-                return "listed in the index, but the archive has no such dataset"
-            if not isinstance(f[key], h5py.Dataset):
-                return "listed in the index, but the archive holds a group there, not a dataset"
-        except (RuntimeError, KeyError, OSError, ValueError) as exc:
+            safety.open_dataset(f, key)
+        except KeyError:
+            return "listed in the index, but the archive has no such dataset"
+        except UnsafeArchiveError as exc:
+            return exc.reason
+        except (RuntimeError, OSError, ValueError) as exc:
             return f"its dataset cannot be opened: {one_line(exc)}"
         return "listed in the index, but its dataset cannot be reached"
 
     # stacked layout
 
     def _check_chunk(self, i: int) -> Tuple[List[Problem], int, int]:
-        rows = self._data.chunks[0] if self._data.chunks else max(1, len(self._data))
+        rows = block_rows(self._data)
         lo, hi = i * rows, min(len(self._data), (i + 1) * rows)
         try:
             read_stacked_chunk(self._data, self._crcs, i)

@@ -312,17 +312,28 @@ def test_recorded_follow_symlinks_is_honoured(tmp_path, src, follow):
     assert [p.kind for p in report.problems] == ["extra" if follow else "missing"]
 
 
-def test_recorded_prune_plugin_that_does_not_load_asks_for_prune(tmp_path, src):
+@pytest.mark.parametrize("exts", [(), ("png",)])
+def test_recorded_prune_plugin_is_never_run(tmp_path, src, exts):
+    """An archive names its prune plugin; verify shows it but runs only a plugin the user names."""
+    canary = tmp_path / "ran"
     plugin = tmp_path / "keep.py"
-    plugin.write_text("def keep(name, ext):\n    return name.endswith('.png')\n")
-    out = convert(src, tmp_path / "out.h5", ext=(), prune=f"{plugin}:keep")
-    assert verify(out, src).ok
-    plugin.unlink()
-    with pytest.raises(PluginError, match="pass --prune"):
-        verify(out, src)
-    result = invoke("verify", out, "--source", src)
-    assert result.exit_code == 1 and "pass --prune" in error_line(result.stderr)
-    assert invoke("verify", out, "--source", src, "--prune", "ext", "--ext", "png").exit_code == 0
+    plugin.write_text(f"import pathlib\ndef keep(name, ext):\n    pathlib.Path({str(canary)!r}).touch()\n"
+                      "    return name.endswith('.png')\n")
+    out = convert(src, tmp_path / "out.h5", ext=exts, prune=f"{plugin}:keep", workers=1)
+    canary.unlink()
+    if exts:
+        report = verify(out, src)
+        assert report.ok and len(report.notes) == 1 and "never runs" in report.notes[0]
+    else:
+        with pytest.raises(SourceError, match="never runs.*pass --prune or --ext"):
+            verify(out, src)
+        result = invoke("verify", out, "--source", src)
+        assert result.exit_code == 1 and "pass --prune or --ext" in error_line(result.stderr)
+    assert not canary.exists()
+    assert verify(out, src, ext="png").ok
+    assert not canary.exists()
+    assert verify(out, src, prune=f"{plugin}:keep").ok  # the user's own choice
+    assert canary.exists()
 
 
 def test_archive_inside_its_source_is_not_a_source_file(tmp_path, src):

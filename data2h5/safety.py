@@ -1,0 +1,389 @@
+"""What data2h5 accepts from an archive: a file from a stranger is data, never code and never
+a window onto the machine.
+
+Every reader goes through these checks before it allocates or reads:
+
+* **Only bytes inside the file.** Objects are reached by walking links one at a time from
+  the root: hard links, and soft links that resolve inside the file; an external or
+  user-defined link is refused before HDF5 could follow it. A dataset stored in other files
+  (external storage) or assembled from them (a virtual dataset) is refused. As a second
+  lock, datasets are opened with HDF5's external-file and virtual-dataset prefixes pointing
+  at a path that cannot exist.
+* **Bounded sizes.** What an entry, a row or a chunk declares (fill values of unwritten
+  chunks included) is bounded by the read limit (:data:`MAX_ENTRY_BYTES` unless the caller
+  gives another) before anything is allocated; root attributes and index fields likewise.
+* **An index that proves itself** (:func:`check_rows`): every row's block lies inside the
+  file, no two rows share bytes, kinds, codecs and dtypes are known, shapes are well formed,
+  and what a block decompresses to is within what its codec can produce from it. Whether a
+  row's block is its key's own dataset storage is proven on first read (see
+  :func:`check_storage`), so data2h5 and h5py can never return different values for a key.
+* **Text shown as text.** Keys and attribute values reach a terminal through
+  :func:`printable`, with control characters escaped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import h5py
+import numpy as np
+
+from .errors import ArchiveError, SizeLimitError, UnsafeArchiveError
+
+MAX_ENTRY_BYTES = 4 << 30
+"""Default read limit: the largest value one entry (or row, or chunk) may declare."""
+
+MAX_ATTR_BYTES = 64 << 20
+"""Largest root attribute read (the list of skipped files is the longest one data2h5 writes)."""
+
+MAX_SOFT_HOPS = 16
+"""Soft links followed while resolving one path: more is a loop."""
+
+NOWHERE = b"/dev/null/data2h5-reads-no-external-file/"
+"""External-file and virtual-dataset prefix: under a file, so no path beneath it can exist."""
+
+ALLOWED_DTYPE_KINDS = frozenset("biufcmMSU")
+"""Array kinds read from stored bytes: plain numbers, dates and fixed-size text, never objects."""
+
+
+# -- text on a terminal -------------------------------------------------------------------------
+
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPES.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+_ESCAPE_TABLE = str.maketrans(_ESCAPES)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (and line or bidirectional-override marks) escaped as
+    ``\\x1b``, so a crafted key cannot move the cursor, retitle a terminal or fake a line."""
+    return text.translate(_ESCAPE_TABLE)
+
+
+# -- sizes ---------------------------------------------------------------------------------------
+
+
+def check_size(nbytes: float, limit: int, path: str, what: str) -> None:
+    """Refuse ``what`` (e.g. ``entry 'a.jpg'``) when it declares more than ``limit`` bytes."""
+    if nbytes > limit:
+        raise SizeLimitError(path, what, int(nbytes) if math.isfinite(nbytes) else None, limit)
+
+
+def declared_bytes(shape: Tuple[int, ...], itemsize: int) -> float:
+    """Bytes of an array of ``shape``; a float, so a crafted shape cannot overflow."""
+    return float(np.prod(np.asarray(shape, dtype=np.float64))) * itemsize if shape else float(itemsize)
+
+
+def safe_dtype(text: Any, path: str, what: str) -> np.dtype:
+    """The numpy dtype that an index records for ``what``, refused unless it is plain data."""
+    try:
+        dt = np.dtype(text.decode("ascii") if isinstance(text, bytes) else str(text))
+    except (TypeError, ValueError, UnicodeDecodeError, SyntaxError):
+        raise ArchiveError(f"{path}: {what} records an unknown dtype {printable(repr(text))}; "
+                           "the archive is damaged or crafted") from None
+    if dt.hasobject or dt.kind not in ALLOWED_DTYPE_KINDS or dt.fields is not None or dt.itemsize > 64:
+        raise ArchiveError(f"{path}: {what} records dtype {dt.str!r}, which data2h5 does not read from stored "
+                           "bytes; the archive is damaged or crafted")
+    return dt
+
+
+# -- links and storage ----------------------------------------------------------------------------
+
+_DAPL: Optional[h5py.h5p.PropDAID] = None
+
+
+def _dapl() -> h5py.h5p.PropDAID:
+    global _DAPL
+    if _DAPL is None:
+        dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+        dapl.set_efile_prefix(NOWHERE)
+        dapl.set_virtual_prefix(NOWHERE)
+        _DAPL = dapl
+    return _DAPL
+
+
+_LINK_KINDS = {h5py.h5l.TYPE_EXTERNAL: "an external link to another file"}
+
+
+def resolve(f: h5py.File, name: str, *, groups: Optional[Dict[str, Any]] = None) -> Tuple[Any, int]:
+    """``(GroupID, component name as bytes)`` of the last link of ``name``, reached from the
+    root through hard links and in-file soft links only.
+
+    Raises :class:`KeyError` when a component does not exist and :class:`UnsafeArchiveError`
+    when one is an external or user-defined link, a soft link loop, or not a group.
+    ``groups`` caches opened groups by path, for callers resolving many names.
+    """
+    path = f.filename
+    parts = [p for p in name.split("/") if p]
+    hops = 0
+    while True:
+        if not parts:
+            raise UnsafeArchiveError(path, name, "names the root group, not an entry")
+        loc, done = _root(f), []
+        restart = None
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            cached = groups.get("/".join(parts[: i + 1])) if groups is not None and not last else None
+            if cached is not None:
+                loc, done = cached, parts[: i + 1]
+                continue
+            raw = part.encode("utf-8", "surrogateescape")
+            if not loc.links.exists(raw):
+                raise KeyError(name)
+            kind = loc.links.get_info(raw).type
+            if kind == h5py.h5l.TYPE_SOFT:
+                target = loc.links.get_val(raw).decode("utf-8", "surrogateescape")
+                base = [] if target.startswith("/") else done
+                restart = base + [p for p in target.split("/") if p] + parts[i + 1:]
+                break
+            if kind != h5py.h5l.TYPE_HARD:
+                raise UnsafeArchiveError(path, name, _LINK_KINDS.get(kind, "a user-defined link") + " at "
+                                         + repr("/".join(parts[: i + 1])) + ", which data2h5 never follows")
+            if last:
+                return loc, raw
+            try:
+                loc = h5py.h5g.open(loc, raw)
+            except (KeyError, ValueError, RuntimeError, OSError, TypeError):
+                raise UnsafeArchiveError(path, name, f"{'/'.join(parts[: i + 1])!r} is not a group") from None
+            done = parts[: i + 1]
+            if groups is not None:
+                groups["/".join(done)] = loc
+        hops += 1
+        if hops > MAX_SOFT_HOPS:
+            raise UnsafeArchiveError(path, name, f"more than {MAX_SOFT_HOPS} soft links to follow (a loop)")
+        parts = restart
+
+
+def _root(f: h5py.File):
+    return h5py.h5g.open(f.id, b"/")
+
+
+def open_dataset(f: h5py.File, name: str, *, groups: Optional[Dict[str, Any]] = None) -> h5py.Dataset:
+    """The dataset ``name`` of ``f``, reached as :func:`resolve` does and stored inside the
+    file (see :func:`check_local`). :class:`KeyError` when there is none."""
+    loc, raw = resolve(f, name, groups=groups)
+    if h5py.h5o.get_info(loc, raw).type != h5py.h5o.TYPE_DATASET:
+        raise UnsafeArchiveError(f.filename, name, "is a group or a named type, not a dataset")
+    try:
+        dsid = h5py.h5d.open(loc, raw, _dapl())
+    except KeyError:  # already open elsewhere in this process with HDF5's default prefixes
+        dsid = h5py.h5d.open(loc, raw)
+    dset = h5py.Dataset(dsid)
+    check_local(dset, f.filename, name)
+    return dset
+
+
+def open_group(f: h5py.File, name: str) -> Optional[h5py.Group]:
+    """The group ``name`` of ``f`` reached as :func:`resolve` does; None when there is none
+    or it is not a group."""
+    try:
+        loc, raw = resolve(f, name)
+        if h5py.h5o.get_info(loc, raw).type != h5py.h5o.TYPE_GROUP:
+            return None
+        return h5py.Group(h5py.h5g.open(loc, raw))
+    except KeyError:
+        return None
+
+
+def has(f: h5py.File, name: str) -> bool:
+    """Whether ``name`` exists in ``f``, without following any link outside it."""
+    try:
+        resolve(f, name)
+    except KeyError:
+        return False
+    return True
+
+
+def check_local(dset: h5py.Dataset, path: str, name: str) -> None:
+    """Refuse a dataset whose bytes live outside the file: external storage, or a virtual
+    dataset mapping other files (or this one: its sources are never followed)."""
+    dcpl = dset.id.get_create_plist()
+    if dcpl.get_layout() == h5py.h5d.VIRTUAL:
+        raise UnsafeArchiveError(path, name, "is a virtual dataset assembled from other datasets")
+    if dcpl.get_external_count():
+        raise UnsafeArchiveError(path, name, "is stored in external files")
+
+
+def check_storage(dset: h5py.Dataset, offset: int, stored: int, path: str, name: str) -> None:
+    """Refuse an index row whose block (``offset``, ``stored``) is not ``dset``'s own storage:
+    its contiguous data, or its single chunk."""
+    dsid = dset.id
+    layout = dsid.get_create_plist().get_layout()
+    actual: Optional[Tuple[int, int]] = None
+    if layout == h5py.h5d.CONTIGUOUS:
+        start = dsid.get_offset()
+        if start is not None:
+            actual = (start, dsid.get_storage_size())
+    elif layout == h5py.h5d.CHUNKED and dsid.get_num_chunks() == 1:
+        info = dsid.get_chunk_info(0)
+        actual = (info.byte_offset, info.size)
+    if actual != (offset, stored):
+        raise UnsafeArchiveError(path, name, "its index row points at bytes that are not its dataset's storage "
+                                 "(h5py would show other data)")
+
+
+def check_chunks(dset: h5py.Dataset, limit: int, path: str, name: str) -> None:
+    """Refuse a chunked dataset whose chunks declare more than ``limit`` bytes each."""
+    if dset.chunks is not None:
+        check_size(declared_bytes(dset.chunks, dset.dtype.itemsize), limit, path, f"a chunk of dataset {name!r}")
+
+
+def read_small(dset: h5py.Dataset, limit: int, path: str, name: str) -> np.ndarray:
+    """All of ``dset``, refused when it declares more than ``limit`` bytes."""
+    check_size(declared_bytes(dset.shape or (), dset.dtype.itemsize), limit, path, f"dataset {name!r}")
+    return dset[()]
+
+
+# -- attributes ------------------------------------------------------------------------------------
+
+
+def read_attrs(f: h5py.File) -> Dict[str, Any]:
+    """The root attributes of ``f`` as plain Python (``str``, ``int``, ``float``, ``bool``, or
+    a small list), each read only when its declared size is within :data:`MAX_ATTR_BYTES`;
+    attributes of other types (references, compounds, huge arrays) are left out."""
+    out: Dict[str, Any] = {}
+    for raw in _attr_names(f):
+        try:
+            aid = h5py.h5a.open(f.id, raw)
+            if declared_bytes(aid.shape or (), max(1, aid.dtype.itemsize)) > MAX_ATTR_BYTES:
+                continue
+            value = f.attrs[raw.decode("utf-8", "surrogateescape")]
+        except (KeyError, ValueError, TypeError, OSError, RuntimeError):
+            continue
+        plain = _plain(value)
+        if plain is not None:
+            out[raw.decode("utf-8", "replace")] = plain
+    return out
+
+
+def _attr_names(f: h5py.File) -> List[bytes]:
+    names: List[bytes] = []
+    h5py.h5a.iterate(f.id, lambda name, *_: names.append(name))
+    return names
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return value.item()
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.size <= 64 and value.dtype.kind in "biufSU":
+        return [_plain(v) for v in value.tolist()]
+    return None
+
+
+def attr_text(attrs: Dict[str, Any], name: str, default: str = "?") -> str:
+    """A text attribute, or ``default`` when it is missing or not text."""
+    value = attrs.get(name)
+    return value if isinstance(value, str) else default
+
+
+def attr_int(attrs: Dict[str, Any], name: str, default: Optional[int] = None) -> Optional[int]:
+    """A non-negative integer attribute, or ``default`` when missing or of another type."""
+    value = attrs.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return default
+    return value
+
+
+def attr_json_list(attrs: Dict[str, Any], name: str, item: Callable[[Any], bool], path: str) -> list:
+    """A JSON-encoded list attribute whose every item passes ``item``; ``[]`` when missing.
+    Raises :class:`ArchiveError` when it is there but malformed."""
+    value = attrs.get(name)
+    if value is None:
+        return []
+    try:
+        parsed = json.loads(value) if isinstance(value, str) else None
+    except (ValueError, RecursionError):
+        parsed = None
+    if not isinstance(parsed, list) or not all(item(v) for v in parsed):
+        raise ArchiveError(f"{path}: root attribute {name!r} is malformed (not a JSON list of the expected items); "
+                           "the archive is damaged or crafted")
+    return parsed
+
+
+def is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def is_text_pair(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+
+
+# -- the index, all rows at once --------------------------------------------------------------------
+
+
+def row_itemsizes(dtypes: np.ndarray, path: str, keys_of: Callable[[int], str], strict: bool) -> np.ndarray:
+    """Item size of each row's recorded dtype; every distinct dtype checked once (``strict``:
+    refused unless :func:`safe_dtype` accepts it; else, as for a plain HDF5 file whose dtypes
+    come from its own datasets and are read by h5py, only parsed)."""
+    values, inverse = np.unique(dtypes, return_inverse=True)
+    sizes = np.empty(len(values), np.int64)
+    for j, text in enumerate(values.tolist()):
+        if strict:
+            row = int(np.argmax(inverse == j))
+            sizes[j] = safe_dtype(text, path, f"entry {printable(repr(keys_of(row)))}").itemsize
+        else:
+            try:
+                sizes[j] = np.dtype(text.decode("ascii")).itemsize
+            except (TypeError, ValueError, UnicodeDecodeError, SyntaxError):
+                sizes[j] = 1
+    return sizes[inverse.reshape(-1)]
+
+
+def check_rows(index: Any, file_size: int, limit: int, known_codecs: frozenset, ratios: Dict[int, float],
+               *, strict_dtypes: bool = True) -> None:
+    """Prove an index's rows before any is used (see the module's docstring); raises
+    :class:`ArchiveError` (or :class:`SizeLimitError`) naming the first bad row's key.
+
+    ``ratios``: by codec id, the most one stored byte can decompress to (absent: unbounded
+    by ratio, bounded by ``limit`` alone).
+    """
+    path, n = index.path, len(index)
+    if not n:
+        return
+    key = lambda i: index.keys[int(i)]  # noqa: E731 - one-line accessor for messages
+
+    def refuse(bad: np.ndarray, why: str) -> None:
+        if bad.any():
+            first = int(np.argmax(bad))
+            raise ArchiveError(f"{path}: entry {printable(repr(key(first)))} {why}; the archive is damaged or crafted")
+
+    from .format import Kind
+
+    refuse(~np.isin(index.kind, [int(k) for k in Kind]), "has an unknown kind")
+    refuse(~np.isin(index.codec, sorted(known_codecs)), "records an unknown codec")
+    shape = index.shape
+    pad = shape == -1
+    refuse((shape < -1).any(axis=1), "records a negative dimension")
+    refuse((pad[:, :-1] & ~pad[:, 1:]).any(axis=1), "records a malformed shape")
+    itemsize = row_itemsizes(index.dtype, path, key, strict_dtypes)
+    nbytes = np.where(pad, 1, shape).astype(np.float64).prod(axis=1) * itemsize
+    if (nbytes > limit).any():
+        first = int(np.argmax(nbytes > limit))
+        check_size(float(nbytes[first]), limit, path, f"entry {printable(repr(key(first)))}")
+
+    offset, stored = index.offset, index.stored
+    block = offset > 0
+    size = np.uint64(file_size)
+    refuse(block & ((offset > size) | (stored > size - np.minimum(offset, size))),
+           "points outside the file (its offset and size lie past its end)")
+    raw = index.codec == 0
+    refuse(block & raw & (stored.astype(np.float64) != nbytes), "records a stored size that is not its data's size")
+    for codec_id, ratio in ratios.items():
+        refuse(block & (index.codec == codec_id) & (nbytes > stored.astype(np.float64) * ratio + 64),
+               "declares more data than its stored bytes can hold")
+    rows = np.flatnonzero(block & (stored > 0))
+    if len(rows) > 1:
+        order = rows[np.argsort(offset[rows], kind="stable")]
+        starts, ends = offset[order], offset[order] + stored[order]
+        shared = starts[1:] < ends[:-1]
+        if shared.any():
+            j = int(np.argmax(shared))
+            a, b = sorted((int(order[j]), int(order[j + 1])))
+            raise ArchiveError(f"{path}: entries {printable(repr(key(a)))} and {printable(repr(key(b)))} share stored "
+                               "bytes; the archive is damaged or crafted")
+
