@@ -69,24 +69,27 @@ def main(verbose: bool) -> None:
               help="Seconds one file may take to read and decode (default: no limit).")
 @click.option("--max-entry-size", type=str, default="4G", show_default=True,
               help="Largest value one file may decode to, e.g. 512M, 16G.")
+@click.option("--decode-size", "decode_size", metavar="HxW", default=None,
+              help="Image reader: decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) still at least HxW, e.g. 224x224.")
 @click.option("--checkpoint-every", "checkpoint_every", type=click.FloatRange(min=0, min_open=True), default=2.0,
               show_default=True, help="Seconds between checkpoints: the most work a crash can cost.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def convert(src: str, dst: str, exts: Tuple[str, ...], reader: Optional[str], prune: Optional[str],
             workers: Optional[int], single_process: bool, compression: str, no_compress: bool, layout: str,
             overwrite: bool, resume: bool, on_error: str, follow_symlinks: bool, timeout: Optional[float],
-            max_entry_size: str, checkpoint_every: float, quiet: bool) -> None:
+            max_entry_size: str, decode_size: Optional[str], checkpoint_every: float, quiet: bool) -> None:
     """Convert every matching file under a folder into one HDF5 archive, keyed by relative path."""
     if no_compress and compression != "auto":
         raise click.UsageError("--no_compress and --compression contradict each other; give one")
     max_bytes = _parse_size(max_entry_size, "--max-entry-size")
+    size = None if decode_size is None else _parse_hxw(decode_size, reader)
     _cwd_importable()
     try:
         with _sigterm_as_interrupt():
             report = convert_folder(
                 src, dst, ext=exts, reader=reader, prune=prune, workers=1 if single_process else workers,
                 compression="none" if no_compress else compression, layout=layout, overwrite=overwrite,
-                resume=resume, on_error=on_error, follow_symlinks=follow_symlinks, timeout=timeout,
+                resume=resume, on_error=on_error, follow_symlinks=follow_symlinks, timeout=timeout, decode_size=size,
                 max_entry_bytes=max_bytes, checkpoint_seconds=checkpoint_every, progress=None if not quiet else False,
             )
     except Data2H5Error as exc:
@@ -270,6 +273,16 @@ def _kept_note(exc: BaseException) -> str:
 
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _parse_hxw(text: str, reader: Optional[str]) -> Tuple[int, int]:
+    """``"224x224"`` → ``(224, 224)``, for the readers that decode images."""
+    if reader not in (None, "auto", "image"):
+        raise click.UsageError(f"--decode-size applies to --reader auto or image, not {reader}; leave it out")
+    height, sep, width = text.strip().lower().partition("x")
+    if not (sep and height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+        raise click.BadParameter(f"{text!r} is not HEIGHTxWIDTH in pixels such as 224x224", param_hint="--decode-size")
+    return int(height), int(width)
 
 
 def _parse_size(text: str, option: str) -> int:

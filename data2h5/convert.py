@@ -29,6 +29,7 @@ from .display import decimal_size, progress_bar
 from .errors import LayoutError, OutputError, PluginError, ReadError, SourceError, WorkerError
 from .format import Kind
 from .index import open_h5
+from .jpeg import check_decode_size
 from .partial import CHECKPOINT_SECONDS, Checkpoints, Journal, OutputLock, Partial, Previous, load_previous
 from .resume import previous_work, reuse
 from .plugins import Plugin, PluginSpec, load
@@ -107,6 +108,7 @@ class _Job:
     stacked: bool
     timeout: Optional[float] = None  # seconds per file
     max_bytes: Optional[int] = MAX_ENTRY_BYTES
+    decode_size: Optional[Tuple[int, int]] = None  # JPEGs read as images: decode at the DCT scale covering it
 
 
 _worker_reader: Optional[Plugin] = None
@@ -174,7 +176,7 @@ def _process_one(src: SourceFile) -> Packed:
         except OSError as exc:
             raise ReadError(src.path, f"cannot open: {exc.strerror or exc}") from exc
         ext = os.path.splitext(src.name)[1].lower()
-        kind, arr = read_source(_worker_reader, src.path, raw, ext, job.max_bytes)
+        kind, arr = read_source(_worker_reader, src.path, raw, ext, job.max_bytes, job.decode_size)
     crc = zlib.crc32(raw)
     if job.stacked:
         return Packed(src.key, int(kind), arr.dtype.str, arr.shape, 0, None, arr, len(raw), crc, arr.nbytes, 0, mtime_ns)
@@ -259,6 +261,7 @@ def convert(
     follow_symlinks: bool = False,
     timeout: Optional[float] = None,
     max_entry_bytes: Optional[int] = MAX_ENTRY_BYTES,
+    decode_size: Optional[Tuple[int, int]] = None,
     checkpoint_seconds: float = CHECKPOINT_SECONDS,
     progress: Optional[bool] = False,
     start_method: Optional[str] = None,
@@ -273,7 +276,9 @@ def convert(
     ``compression``: ``auto``, ``none``, ``lzf``, ``gzip[:L]``, ``zstd[:L]``, ``blosc-lz4[:L]``.
     ``on_error``: ``fail`` stops at the first bad file, ``skip`` records it and goes on.
     ``timeout``: seconds one file may take to read and decode. ``max_entry_bytes``: the
-    largest value one file may decode to. ``checkpoint_seconds``: at most this long between
+    largest value one file may decode to. ``decode_size``: ``(height, width)``; the image reader
+    decodes JPEGs at the smallest DCT scale (1, 1/2, 1/4, 1/8) still at least that large (not
+    the array of a full decode and a resize). ``checkpoint_seconds``: at most this long between
     journal checkpoints, so at most this much work is lost to a kill. ``progress``: a tqdm bar on stderr; ``None`` shows
     it only when stderr is a terminal.
 
@@ -302,7 +307,13 @@ def convert(
         raise SourceError("no extension given: pass --ext (e.g. --ext jpg) or a --prune plugin")
     _resolve_reader(reader)  # fail fast, in this process, on a plugin that does not load
     workers = max(1, workers or os.cpu_count() or 1)
-    report = Report(str(src.absolute()), str(dst), layout, _spec_name(reader), codec.spec if codec else "auto")
+    reader_name = _spec_name(reader)
+    if decode_size is not None:
+        if reader_name not in (AUTO, "image"):
+            raise ValueError(f"decode_size applies to the image reader (auto or image), not {reader_name!r}; leave it out")
+        decode_size = check_decode_size(decode_size)
+        reader_name += f" (decode size {decode_size[0]}x{decode_size[1]})"  # recorded, and a resume must match it
+    report = Report(str(src.absolute()), str(dst), layout, reader_name, codec.spec if codec else "auto")
     options = {
         "source": report.source, "extensions": list(exts), "prune": prune_plugin.spec, "reader": report.reader,
         "compression": report.compression, "layout": layout, "follow_symlinks": bool(follow_symlinks),
@@ -326,7 +337,7 @@ def convert(
             what = f"--ext {' '.join(exts)}" if exts else f"--prune {prune_plugin.spec}"
             raise SourceError(f"no file under {src} matched {what}; check the extension or the prune plugin")
         report.skipped.extend(bad_names)
-        job = _Job(reader, codec, layout == fmt.LAYOUT_STACKED, timeout, max_entry_bytes)
+        job = _Job(reader, codec, layout == fmt.LAYOUT_STACKED, timeout, max_entry_bytes, decode_size)
         log.info("converting %d files from %s with %d workers", len(files), src, workers)
         _write(files, job, previous, partial, gen, options, report, workers, start_method, progress, on_error,
                checkpoint_seconds)
