@@ -26,10 +26,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import h5py
 import numpy as np
 
-from . import codecs, format as fmt
+from . import codecs, format as fmt, safety
 from .chunks import pread_exact, pread_into
 from .display import one_line
-from .errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError
+from .errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError, UnsafeArchiveError
 from .format import Kind
 from .partial import Partial, output_of_part
 from .readers import BUILTIN_READERS, reader_for_extension
@@ -71,6 +71,7 @@ class Index:
     verbatim: Optional[np.ndarray] = None  # uint8: BYTES/TEXT entry is the source's own bytes, if recorded
     labels: Optional[np.ndarray] = None  # stacked: class index of each entry
     classes: Optional[List[str]] = None  # stacked: class names
+    max_entry_bytes: int = safety.MAX_ENTRY_BYTES  # the read limit the rows were checked against
     _positions: Optional[Dict[str, int]] = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -163,67 +164,118 @@ def _damaged(exc: BaseException) -> str:
 
 
 
-def read_index(source: Union[PathLike, h5py.File]) -> Index:
+def read_index(source: Union[PathLike, h5py.File], *, max_entry_bytes: int = safety.MAX_ENTRY_BYTES) -> Index:
     """The index of an archive given by path or by an open :class:`h5py.File`.
 
     A data2h5 ``files`` archive is read from its index group, a ``stacked`` one from its
     ``keys``/``labels``/``classes`` datasets, and any other HDF5 file by walking it for its
     datasets (sorted by path; slower, as it visits every object).
+
+    The archive is untrusted (see :mod:`data2h5.safety`): nothing outside the file is
+    followed, and every row is checked before it is returned, with ``max_entry_bytes`` the
+    most one entry may declare. Raises :class:`ArchiveError` (or a subclass) in one line.
     """
     if isinstance(source, h5py.File):
-        return _read_index(source)
+        return _read_index(source, max_entry_bytes)
     with open_h5(source) as f:
-        return _read_index(f)
+        return _read_index(f, max_entry_bytes)
 
 
-def _read_index(f: h5py.File) -> Index:
+def _read_index(f: h5py.File, limit: int) -> Index:
     path = f.filename
     attrs: dict = {}
     try:
-        attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        attrs = safety.read_attrs(f)
         layout = attrs.get(fmt.ATTR_LAYOUT)
         if layout == fmt.LAYOUT_STACKED:
-            return _read_stacked(f, attrs)
-        group = f.get(fmt.INDEX_GROUP)
-        if isinstance(group, h5py.Group):
-            return _read_files(f, group, attrs)
-        if fmt.ATTR_FORMAT in attrs:
-            raise ArchiveError(f"{path}: data2h5 archive without its {fmt.INDEX_GROUP} index; convert the source again")
-        return _walk_plain(f, attrs)
+            index = _read_stacked(f, attrs, limit)
+        else:
+            group = safety.open_group(f, fmt.INDEX_GROUP)
+            if group is not None:
+                index = _read_files(f, group, attrs, limit)
+            elif fmt.ATTR_FORMAT in attrs:
+                raise ArchiveError(f"{path}: data2h5 archive without its {fmt.INDEX_GROUP} index; convert the source again")
+            else:
+                index = _walk_plain(f, attrs)
+        index.max_entry_bytes = limit
+        safety.check_rows(index, os.stat(path).st_size, limit, _KNOWN_CODECS, codecs.MAX_RATIO,
+                          strict_dtypes=index.layout != LAYOUT_PLAIN)
+        return index
     except ArchiveError:
         raise
-    except (KeyError, ValueError, OSError, RuntimeError) as exc:  # what h5py raises on damaged metadata
+    except (KeyError, ValueError, TypeError, OSError, RuntimeError, RecursionError) as exc:  # damaged metadata
         if fmt.ATTR_FORMAT in attrs:
             raise ArchiveError(f"{path}: damaged data2h5 index ({one_line(exc)}); convert the source again") from exc
         raise ArchiveError(f"{path}: {_damaged(exc)}") from exc
 
 
-def _read_files(f: h5py.File, group: h5py.Group, attrs: dict) -> Index:
-    keys = _decode_keys(group["keys"][()])
+_KNOWN_CODECS = frozenset(c.id for c in codecs.CODECS.values())
+
+
+def _index_field(f: h5py.File, group: h5py.Group, name: str, limit: int, dtype: Optional[np.dtype]) -> np.ndarray:
+    """One column of the index group, bounded in size and cast to the dtype it must have."""
+    where = f"{fmt.INDEX_GROUP}/{name}"
+    arr = safety.read_small(safety.open_dataset(f, f"{group.name}/{name}"), limit, f.filename, where)
+    expected_ndim = 2 if name == "shape" else 1
+    if arr.ndim != expected_ndim or (name == "shape" and arr.shape[1] != fmt.MAX_NDIM):
+        raise ArchiveError(f"{f.filename}: index field {where!r} has shape {arr.shape}; the archive is damaged or crafted")
+    if dtype is None:
+        return arr
+    if dtype.kind in "ui" and arr.dtype.kind not in "ui":
+        raise ArchiveError(f"{f.filename}: index field {where!r} holds {arr.dtype}, not integers; "
+                           "the archive is damaged or crafted")
+    if dtype.kind == "S" and arr.dtype.kind != "S":
+        raise ArchiveError(f"{f.filename}: index field {where!r} holds {arr.dtype}, not text; "
+                           "the archive is damaged or crafted")
+    return arr.astype(dtype, copy=False)
+
+
+def _read_files(f: h5py.File, group: h5py.Group, attrs: dict, limit: int) -> Index:
+    keys = _decode_keys(_read_keys(f, f"{group.name}/keys", limit))
     n = len(keys)
     optional = {STORED_CRC32, fmt.VERBATIM}  # absent from archives written before they were recorded
-    arrays = {name: group[name][()] for name in fmt.INDEX_FIELDS if name != "keys" and (name in group or name not in optional)}
+    arrays = {name: _index_field(f, group, name, limit, dtype) for name, dtype in fmt.INDEX_FIELDS.items()
+              if name != "keys" and (name in group or name not in optional)}
     for name, arr in arrays.items():
         if len(arr) != n:
             raise ValueError(f"index field {name!r} has {len(arr)} rows for {n} keys")
     return Index(path=f.filename, layout=fmt.LAYOUT_FILES, keys=keys, attrs=attrs, **arrays)
 
 
-def _read_stacked(f: h5py.File, attrs: dict) -> Index:
-    data = f[fmt.STACKED_DATA]
+def _read_keys(f: h5py.File, name: str, limit: int) -> np.ndarray:
+    arr = safety.read_small(safety.open_dataset(f, name), limit, f.filename, name)
+    if arr.ndim != 1 or arr.dtype.kind not in "SO":
+        raise ArchiveError(f"{f.filename}: {name!r} holds {arr.dtype} {arr.shape}, not a list of keys; "
+                           "the archive is damaged or crafted")
+    return arr
+
+
+def _read_stacked(f: h5py.File, attrs: dict, limit: int) -> Index:
+    path = f.filename
+    data = safety.open_dataset(f, fmt.STACKED_DATA)
+    if data.ndim == 0:
+        raise ArchiveError(f"{path}: dataset {fmt.STACKED_DATA!r} is a scalar, not rows of samples")
+    safety.check_chunks(data, limit, path, fmt.STACKED_DATA)
     n = len(data)
-    group = f.get(fmt.INDEX_GROUP)
-    source = group if isinstance(group, h5py.Group) and "keys" in group else f
-    keys = _decode_keys(source[fmt.STACKED_KEYS][()]) if fmt.STACKED_KEYS in source else [str(i) for i in range(n)]
+    group = safety.open_group(f, fmt.INDEX_GROUP)
+    keys_at = f"{fmt.INDEX_GROUP}/{fmt.STACKED_KEYS}"
+    if group is None or fmt.STACKED_KEYS not in group:
+        keys_at = fmt.STACKED_KEYS if safety.has(f, fmt.STACKED_KEYS) else None
+    keys = _decode_keys(_read_keys(f, keys_at, limit)) if keys_at else [str(i) for i in range(n)]
     if len(keys) != n:
         raise ValueError(f"{len(keys)} keys for {n} samples")
-    index = _blank_index(f.filename, fmt.LAYOUT_STACKED, keys, attrs)
-    if isinstance(group, h5py.Group):
+    index = _blank_index(path, fmt.LAYOUT_STACKED, keys, attrs)
+    if group is not None:
         for name in ("size", "crc32"):
             if name in group:
-                getattr(index, name)[:] = group[name][()]
-    index.dtype[:] = data.dtype.str.encode()
+                column = _index_field(f, group, name, limit, fmt.INDEX_FIELDS[name])
+                if len(column) != n:
+                    raise ValueError(f"index field {name!r} has {len(column)} rows for {n} samples")
+                getattr(index, name)[:] = column
+    index.dtype[:] = safety.safe_dtype(data.dtype.str, path, f"dataset {fmt.STACKED_DATA!r}").str.encode()
     row_shape = data.shape[1:]
+    if len(row_shape) > fmt.MAX_NDIM:
+        raise ArchiveError(f"{path}: dataset {fmt.STACKED_DATA!r} has {data.ndim} axes, more than data2h5 reads")
     index.shape[:, : len(row_shape)] = row_shape
     # Contiguous, unfiltered data: each row is one block at a computable offset.
     base = data.id.get_offset()
@@ -231,17 +283,33 @@ def _read_stacked(f: h5py.File, attrs: dict) -> Index:
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * data.dtype.itemsize
         index.offset[:] = base + np.arange(n, dtype=np.uint64) * np.uint64(row_bytes)
         index.stored[:] = row_bytes
-    if fmt.STACKED_LABELS in f:
-        index.labels = f[fmt.STACKED_LABELS][()]
-    if fmt.STACKED_CLASSES in f:
-        index.classes = _decode_keys(f[fmt.STACKED_CLASSES][()])
+    if safety.has(f, fmt.STACKED_CLASSES):
+        index.classes = _decode_keys(_read_keys(f, fmt.STACKED_CLASSES, limit))
+    if safety.has(f, fmt.STACKED_LABELS):
+        labels = safety.read_small(safety.open_dataset(f, fmt.STACKED_LABELS), limit, path, fmt.STACKED_LABELS)
+        index.labels = check_labels(labels, n, index.classes, path)
     return index
+
+
+def check_labels(labels: np.ndarray, n: int, classes: Optional[List[str]], path: str) -> np.ndarray:
+    """A stacked archive's labels: ``n`` integers, each an index into ``classes`` when the
+    archive names its classes. Raises :class:`ArchiveError` otherwise."""
+    if labels.shape[:1] != (n,) or labels.dtype.kind not in "iu":
+        raise ArchiveError(f"{path}: {fmt.STACKED_LABELS!r} holds {labels.dtype} {labels.shape}, not one integer "
+                           f"label for each of {n} samples; the archive is damaged or crafted")
+    if classes is not None and n and labels.ndim == 1:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= len(classes):
+            bad = low if low < 0 else high
+            raise ArchiveError(f"{path}: label {bad} is outside the {len(classes)} classes the archive names; "
+                               "the archive is damaged or crafted")
+    return labels
 
 
 def _walk_plain(f: h5py.File, attrs: dict) -> Index:
     found: Dict[str, h5py.Dataset] = {}
 
-    def visit(name: str, obj) -> None:
+    def visit(name: str, obj) -> None:  # hard links only: HDF5's visit follows no other link
         if isinstance(obj, h5py.Dataset):
             found[name] = obj
 
@@ -270,12 +338,14 @@ def _one_block(dset: h5py.Dataset) -> Optional[tuple]:
     if dset.dtype.kind not in "biufc" or dset.dtype.itemsize > 16 or dset.ndim > fmt.MAX_NDIM or not dset.size:
         return None
     dsid = dset.id
+    dcpl = dsid.get_create_plist()
+    if dcpl.get_layout() == h5py.h5d.VIRTUAL or dcpl.get_external_count():
+        return None  # listed; refused when read (see safety.check_local)
     if dset.chunks is None:
         offset = dsid.get_offset()
         return None if offset is None else (codecs.NONE, offset, dset.size * dset.dtype.itemsize)
     if dset.chunks != dset.shape or dsid.get_num_chunks() != 1:
         return None
-    dcpl = dsid.get_create_plist()
     nfilters = dcpl.get_nfilters()
     if nfilters > 1:
         return None
@@ -385,10 +455,14 @@ class ArchiveReader:
     caught only when it breaks decompression (gzip and zstd carry their own checksums).
     """
 
-    def __init__(self, path: PathLike, index: Optional[Index] = None, *, verify: bool = True):
+    def __init__(self, path: PathLike, index: Optional[Index] = None, *, verify: bool = True,
+                 max_entry_bytes: int = safety.MAX_ENTRY_BYTES):
         self.path = os.fspath(path)
-        self.index = read_index(self.path) if index is None else index
+        self.index = read_index(self.path, max_entry_bytes=max_entry_bytes) if index is None else index
         self.verify = verify
+        # Rows of a files archive whose block has been proven to be their dataset's own
+        # storage (safety.check_storage), once per row and process, on first read.
+        self._proven: Optional[np.ndarray] = None
         self._reset_handles()
 
     def _reset_handles(self) -> None:
@@ -397,6 +471,7 @@ class ArchiveReader:
         self._fd: Optional[int] = None
         self._h5: Optional[h5py.File] = None
         self._data: Optional[h5py.Dataset] = None
+        self._groups: Dict[str, Any] = {}  # opened groups by path, for resolving keys
 
     def __len__(self) -> int:
         return len(self.index)
@@ -442,10 +517,12 @@ class ArchiveReader:
             return  # never fully initialised
         self._close_handles()
         self._fd = self._h5 = self._data = None
+        self._groups = {}
 
     def _close_handles(self) -> None:
         fd, h5 = getattr(self, "_fd", None), getattr(self, "_h5", None)
         self._data = None
+        self._groups = {}
         if fd is not None:
             try:
                 os.close(fd)
@@ -471,8 +548,9 @@ class ArchiveReader:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_pid", "_lock", "_fd", "_h5", "_data"):
+        for name in ("_pid", "_lock", "_fd", "_h5", "_data", "_groups"):
             state.pop(name, None)
+        state["_proven"] = None  # proven again, once per row, by each process that reads
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -502,6 +580,8 @@ class ArchiveReader:
         offset = int(index.offset[pos])
         codec_id = int(index.codec[pos])
         if offset and codec_id in _DIRECT_CODECS:
+            if index.layout == fmt.LAYOUT_FILES:
+                self._prove(pos, offset)
             arr = self._read_direct(pos, offset, codec_id)
         else:
             arr = self._read_h5(pos)
@@ -542,35 +622,60 @@ class ArchiveReader:
             raise self._corrupt(pos, f"{len(data)} bytes where {nbytes} were expected")
         return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
+    def _prove(self, pos: int, offset: int) -> None:
+        """Refuse row ``pos`` unless its block is its key's own dataset storage (first read of
+        the row in this process; later reads cost one array lookup)."""
+        proven = self._proven
+        if proven is None:
+            proven = self._proven = np.zeros(len(self.index), dtype=bool)
+        if proven[pos]:
+            return
+        dset = self.dataset(pos)
+        safety.check_storage(dset, offset, int(self.index.stored[pos]), self.path, self.index.keys[pos])
+        proven[pos] = True
+
+    def dataset(self, pos: int) -> h5py.Dataset:
+        """The HDF5 dataset of entry ``pos`` of a ``files`` or plain archive, reached without
+        leaving the file and checked against the index's shape and dtype."""
+        index, key = self.index, self.index.keys[pos]
+        try:
+            dset = safety.open_dataset(self.h5file, key, groups=self._groups)
+        except KeyError:
+            raise ArchiveError(f"{self.path}: index lists {safety.printable(repr(key))} but the archive has no such "
+                               "dataset; the archive is damaged") from None
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise self._corrupt(pos, f"its dataset cannot be opened: {one_line(exc)}") from exc
+        if dset.shape != index.entry_shape(pos) or dset.dtype.str.encode()[:16] != index.dtype[pos]:
+            raise self._corrupt(pos, f"the dataset holds {dset.dtype.str} {dset.shape}, the index records "
+                                     f"{index.dtype[pos].decode('ascii', 'replace')} {index.entry_shape(pos)}")
+        return dset
+
     def _read_h5(self, pos: int) -> np.ndarray:
         try:
             if self.index.layout == fmt.LAYOUT_STACKED:
                 if self._data is None or self._pid != os.getpid():
-                    self._data = self.h5file[fmt.STACKED_DATA]
+                    self._data = safety.open_dataset(self.h5file, fmt.STACKED_DATA)
                 return self._data[pos]
-            key = self.index.keys[pos]
-            try:
-                dset = self.h5file[key]
-            except KeyError:
-                raise ArchiveError(f"{self.path}: index lists {key!r} but the archive has no such dataset") from None
-            return dset[()]
-        except OSError as exc:
-            raise self._corrupt(pos, str(exc)) from exc
+            return self.dataset(pos)[()]
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise self._corrupt(pos, one_line(exc)) from exc
 
     def attr(self, pos: int, name: str) -> Any:
         """HDF5 attribute ``name`` of entry ``pos``'s dataset; :class:`ArchiveError` if missing."""
         key = self.index.keys[pos]
         if self.index.layout == fmt.LAYOUT_STACKED:
             raise ArchiveError(f"{self.path}: a stacked archive has no per-entry attributes (asked {name!r} of {key!r})")
-        attrs = self.h5file[key].attrs
+        attrs = self.dataset(pos).attrs
         if name not in attrs:
             raise ArchiveError(f"{self.path}: entry {key!r} has no attribute {name!r}")
+        aid = attrs.get_id(name)
+        safety.check_size(safety.declared_bytes(aid.shape or (), aid.dtype.itemsize), safety.MAX_ATTR_BYTES,
+                          self.path, f"attribute {name!r} of entry {key!r}")
         return _plain(attrs[name])
 
     def _corrupt(self, pos: int, why: str) -> CorruptEntryError:
-        return CorruptEntryError(
-            f"{self.path}: entry {self.index.keys[pos]!r} is damaged ({why}); convert the source again", why
-        )
+        key = safety.printable(repr(self.index.keys[pos]))
+        return CorruptEntryError(f"{self.path}: entry {key} is damaged ({why}); convert the source again", why)
 
 
 _DIRECT_CODECS = frozenset(c.id for c in codecs.CODECS.values() if c.in_worker)
