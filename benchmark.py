@@ -17,7 +17,9 @@ on disk (the baselines fsync as data2h5 does), after an untimed ``sync``.
 Loading: a PyTorch DataLoader (persistent workers) over loose files decoded with Pillow
 (ImageFolder-style), over the decoded and the bytes archive with ``data2h5.H5Dataset``, and
 over the decoded archive with a hand-written lazy h5py dataset; and ``data2h5.BatchReader``
-over the stacked archive. Each run reads ``--samples`` samples, in order and shuffled, with a
+over the stacked archive. For JPEGs, the bytes archive is also read with Pillow alone (as
+without simplejpeg; the conversion gets such a row too) and with ``decode_size`` at half the
+smallest photo's sides. Each run reads ``--samples`` samples, in order and shuffled, with a
 warm page cache and, as root, a cold one (``sync; echo 3 > /proc/sys/vm/drop_caches``).
 
 Batches: over the stacked archive, the first ``--batches`` batches of an epoch read by the
@@ -407,6 +409,40 @@ def convert_data2h5(src: Path, keys: Sequence[str], out: Path, exts: Sequence[st
     data2h5.convert(src, out, ext=exts, **options)
 
 
+def convert_data2h5_pillow(src: Path, keys: Sequence[str], out: Path, exts: Sequence[str], **options: Any) -> None:
+    """data2h5 with its JPEG fast path off: Pillow decodes, as without simplejpeg installed."""
+    from data2h5 import jpeg
+
+    os.environ["DATA2H5_JPEG"] = "pillow"  # for workers that start afresh; forked ones inherit the switch
+    jpeg.USE_SIMPLEJPEG = False
+    convert_data2h5(src, keys, out, exts, **options)
+
+
+def pillow_jpeg_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: this worker decodes JPEGs with Pillow alone."""
+    from data2h5 import jpeg
+
+    jpeg.USE_SIMPLEJPEG = False
+
+
+def jpeg_source(source: Source) -> bool:
+    """Whether the files are images read by a JPEG extension."""
+    return source.images and bool({"jpg", "jpeg", "jpe", "jfif"} & {e.lower().lstrip(".") for e in source.exts})
+
+
+def fast_jpeg(source: Source) -> bool:
+    """Whether the files are JPEGs and simplejpeg decodes them here (else the rows comparing it with
+    Pillow are left out)."""
+    from data2h5 import jpeg
+
+    return jpeg_source(source) and jpeg.backend() == "simplejpeg"
+
+
+def half_size(source: Source) -> Tuple[int, int]:
+    """``decode_size`` at half the smallest height and width: every photo decodes at 1/2 scale or less."""
+    return min(h for _, h, _ in source.shapes) // 2 or 1, min(w for w, _, _ in source.shapes) // 2 or 1
+
+
 def read_resized(path: str) -> np.ndarray:
     """Reader for the stacked row when the files differ in shape: RGB at :data:`STACK_SIZE`."""
     from PIL import Image
@@ -425,6 +461,7 @@ CONVERTERS: Dict[str, Callable[..., None]] = {
     "limit": convert_limit,
     "webdataset": convert_webdataset,
     "data2h5": convert_data2h5,
+    "data2h5_pillow": convert_data2h5_pillow,
     "bytes": convert_data2h5,
     "stacked": convert_data2h5,
 }
@@ -459,10 +496,14 @@ def plan_conversions(source: Source, notes: List[str], timed: bool) -> List[Conv
             notes.append("webdataset: `import webdataset` loads torch, most of its row's peak RSS")
     elif timed:
         notes.append("webdataset is not installed: its row is left out (pip install 'data2h5[bench]')")
-    plan += [
-        Conversion("data2h5", "data2h5, defaults (decoded, lzf)", output="data2h5.h5"),
-        Conversion("bytes", "data2h5 --reader bytes", {"reader": "bytes"}, output="bytes.h5"),
-    ]
+    plan.append(Conversion("data2h5", "data2h5, defaults (decoded, lzf)", output="data2h5.h5"))
+    if fast_jpeg(source):
+        plan.append(Conversion("data2h5_pillow", "data2h5, defaults, JPEGs decoded by Pillow alone (no simplejpeg)",
+                               output="data2h5_pillow.h5"))
+    elif timed and jpeg_source(source):
+        notes.append("simplejpeg is not installed: data2h5 decodes JPEGs with Pillow, and the rows comparing the two "
+                     "are left out (pip install 'data2h5[jpeg]')")
+    plan.append(Conversion("bytes", "data2h5 --reader bytes", {"reader": "bytes"}, output="bytes.h5"))
     if source.one_shape or not source.images:
         plan.append(Conversion("stacked", "data2h5 --layout stacked", {"layout": "stacked"}, output="stacked.h5"))
     else:
@@ -650,12 +691,12 @@ def as_list(batch: list) -> list:
 class TorchLoader:
     """A DataLoader with persistent workers over one dataset; ``run`` reads the given indices."""
 
-    def __init__(self, dataset, workers: int, batch_size: int):
+    def __init__(self, dataset, workers: int, batch_size: int, worker_init_fn: Optional[Callable[[int], None]] = None):
         from torch.utils.data import DataLoader
 
         self.sampler = IndexList()
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 collate_fn=as_list, persistent_workers=workers > 0)
+                                 collate_fn=as_list, persistent_workers=workers > 0, worker_init_fn=worker_init_fn)
 
     def run(self, order: str, indices: List[int]) -> int:
         """Load ``indices`` (already in ``order``); returns the samples seen."""
@@ -697,24 +738,37 @@ def plan_loaders(source: Source, work: Path, workers: int, batch_size: int, note
     """The loading variants whose input exists: key → (label, a function that opens the loader)."""
     from data2h5 import H5Dataset
 
-    def torch_loader(make_dataset):
-        return lambda: TorchLoader(make_dataset(), workers, batch_size)
+    def torch_loader(make_dataset, worker_init_fn=None):
+        return lambda: TorchLoader(make_dataset(), workers, batch_size, worker_init_fn)
 
     decoded, raw, stacked = work / "data2h5.h5", work / "bytes.h5", work / "stacked.h5"
+    fast = fast_jpeg(source)
+    half = half_size(source) if jpeg_source(source) else None
     resized = "" if source.one_shape or not source.images else f" resized to {'×'.join(map(str, STACK_SIZE))}"
     planned = {
         "loose": ("loose files, Pillow (ImageFolder-style)", source.root if source.images else None,
                   torch_loader(lambda: LooseImages(source.root, source.keys))),
         "h5dataset": ("H5Dataset, default archive (decoded)", decoded,
                       torch_loader(lambda: H5Dataset(decoded, target="folder"))),
-        "h5dataset_bytes": ("H5Dataset, bytes archive (decoded on read)", raw,
+        "h5dataset_bytes": (f"H5Dataset, bytes archive (decoded on read{', simplejpeg' if fast else ''})", raw,
                             torch_loader(lambda: H5Dataset(raw, target="folder"))),
+        "h5dataset_bytes_pillow": ("H5Dataset, bytes archive (decoded on read, Pillow alone)", raw if fast else None,
+                                   torch_loader(lambda: H5Dataset(raw, target="folder"), pillow_jpeg_worker)),
+        "h5dataset_bytes_half": (f"H5Dataset, bytes archive, decode_size={half} (JPEGs at 1/2 scale or less)",
+                                 raw if half else None,
+                                 torch_loader(lambda: H5Dataset(raw, target="folder", decode_size=half))),
         "lazy_h5py": ("hand-written lazy h5py dataset, default archive", decoded, torch_loader(lambda: LazyH5(decoded))),
         "batch_reader": (f"BatchReader, stacked archive (arrays{resized}, nothing to decode)", stacked,
                          lambda: StackedReader(stacked, batch_size)),
     }
     if not source.images:
         notes.append("the files are not images Pillow opens: the loose-file row is left out, and with it the ratios")
+    if fast:
+        notes.append("Pillow alone: the bytes archive read with data2h5's JPEG fast path (simplejpeg) switched off in "
+                     "the DataLoader workers, as without the jpeg extra")
+    if half:
+        notes.append(f"decode_size={half}: half the smallest photo's height and width, so every JPEG decodes at 1/2 "
+                     "scale or less inside libjpeg: smaller arrays, and not those of a full decode and a resize")
     return {key: (label, make) for key, (label, needs, make) in planned.items() if needs is not None and needs.exists()}
 
 

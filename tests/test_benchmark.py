@@ -16,8 +16,10 @@ import pytest
 from conftest import photo_like
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmark.py"
-CONVERSIONS = {"naive", "original", "limit", "data2h5", "bytes", "stacked"}
-LOADERS = {"loose", "h5dataset", "h5dataset_bytes", "lazy_h5py", "batch_reader"}
+HAS_SIMPLEJPEG = importlib.util.find_spec("simplejpeg") is not None  # its rows against Pillow alone
+CONVERSIONS = {"naive", "original", "limit", "data2h5", "bytes", "stacked"} | ({"data2h5_pillow"} if HAS_SIMPLEJPEG else set())
+LOADERS = ({"loose", "h5dataset", "h5dataset_bytes", "h5dataset_bytes_half", "lazy_h5py", "batch_reader"}
+           | ({"h5dataset_bytes_pillow"} if HAS_SIMPLEJPEG else set()))
 BATCH_ROWS = {"h5py_loop", "reader_sequential", "reader_shuffled", "h5py_fancy",
               "overlap_h5py_loop", "overlap_reader_sequential", "overlap_reader_shuffled"}
 HAS_WEBDATASET = importlib.util.find_spec("webdataset") is not None
