@@ -112,6 +112,11 @@ class RawChunks:
         except (AttributeError, NotImplementedError):  # HDF5 older than 1.14
             for i in range(dset.id.get_num_chunks()):
                 self._add(dset.id.get_chunk_info(i))
+        end = os.fstat(fd).st_size
+        for offset, (_, addr, size) in self.index.items():
+            if addr > end or size > end - addr:  # pread would allocate what the header claims
+                raise CorruptEntryError(f"{self._where(offset)} lies past the end of the file; the archive is "
+                                        "truncated or crafted")
         sa = field.sample_axis
         grids = [range(0, n, c) for d, (n, c) in enumerate(zip(self.shape, self.chunks)) if d != sa]
         self._others = [tuple(int(x) for x in o) for o in itertools.product(*grids)]

@@ -15,6 +15,7 @@ import numpy as np
 from . import format as fmt
 from .errors import ArchiveError, ArchiveKeyError
 from .index import ArchiveReader, PathLike
+from .safety import MAX_ENTRY_BYTES
 from .jpeg import check_decode_size
 from .stacked import class_of
 
@@ -56,6 +57,9 @@ class H5Dataset(_Base):
             the array of a full decode followed by a resize; other entries are unaffected.
         transform: applied to each sample after decoding.
         verify: check the CRC-32 of entries stored as exact bytes on every read.
+        max_entry_bytes: refuse entries that declare more than this. Archives are untrusted
+            input: every row is checked before it is read (see :mod:`data2h5.safety`), and a
+            stacked archive's labels must index its ``classes``.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class H5Dataset(_Base):
         decode_size: Optional[Tuple[int, int]] = None,
         transform: Optional[Callable[[Any], Any]] = None,
         verify: bool = True,
+        max_entry_bytes: int = MAX_ENTRY_BYTES,
     ):
         if isinstance(paths, (str, bytes, os.PathLike)):
             paths = [paths]
@@ -78,7 +83,8 @@ class H5Dataset(_Base):
             raise ValueError("H5Dataset needs at least one archive path")
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
-        self.readers: List[ArchiveReader] = [ArchiveReader(p, verify=verify) for p in paths]
+        self.readers: List[ArchiveReader] = [ArchiveReader(p, verify=verify, max_entry_bytes=max_entry_bytes)
+                                             for p in paths]
         self.prefixes = (prefix,) if isinstance(prefix, str) else (tuple(prefix) if prefix is not None else None)
         self.return_key = return_key
         self.decode = decode

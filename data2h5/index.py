@@ -442,6 +442,12 @@ def _dtype(text: bytes) -> np.dtype:
     return np.dtype(text.decode())
 
 
+@functools.lru_cache(maxsize=None)
+def _h5_type(text: bytes) -> h5py.h5t.TypeID:
+    """The HDF5 type h5py stores a recorded dtype as (compared with a dataset's by HDF5)."""
+    return h5py.h5t.py_create(_dtype(text))
+
+
 class ArchiveReader:
     """Reads the entries of one archive, by row of its :class:`Index`.
 
@@ -630,25 +636,30 @@ class ArchiveReader:
             proven = self._proven = np.zeros(len(self.index), dtype=bool)
         if proven[pos]:
             return
-        dset = self.dataset(pos)
-        safety.check_storage(dset, offset, int(self.index.stored[pos]), self.path, self.index.keys[pos])
+        dsid, dcpl = self._dataset_id(pos)
+        safety.check_storage(dsid, dcpl, offset, int(self.index.stored[pos]), self.path, self.index.keys[pos])
         proven[pos] = True
 
     def dataset(self, pos: int) -> h5py.Dataset:
         """The HDF5 dataset of entry ``pos`` of a ``files`` or plain archive, reached without
         leaving the file and checked against the index's shape and dtype."""
+        return h5py.Dataset(self._dataset_id(pos)[0])
+
+    def _dataset_id(self, pos: int):
         index, key = self.index, self.index.keys[pos]
         try:
-            dset = safety.open_dataset(self.h5file, key, groups=self._groups)
+            dsid, dcpl = safety.open_dataset_id(self.h5file, key, groups=self._groups, path=self.path)
         except KeyError:
             raise ArchiveError(f"{self.path}: index lists {safety.printable(repr(key))} but the archive has no such "
                                "dataset; the archive is damaged") from None
         except (ValueError, RuntimeError, OSError) as exc:
             raise self._corrupt(pos, f"its dataset cannot be opened: {one_line(exc)}") from exc
-        if dset.shape != index.entry_shape(pos) or dset.dtype.str.encode()[:16] != index.dtype[pos]:
-            raise self._corrupt(pos, f"the dataset holds {dset.dtype.str} {dset.shape}, the index records "
+        if index.layout != fmt.LAYOUT_FILES:  # a plain file's index was read off these very datasets
+            return dsid, dcpl
+        if dsid.shape != index.entry_shape(pos) or not _h5_type(index.dtype[pos]) == dsid.get_type():
+            raise self._corrupt(pos, f"the dataset holds {dsid.dtype.str} {dsid.shape}, the index records "
                                      f"{index.dtype[pos].decode('ascii', 'replace')} {index.entry_shape(pos)}")
-        return dset
+        return dsid, dcpl
 
     def _read_h5(self, pos: int) -> np.ndarray:
         try:

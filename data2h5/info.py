@@ -1,38 +1,43 @@
 """What ``data2h5 info`` and ``data2h5 ls`` show: an archive's facts and its keys."""
 from __future__ import annotations
 
-import json
+import functools
 import os
 from typing import Dict, List
 
-from . import format as fmt
+from . import format as fmt, safety
 from .index import PathLike, read_index
 
 
-def list_keys(path: PathLike) -> List[str]:
+def list_keys(path: PathLike, *, max_entry_bytes: int = safety.MAX_ENTRY_BYTES) -> List[str]:
     """Every entry key in index order (for plain HDF5 files, every dataset path, sorted)."""
-    return read_index(path).keys
+    return read_index(path, max_entry_bytes=max_entry_bytes).keys
 
 
-def describe(path: PathLike) -> Dict[str, object]:
-    """Entries, bytes in and out, compression ratio and how the archive was made."""
-    index = read_index(path)
+def describe(path: PathLike, *, max_entry_bytes: int = safety.MAX_ENTRY_BYTES) -> Dict[str, object]:
+    """Entries, bytes in and out, compression ratio and how the archive was made.
+
+    Attribute values are type-checked (a malformed one is shown as ``?``, a malformed list
+    refused in one line); the plugin specs an archive records are shown, never loaded.
+    """
+    index = read_index(path, max_entry_bytes=max_entry_bytes)
     attrs = index.attrs
     size = os.path.getsize(path)
-    bytes_in = int(attrs.get(fmt.ATTR_BYTES_IN, 0))
+    bytes_in = safety.attr_int(attrs, fmt.ATTR_BYTES_IN, 0)
+    text = functools.partial(safety.attr_text, attrs)
     return {
         "archive": os.path.abspath(path),
         "layout": index.layout if fmt.ATTR_FORMAT in attrs else "plain HDF5 (not written by data2h5)",
         "entries": len(index),
-        "skipped": [list(s) for s in json.loads(attrs.get(fmt.ATTR_SKIPPED, "[]"))],  # [relative path, reason]
+        "skipped": safety.attr_json_list(attrs, fmt.ATTR_SKIPPED, safety.is_text_pair, index.path),  # [path, reason]
         "bytes in": bytes_in,
         "bytes out": size,
         "ratio": round(size / bytes_in, 3) if bytes_in else None,
-        "reader": attrs.get(fmt.ATTR_READER, "?"),
-        "prune": attrs.get(fmt.ATTR_PRUNE, "?"),
-        "extensions": json.loads(attrs.get(fmt.ATTR_EXTENSIONS, "[]")),
-        "compression": attrs.get(fmt.ATTR_COMPRESSION, "?"),
-        "source": attrs.get(fmt.ATTR_SOURCE, "?"),
-        "created": attrs.get(fmt.ATTR_CREATED, "?"),
-        "version": attrs.get(fmt.ATTR_VERSION, "?"),
+        "reader": text(fmt.ATTR_READER),
+        "prune": text(fmt.ATTR_PRUNE),
+        "extensions": safety.attr_json_list(attrs, fmt.ATTR_EXTENSIONS, safety.is_text, index.path),
+        "compression": text(fmt.ATTR_COMPRESSION),
+        "source": text(fmt.ATTR_SOURCE),
+        "created": text(fmt.ATTR_CREATED),
+        "version": text(fmt.ATTR_VERSION),
     }

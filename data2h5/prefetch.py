@@ -27,9 +27,12 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, 
 import h5py
 import numpy as np
 
+from . import safety
 from .chunks import ContiguousBlocks, Field, H5pyChunks, RawChunks, dataset_filters, decoder, require_filters
-from .errors import ArchiveError, CorruptEntryError, PluginError
-from .index import open_h5
+from .errors import ArchiveError, CorruptEntryError, PluginError, UnsafeArchiveError
+from .format import STACKED_CLASSES, STACKED_LABELS
+from .index import check_labels, open_h5
+from .safety import MAX_ENTRY_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -619,6 +622,9 @@ class BatchReader:
             your own ``non_blocking`` copy before asking for the next batch.
         direct: read and decompress chunks in the worker threads instead of through h5py
             wherever the filters allow (the fast path; False forces h5py, for comparison).
+        max_entry_bytes: refuse a file whose rows or chunks declare more than this (the
+            file is untrusted input: see :mod:`data2h5.safety`). Datasets stored or linked
+            outside the file are refused, and labels must index the file's ``classes``.
 
     Attributes:
         epoch: the epoch of the last batch returned (-1 before the first).
@@ -646,8 +652,10 @@ class BatchReader:
         device: Any = None,
         pin_memory: bool = False,
         direct: bool = True,
+        max_entry_bytes: int = MAX_ENTRY_BYTES,
     ):
         self.path = os.fspath(path)
+        self._limit = int(max_entry_bytes)
         for name, value in (("batch_size", batch_size), ("threads", threads), ("prefetch", prefetch),
                             ("shuffle_window", 1 if shuffle_window is None else shuffle_window)):
             if int(value) < 1:
@@ -689,11 +697,15 @@ class BatchReader:
         data = _dataset(h5, path, data_field)
         if data.ndim == 0:
             raise ArchiveError(f"{path}: dataset {data_field!r} is a scalar, not rows of samples")
+        safety.check_chunks(data, self._limit, path, data_field)
         if data.dtype.hasobject:
             raise ArchiveError(f"{path}: dataset {data_field!r} holds variable-length values; BatchReader "
                                "reads fixed-size arrays only")
         sa, perm = _axes(file_layout, layout, data.ndim, f"{path}: dataset {data_field!r}")
         self.num_rows = n = data.shape[sa]
+        row_shape = tuple(d for i, d in enumerate(data.shape) if i != sa)
+        safety.check_size(safety.declared_bytes(row_shape, data.dtype.itemsize) * self.batch_size, self._limit, path,
+                          f"a batch of {self.batch_size} rows of {data_field!r}")
         row_bytes = max(1, data.size // max(n, 1) * data.dtype.itemsize)
         window = shuffle_window or max(4 * self.batch_size, WINDOW_BYTES // row_bytes)
         self._window = window
@@ -709,12 +721,18 @@ class BatchReader:
                     f"{path}: dataset {labels_field!r} has shape {labels.shape}, {labels.dtype}; labels need "
                     f"{n} fixed-size rows on axis 0, one per sample of {data_field!r}"
                 )
+            safety.check_chunks(labels, self._limit, path, labels_field)
             lfield = Field(path, labels_field, labels, 0)
-            if labels.size * labels.dtype.itemsize <= LABELS_IN_MEMORY_BYTES:
+            classes = _classes(h5, path, self._limit) if labels_field == STACKED_LABELS else None
+            if labels.size * labels.dtype.itemsize <= LABELS_IN_MEMORY_BYTES or classes is not None:
+                safety.check_size(labels.size * labels.dtype.itemsize, self._limit, path, f"dataset {labels_field!r}")
                 try:
-                    self._labels_rows = _MemoryRows(labels[()])
+                    values = labels[()]
                 except OSError as exc:
                     raise CorruptEntryError(f"{path}: dataset {labels_field!r} cannot be read ({exc})") from exc
+                if classes is not None:
+                    check_labels(values, n, classes, path)
+                self._labels_rows = _MemoryRows(values)
             else:
                 self._labels_rows = _open_rows(lfield, self._res.fd, direct, self._cache_slabs)
             self._labels_shape = (self.batch_size, *labels.shape[1:])
@@ -898,12 +916,29 @@ class BatchReader:
 
 
 def _dataset(h5: h5py.File, path: str, name: str) -> h5py.Dataset:
-    obj = h5.get(name)
-    if not isinstance(obj, h5py.Dataset):
-        found = sorted(k for k, v in h5.items() if isinstance(v, h5py.Dataset))
-        what = "no dataset" if obj is None else "a group, not a dataset,"
-        raise ArchiveError(f"{path}: {what} {name!r} (datasets at the root: {', '.join(found) or 'none'})")
-    return obj
+    """Dataset ``name``, reached and stored inside the file (see :func:`safety.open_dataset`)."""
+    try:
+        return safety.open_dataset(h5, name)
+    except (KeyError, UnsafeArchiveError) as exc:
+        if isinstance(exc, UnsafeArchiveError) and "not a dataset" not in exc.reason:
+            raise
+        root = h5py.h5g.open(h5.id, b"/")
+        names: List[bytes] = []
+        root.links.iterate(names.append)
+        found = sorted(n.decode("utf-8", "replace") for n in names
+                       if root.links.get_info(n).type == h5py.h5l.TYPE_HARD
+                       and h5py.h5o.get_info(root, n).type == h5py.h5o.TYPE_DATASET)
+        what = "no dataset" if isinstance(exc, KeyError) else "a group, not a dataset,"
+        raise ArchiveError(f"{path}: {what} {safety.printable(repr(name))} (datasets at the root: "
+                           f"{safety.printable(', '.join(found)) or 'none'})") from None
+
+
+def _classes(h5: h5py.File, path: str, limit: int) -> Optional[List[str]]:
+    """A data2h5 stacked archive's class names, which its labels must index; None elsewhere."""
+    if not safety.has(h5, STACKED_CLASSES):
+        return None
+    names = safety.read_small(safety.open_dataset(h5, STACKED_CLASSES), limit, path, STACKED_CLASSES)
+    return names.tolist() if names.ndim == 1 else None
 
 
 def _torch_options(device: Any, pin_memory: bool):

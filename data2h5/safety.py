@@ -7,8 +7,9 @@ Every reader goes through these checks before it allocates or reads:
   the root: hard links, and soft links that resolve inside the file; an external or
   user-defined link is refused before HDF5 could follow it. A dataset stored in other files
   (external storage) or assembled from them (a virtual dataset) is refused. As a second
-  lock, datasets are opened with HDF5's external-file and virtual-dataset prefixes pointing
-  at a path that cannot exist.
+  lock, the ``data2h5`` command points HDF5's external-file, external-link and
+  virtual-dataset prefixes at a path that cannot exist (:func:`lock_prefixes`); the library
+  leaves the process's HDF5 settings to the program that imports it.
 * **Bounded sizes.** What an entry, a row or a chunk declares (fill values of unwritten
   chunks included) is bounded by the read limit (:data:`MAX_ENTRY_BYTES` unless the caller
   gives another) before anything is allocated; root attributes and index fields likewise.
@@ -41,8 +42,10 @@ MAX_ATTR_BYTES = 64 << 20
 MAX_SOFT_HOPS = 16
 """Soft links followed while resolving one path: more is a loop."""
 
-NOWHERE = b"/dev/null/data2h5-reads-no-external-file/"
+NOWHERE = "/dev/null/data2h5-reads-no-external-file/"
 """External-file and virtual-dataset prefix: under a file, so no path beneath it can exist."""
+
+PREFIX_VARIABLES = ("HDF5_EXTFILE_PREFIX", "HDF5_VDS_PREFIX", "HDF5_EXT_PREFIX")
 
 ALLOWED_DTYPE_KINDS = frozenset("biufcmMSU")
 """Array kinds read from stored bytes: plain numbers, dates and fixed-size text, never objects."""
@@ -90,69 +93,70 @@ def safe_dtype(text: Any, path: str, what: str) -> np.dtype:
 
 # -- links and storage ----------------------------------------------------------------------------
 
-_DAPL: Optional[h5py.h5p.PropDAID] = None
+_locked_dapl: Optional[h5py.h5p.PropDAID] = None
 
 
-def _dapl() -> h5py.h5p.PropDAID:
-    global _DAPL
-    if _DAPL is None:
-        dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
-        dapl.set_efile_prefix(NOWHERE)
-        dapl.set_virtual_prefix(NOWHERE)
-        _DAPL = dapl
-    return _DAPL
+def lock_prefixes() -> None:
+    """The second lock behind :func:`check_local` and :func:`resolve`, for programs that read
+    only archives (the ``data2h5`` command): HDF5's search paths for external raw-data files,
+    external links and virtual-dataset sources point at :data:`NOWHERE`, in the environment
+    of every process started from now on (HDF5 reads it when it loads) and for every dataset
+    :func:`open_dataset` opens in this one."""
+    global _locked_dapl
+    for name in PREFIX_VARIABLES:
+        os.environ[name] = NOWHERE
+    dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+    dapl.set_efile_prefix(NOWHERE.encode())
+    dapl.set_virtual_prefix(NOWHERE.encode())
+    _locked_dapl = dapl
 
 
 _LINK_KINDS = {h5py.h5l.TYPE_EXTERNAL: "an external link to another file"}
 
 
-def resolve(f: h5py.File, name: str, *, groups: Optional[Dict[str, Any]] = None) -> Tuple[Any, int]:
+def resolve(f: h5py.File, name: str, *, groups: Optional[Dict[str, Any]] = None,
+            path: Optional[str] = None) -> Tuple[Any, bytes]:
     """``(GroupID, component name as bytes)`` of the last link of ``name``, reached from the
     root through hard links and in-file soft links only.
 
     Raises :class:`KeyError` when a component does not exist and :class:`UnsafeArchiveError`
     when one is an external or user-defined link, a soft link loop, or not a group.
-    ``groups`` caches opened groups by path, for callers resolving many names.
+    ``groups`` caches opened groups by path, for callers resolving many names; ``path``
+    names the file in messages (default: its name).
     """
-    path = f.filename
+    path = f.filename if path is None else path
+    cache: Dict[str, Any] = {} if groups is None else groups
     parts = [p for p in name.split("/") if p]
-    hops = 0
-    while True:
+    for _ in range(MAX_SOFT_HOPS + 1):
         if not parts:
             raise UnsafeArchiveError(path, name, "names the root group, not an entry")
-        loc, done = _root(f), []
+        parent = "/".join(parts[:-1])
+        start = len(parts) - 1 if parent in cache else 0  # keys share folders: start at the cached one
+        loc = cache[parent] if start else cache.get("") or cache.setdefault("", _root(f))
         restart = None
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            cached = groups.get("/".join(parts[: i + 1])) if groups is not None and not last else None
-            if cached is not None:
-                loc, done = cached, parts[: i + 1]
-                continue
-            raw = part.encode("utf-8", "surrogateescape")
-            if not loc.links.exists(raw):
-                raise KeyError(name)
-            kind = loc.links.get_info(raw).type
+        for i in range(start, len(parts)):
+            raw = parts[i].encode("utf-8", "surrogateescape")
+            try:
+                kind = loc.links.get_info(raw).type
+            except (KeyError, RuntimeError):
+                raise KeyError(name) from None
             if kind == h5py.h5l.TYPE_SOFT:
                 target = loc.links.get_val(raw).decode("utf-8", "surrogateescape")
-                base = [] if target.startswith("/") else done
+                base = [] if target.startswith("/") else parts[:i]
                 restart = base + [p for p in target.split("/") if p] + parts[i + 1:]
                 break
             if kind != h5py.h5l.TYPE_HARD:
                 raise UnsafeArchiveError(path, name, _LINK_KINDS.get(kind, "a user-defined link") + " at "
                                          + repr("/".join(parts[: i + 1])) + ", which data2h5 never follows")
-            if last:
+            if i == len(parts) - 1:
                 return loc, raw
             try:
                 loc = h5py.h5g.open(loc, raw)
             except (KeyError, ValueError, RuntimeError, OSError, TypeError):
                 raise UnsafeArchiveError(path, name, f"{'/'.join(parts[: i + 1])!r} is not a group") from None
-            done = parts[: i + 1]
-            if groups is not None:
-                groups["/".join(done)] = loc
-        hops += 1
-        if hops > MAX_SOFT_HOPS:
-            raise UnsafeArchiveError(path, name, f"more than {MAX_SOFT_HOPS} soft links to follow (a loop)")
+            cache["/".join(parts[: i + 1])] = loc
         parts = restart
+    raise UnsafeArchiveError(path, name, f"more than {MAX_SOFT_HOPS} soft links to follow (a loop)")
 
 
 def _root(f: h5py.File):
@@ -162,16 +166,23 @@ def _root(f: h5py.File):
 def open_dataset(f: h5py.File, name: str, *, groups: Optional[Dict[str, Any]] = None) -> h5py.Dataset:
     """The dataset ``name`` of ``f``, reached as :func:`resolve` does and stored inside the
     file (see :func:`check_local`). :class:`KeyError` when there is none."""
-    loc, raw = resolve(f, name, groups=groups)
-    if h5py.h5o.get_info(loc, raw).type != h5py.h5o.TYPE_DATASET:
-        raise UnsafeArchiveError(f.filename, name, "is a group or a named type, not a dataset")
+    return h5py.Dataset(open_dataset_id(f, name, groups=groups)[0])
+
+
+def open_dataset_id(f: h5py.File, name: str, *, groups: Optional[Dict[str, Any]] = None,
+                    path: Optional[str] = None) -> Tuple[h5py.h5d.DatasetID, h5py.h5p.PropDCID]:
+    """:func:`open_dataset` at HDF5's level, for hot paths: ``(dataset id, creation plist)``."""
+    path = f.filename if path is None else path
+    loc, raw = resolve(f, name, groups=groups, path=path)
     try:
-        dsid = h5py.h5d.open(loc, raw, _dapl())
-    except KeyError:  # already open elsewhere in this process with HDF5's default prefixes
-        dsid = h5py.h5d.open(loc, raw)
-    dset = h5py.Dataset(dsid)
-    check_local(dset, f.filename, name)
-    return dset
+        dsid = h5py.h5d.open(loc, raw, _locked_dapl)
+    except KeyError:
+        if h5py.h5o.get_info(loc, raw).type != h5py.h5o.TYPE_DATASET:
+            raise UnsafeArchiveError(path, name, "is a group or a named type, not a dataset") from None
+        dsid = h5py.h5d.open(loc, raw)  # held open already in this process, with HDF5's default prefixes
+    dcpl = dsid.get_create_plist()
+    _check_local(dcpl, path, name)
+    return dsid, dcpl
 
 
 def open_group(f: h5py.File, name: str) -> Optional[h5py.Group]:
@@ -198,18 +209,21 @@ def has(f: h5py.File, name: str) -> bool:
 def check_local(dset: h5py.Dataset, path: str, name: str) -> None:
     """Refuse a dataset whose bytes live outside the file: external storage, or a virtual
     dataset mapping other files (or this one: its sources are never followed)."""
-    dcpl = dset.id.get_create_plist()
+    _check_local(dset.id.get_create_plist(), path, name)
+
+
+def _check_local(dcpl: h5py.h5p.PropDCID, path: str, name: str) -> None:
     if dcpl.get_layout() == h5py.h5d.VIRTUAL:
         raise UnsafeArchiveError(path, name, "is a virtual dataset assembled from other datasets")
     if dcpl.get_external_count():
         raise UnsafeArchiveError(path, name, "is stored in external files")
 
 
-def check_storage(dset: h5py.Dataset, offset: int, stored: int, path: str, name: str) -> None:
-    """Refuse an index row whose block (``offset``, ``stored``) is not ``dset``'s own storage:
-    its contiguous data, or its single chunk."""
-    dsid = dset.id
-    layout = dsid.get_create_plist().get_layout()
+def check_storage(dsid: h5py.h5d.DatasetID, dcpl: h5py.h5p.PropDCID, offset: int, stored: int, path: str,
+                  name: str) -> None:
+    """Refuse an index row whose block (``offset``, ``stored``) is not the dataset's own
+    storage: its contiguous data, or its single chunk."""
+    layout = dcpl.get_layout()
     actual: Optional[Tuple[int, int]] = None
     if layout == h5py.h5d.CONTIGUOUS:
         start = dsid.get_offset()
