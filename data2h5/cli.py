@@ -15,6 +15,8 @@ import click
 from ._version import __version__
 from .convert import convert as convert_folder
 from .errors import Data2H5Error
+from .watchdog import guarded
+from .safety import lock_prefixes, printable
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
@@ -39,6 +41,7 @@ Use your own reader or prune function (see plugins/):
 def main(verbose: bool) -> None:
     """Turn a folder of loose files into one compressed HDF5 archive."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    lock_prefixes()
 
 
 @main.command(epilog=CONVERT_EXAMPLE)
@@ -104,45 +107,59 @@ def convert(src: str, dst: str, exts: Tuple[str, ...], reader: Optional[str], pr
         click.echo(report.summary(), err=True)
 
 
+def _read_limit(func):
+    """``--max-entry-size`` for the commands that read archives (they are untrusted input)."""
+    return click.option("--max-entry-size", "max_entry_size", type=str, default="4G", show_default=True,
+                        help="Refuse entries, rows or chunks that declare more than this, e.g. 512M, 16G.")(func)
+
+
 @main.command()
 @click.argument("archive", type=click.Path(readable=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
-def info(archive: str, as_json: bool) -> None:
-    """Show what an archive holds and how it was made."""
+@_read_limit
+@guarded()
+def info(archive: str, as_json: bool, max_entry_size: str) -> None:
+    """Show what an archive holds and how it was made (the plugins it names are shown, never run)."""
     from .info import describe
 
+    limit = _parse_size(max_entry_size, "--max-entry-size")
     try:
-        facts = describe(archive)
+        facts = describe(archive, max_entry_bytes=limit)
     except Data2H5Error as exc:
         _fail(exc)
     if as_json:
-        click.echo(json.dumps(facts, indent=2))
+        click.echo(json.dumps(facts, indent=2))  # JSON escapes control characters itself
         return
     width = max(len(k) for k in facts)
     for name, value in facts.items():
         if name == "skipped":
             click.echo(f"{name:<{width}}  {len(value)}")
             for key, reason in value:
-                click.echo(f"  {key}: {reason}")
+                click.echo(f"  {printable(key)}: {printable(reason)}")
         else:
-            click.echo(f"{name:<{width}}  {value}")
+            click.echo(f"{name:<{width}}  {printable(str(value))}")
 
 
 @main.command()
 @click.argument("archive", type=click.Path(readable=False))
 @click.argument("prefix", required=False, default="")
-def ls(archive: str, prefix: str) -> None:
-    """List the archive's entry keys, optionally only those under PREFIX."""
+@_read_limit
+@guarded()
+def ls(archive: str, prefix: str, max_entry_size: str) -> None:
+    """List the archive's entry keys, optionally only those under PREFIX.
+
+    Control characters in keys are shown escaped (\\x1b), one key a line."""
     from .info import list_keys
 
+    limit = _parse_size(max_entry_size, "--max-entry-size")
     try:
-        keys = list_keys(archive)
+        keys = list_keys(archive, max_entry_bytes=limit)
     except Data2H5Error as exc:
         _fail(exc)
     out = sys.stdout
     for key in keys:
         if key.startswith(prefix):
-            out.write(key + "\n")
+            out.write(printable(key) + "\n")
 
 
 VERIFY_EXAMPLE = """\b
@@ -163,8 +180,11 @@ Examples:
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Threads reading and checksumming (default: up to 8).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary: the problems only.")
+@_read_limit
+@guarded()
 def verify(archive: str, source: Optional[str], exts: Tuple[str, ...], prune: Optional[str],
-           follow_symlinks: Optional[bool], workers: Optional[int], as_json: bool, quiet: bool) -> None:
+           follow_symlinks: Optional[bool], workers: Optional[int], as_json: bool, quiet: bool,
+           max_entry_size: str) -> None:
     """Check that an archive (and, with --source, its source folder) is intact.
 
     Every entry is checked against the checksums stored in the archive; with --source,
@@ -178,10 +198,13 @@ def verify(archive: str, source: Optional[str], exts: Tuple[str, ...], prune: Op
 
     if source is None and (exts or prune is not None or follow_symlinks is not None):
         raise click.UsageError("--ext, --prune and --follow-symlinks choose source files: give --source too")
-    _cwd_importable()
+    limit = _parse_size(max_entry_size, "--max-entry-size")
+    if prune is not None:
+        _cwd_importable()  # only a plugin the user names here is ever loaded
     try:
         report = verify_archive(archive, source, ext=exts or None, prune=prune, follow_symlinks=follow_symlinks,
-                                workers=workers, progress=None if not (quiet or as_json) else False)
+                                workers=workers, progress=None if not (quiet or as_json) else False,
+                                max_entry_bytes=limit)
     except Data2H5Error as exc:
         _fail(exc)
     if as_json:
@@ -189,6 +212,8 @@ def verify(archive: str, source: Optional[str], exts: Tuple[str, ...], prune: Op
     else:
         for problem in report.sorted_problems():
             click.echo(str(problem))
+        for note in report.notes:
+            click.echo(f"data2h5: note: {note}", err=True)
         if not quiet:
             click.echo(report.summary())
     if not report.ok:
@@ -212,8 +237,13 @@ as KEY.npy (KEY itself when it ends in .npy), which numpy.load reads back unchan
 @click.argument("dest", type=click.Path())
 @click.argument("prefixes", nargs=-1, metavar="[PREFIX]...")
 @click.option("--overwrite", is_flag=True, help="Replace files that already exist (never links or folders).")
+@click.option("--allow-expansion", is_flag=True,
+              help="Write more than 100 times the archive's size (refused by default: a crafted archive can declare far more than it holds).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def extract(archive: str, dest: str, prefixes: Tuple[str, ...], overwrite: bool, quiet: bool) -> None:
+@_read_limit
+@guarded()
+def extract(archive: str, dest: str, prefixes: Tuple[str, ...], overwrite: bool, allow_expansion: bool,
+            quiet: bool, max_entry_size: str) -> None:
     """Write the archive's entries back as files under DEST.
 
     DEST is created if needed; with PREFIXes, only the keys equal to or under one of them
@@ -223,8 +253,10 @@ def extract(archive: str, dest: str, prefixes: Tuple[str, ...], overwrite: bool,
     """
     from .extract import extract as extract_archive
 
+    limit = _parse_size(max_entry_size, "--max-entry-size")
     try:
-        report = extract_archive(archive, dest, prefixes, overwrite=overwrite, progress=None if not quiet else False)
+        report = extract_archive(archive, dest, prefixes, overwrite=overwrite, progress=None if not quiet else False,
+                                 allow_expansion=allow_expansion, max_entry_bytes=limit)
     except Data2H5Error as exc:
         _fail(exc)
     if not quiet:
@@ -299,7 +331,7 @@ def _parse_size(text: str, option: str) -> int:
 
 
 def _fail(exc, note: str = "") -> None:
-    click.echo(f"data2h5: error: {exc}{note}", err=True)
+    click.echo(f"data2h5: error: {printable(str(exc))}{note}", err=True)
     sys.exit(EXIT_ERROR)
 
 
