@@ -334,7 +334,7 @@ def row_itemsizes(dtypes: np.ndarray, path: str, keys_of: Callable[[int], str], 
     """Item size of each row's recorded dtype; every distinct dtype checked once (``strict``:
     refused unless :func:`safe_dtype` accepts it; else, as for a plain HDF5 file whose dtypes
     come from its own datasets and are read by h5py, only parsed)."""
-    values, inverse = np.unique(dtypes, return_inverse=True)
+    values, inverse = _distinct(dtypes)
     sizes = np.empty(len(values), np.int64)
     for j, text in enumerate(values.tolist()):
         if strict:
@@ -346,6 +346,23 @@ def row_itemsizes(dtypes: np.ndarray, path: str, keys_of: Callable[[int], str], 
             except (TypeError, ValueError, UnicodeDecodeError, SyntaxError):
                 sizes[j] = 1
     return sizes[inverse.reshape(-1)]
+
+
+def _distinct(values: np.ndarray, few: int = 8) -> Tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)``, without sorting when there are at most
+    ``few`` distinct values (an archive holds a handful of dtypes in a million rows)."""
+    found: List[Any] = []
+    inverse = np.zeros(len(values), np.intp)
+    todo = np.ones(len(values), dtype=bool)
+    while todo.any():
+        if len(found) == few:
+            return np.unique(values, return_inverse=True)
+        first = int(np.argmax(todo))
+        same = values == values[first]
+        inverse[same] = len(found)
+        found.append(values[first])
+        todo &= ~same
+    return np.array(found, dtype=values.dtype), inverse
 
 
 def check_rows(index: Any, file_size: int, limit: int, known_codecs: frozenset, ratios: Dict[int, float],
@@ -371,11 +388,17 @@ def check_rows(index: Any, file_size: int, limit: int, known_codecs: frozenset, 
     refuse(~np.isin(index.kind, [int(k) for k in Kind]), "has an unknown kind")
     refuse(~np.isin(index.codec, sorted(known_codecs)), "records an unknown codec")
     shape = index.shape
+    if shape.min() < -1:
+        refuse((shape < -1).any(axis=1), "records a negative dimension")
     pad = shape == -1
-    refuse((shape < -1).any(axis=1), "records a negative dimension")
-    refuse((pad[:, :-1] & ~pad[:, 1:]).any(axis=1), "records a malformed shape")
+    used = np.flatnonzero((~pad).any(axis=0))
+    k = int(used[-1]) + 1 if len(used) else 0  # axes any row uses: rows are padded after them
+    if k > 1 and (pad[:, : k - 1] & ~pad[:, 1:k]).any():
+        refuse((pad[:, : k - 1] & ~pad[:, 1:k]).any(axis=1), "records a malformed shape")
     itemsize = row_itemsizes(index.dtype, path, key, strict_dtypes)
-    nbytes = np.where(pad, 1, shape).astype(np.float64).prod(axis=1) * itemsize
+    nbytes = itemsize.astype(np.float64)
+    for axis in range(k):
+        nbytes *= np.where(pad[:, axis], 1, shape[:, axis])
     if (nbytes > limit).any():
         first = int(np.argmax(nbytes > limit))
         check_size(float(nbytes[first]), limit, path, f"entry {printable(repr(key(first)))}")
@@ -385,14 +408,18 @@ def check_rows(index: Any, file_size: int, limit: int, known_codecs: frozenset, 
     size = np.uint64(file_size)
     refuse(block & ((offset > size) | (stored > size - np.minimum(offset, size))),
            "points outside the file (its offset and size lie past its end)")
-    raw = index.codec == 0
-    refuse(block & raw & (stored.astype(np.float64) != nbytes), "records a stored size that is not its data's size")
-    for codec_id, ratio in ratios.items():
-        refuse(block & (index.codec == codec_id) & (nbytes > stored.astype(np.float64) * ratio + 64),
-               "declares more data than its stored bytes can hold")
+    stored_f = stored.astype(np.float64)
+    refuse(block & (index.codec == 0) & (stored_f != nbytes), "records a stored size that is not its data's size")
+    codecs = np.unique(index.codec[block]) if (index.codec != index.codec[0]).any() else index.codec[:1]
+    for codec_id in codecs.tolist():
+        ratio = ratios.get(codec_id)
+        if ratio is not None:
+            refuse(block & (index.codec == codec_id) & (nbytes > stored_f * ratio + 64),
+                   "declares more data than its stored bytes can hold")
     rows = np.flatnonzero(block & (stored > 0))
     if len(rows) > 1:
-        order = rows[np.argsort(offset[rows], kind="stable")]
+        starts = offset[rows]
+        order = rows if (starts[1:] >= starts[:-1]).all() else rows[np.argsort(starts, kind="stable")]
         starts, ends = offset[order], offset[order] + stored[order]
         shared = starts[1:] < ends[:-1]
         if shared.any():
