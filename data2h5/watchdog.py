@@ -7,12 +7,15 @@ forever, so no Python thread, signal handler or timer of the looping process can
 
 How: :func:`guard` forks. The child runs the command exactly as it would have run (same
 output, same file descriptors, same exit status), while a thread of it writes a heartbeat
-down a pipe every :func:`heartbeat_seconds`. A heartbeat needs the GIL, so it stops exactly
-when the interpreter stops making progress, and only then: a long computation, a long
-``H5Dread`` (which releases the GIL) or a slow disk keep it beating. The parent waits for the
-child and exits with its status (or dies of the same signal). When no heartbeat has come for
-:data:`ENV_SECONDS` seconds (default :data:`DEFAULT_SECONDS`, ``0`` turns the watchdog off),
-it kills the child and prints one line naming the archive, then exits with status 1.
+down a pipe every :func:`heartbeat_seconds`. A heartbeat needs the GIL, so it stops when the
+interpreter stops making progress, not when a run is merely long: a long computation or a long
+``H5Dread`` (which releases the GIL) keep it beating. One libhdf5 call of another kind that
+takes longer than the limit (metadata read from a stalled network file system) and the
+interpreter's own exit (about 0.1 s for the command line) count as silence; the default
+leaves them a minute. The parent waits for the child and exits with its status (or dies of the
+same signal). When no heartbeat has come for :data:`ENV_SECONDS` seconds (default
+:data:`DEFAULT_SECONDS`, ``0`` turns the watchdog off), it kills the child and prints one line
+naming the archive, then exits with status 1.
 
 Signals: the parent passes on SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to it alone (``kill``,
 a batch system) and leaves those from the terminal (Ctrl-C, Ctrl-\\) to the child, which gets
@@ -28,6 +31,7 @@ of its own, under a time limit.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import select
@@ -113,11 +117,13 @@ def guard(archive: str, seconds: Optional[float] = None) -> None:
     for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
         stream.flush()
     read_end, write_end = os.pipe()
+    gc.freeze()  # the modules loaded so far stay shared with the child, not copied by its collections
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
     try:
         pid = os.fork()
     except OSError as exc:  # no room for a second process: run unguarded rather than not at all
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        gc.unfreeze()
         os.close(read_end)
         os.close(write_end)
         log.warning("cannot start the HDF5 watchdog (%s); running without it", exc.strerror or exc)

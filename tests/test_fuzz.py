@@ -113,7 +113,7 @@ class Run:
         if self.status not in (0, 1):
             return f"exit status {self.status}"
         if "Traceback" in self.stderr:
-            return "a traceback"
+            return f"a traceback ending {lines[-1] if lines else ''!r}"
         if len(lines) > 1:
             return f"{len(lines)} lines on stderr"
         if self.status == 1 and not lines:
