@@ -8,7 +8,7 @@ torch is installed and a plain sequence otherwise.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -23,6 +23,9 @@ try:  # torch is optional: subclass its Dataset when it is there, so isinstance 
     from torch.utils.data import Dataset as _Base
 except ImportError:  # pragma: no cover - exercised only without torch
     _Base = object
+
+if TYPE_CHECKING:
+    from .loaders.sampler import RankSampler
 
 Target = Union[None, str, Callable[[str], Any]]
 
@@ -216,6 +219,22 @@ class H5Dataset(_Base):
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def sampler(self, shuffle: bool = True, seed: int = 0, drop_last: bool = False, *, rank: Optional[int] = None,
+                world_size: Optional[int] = None, window: Optional[int] = None) -> "RankSampler":
+        """A rank-aware, deterministic, resumable sampler over this dataset (see
+        :class:`data2h5.loaders.RankSampler`): each rank reads its own block of archives."""
+        from .loaders.sampler import RankSampler
+
+        return RankSampler(len(self), groups=self._archive, rows=self._row, shuffle=shuffle, seed=seed,
+                           drop_last=drop_last, rank=rank, world_size=world_size, window=window)
+
+    def eval_sampler(self, *, rank: Optional[int] = None, world_size: Optional[int] = None) -> "RankSampler":
+        """Every sample exactly once across ranks, rank ``r`` the ``r``-th contiguous span in
+        dataset order (counts differ by at most one): gathered outputs concatenate in order."""
+        return self.sampler(shuffle=False, drop_last=False, rank=rank, world_size=world_size)
 
     # -- handles ---------------------------------------------------------------------------
 
