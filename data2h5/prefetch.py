@@ -21,8 +21,8 @@ import threading
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import h5py
 import numpy as np
@@ -32,6 +32,7 @@ from .chunks import ContiguousBlocks, Field, H5pyChunks, RawChunks, dataset_filt
 from .errors import ArchiveError, CorruptEntryError, PluginError, UnsafeArchiveError
 from .format import STACKED_CLASSES, STACKED_LABELS
 from .index import check_labels, open_h5
+from .loaders.ranks import balanced_bounds, check_world_change, resolve_rank
 from .safety import MAX_ENTRY_BYTES
 
 log = logging.getLogger(__name__)
@@ -373,20 +374,33 @@ class _Plan:
     window ``w - 1`` to the last before the first that reads ``w`` (at least that last one);
     the last batches of the epoch decode the next epoch's first window. So every batch costs about the same, and a
     window is held decoded while the window before it is read.
+
+    With several ranks the plan is the rank's share (see :func:`_rank_bounds`): its span of
+    rows in order, or its span of the permuted slabs (the short last slab kept last, so each
+    rank's count is the same every epoch), then windowed as above; no two ranks decode a slab.
     """
 
     def __init__(self, epoch: int, n: int, shuffle: bool, rng: np.random.Generator, k: int, window: int,
-                 batch_size: int, batches: int):
+                 batch_size: int, batches: int, rank: int = 0, world_size: int = 1):
         self.epoch, self.batch_size = epoch, batch_size
         self.windows: List[_WindowSpec] = []
         self.ahead: Dict[int, List[Tuple[int, int, int]]] = {}  # batch: (window, first slab, stop)
+        rows, slab_bounds = _rank_bounds(n, k, world_size)
+        lo, hi = rows[rank], rows[rank + 1]
         if not shuffle:
-            self.order = np.arange(n)
+            self.order = np.arange(lo, hi)
             return
         if k <= 1:  # no chunk grain, or one row a chunk: any order reads as fast
-            self.order = rng.permutation(n)
+            self.order = rng.permutation(n)[lo:hi] if world_size > 1 else rng.permutation(n)
             return
         slabs = rng.permutation(-(-n // k))
+        if world_size > 1:
+            if n % k:  # the short slab last: every epoch gives each rank the same count
+                slabs = np.concatenate([slabs[slabs != len(slabs) - 1], [len(slabs) - 1]])
+            slabs = slabs[slab_bounds[rank] : slab_bounds[rank + 1]]
+            if not len(slabs):
+                self.order = np.arange(0)
+                return
         per = max(1, -(-window // k))
         orders, locals_, window_of, groups = [], [], [], []
         for w, i in enumerate(range(0, len(slabs), per)):
@@ -436,6 +450,19 @@ class _Plan:
             w = int(window_of[a])
             parts.append(_Part(self.windows[w], self.local[lo + a : lo + z], a, z))
         return indices, parts
+
+
+def _rank_bounds(n: int, k: int, world_size: int) -> Tuple[List[int], List[int]]:
+    """First row of each rank's share then ``n``, and (with a chunk grain of ``k > 1`` rows)
+    first slab of each rank's share then the slab count; rank shares follow slab bounds so
+    that no two ranks decode one chunk, and differ by less than two slabs of rows."""
+    if world_size == 1:
+        return [0, n], [0, -(-n // max(k, 1))]
+    if k <= 1:
+        return balanced_bounds(n, world_size), []
+    slabs = -(-n // k)
+    cuts = [min(slabs, (2 * r * n + world_size * k) // (2 * world_size * k)) for r in range(world_size)] + [slabs]
+    return [min(j * k, n) for j in cuts], cuts
 
 
 # --------------------------------------------------------------------------- layouts
@@ -526,6 +553,25 @@ def _fill(state: _State, slot: _Slot, indices: np.ndarray, parts: Optional[List[
     return data, labels
 
 
+@dataclass(frozen=True)
+class ReaderState:
+    """Where a :class:`BatchReader` stands: ``state_dict()`` returns these fields as a dict."""
+
+    epoch: int  # the epoch of the next batch to return
+    batch: int  # that batch, within the epoch
+    seed: int  # the shuffle's seed entropy (a seed=None reader's random one)
+    num_rows: int
+    batch_size: int
+    world_size: int
+    rank: int
+    shuffle: bool
+    drop_last: bool
+    window: int
+
+
+_READER_PLAN_FIELDS = ("num_rows", "batch_size", "seed", "shuffle", "drop_last", "window")
+
+
 @dataclass
 class _Pending:
     epoch: int
@@ -598,6 +644,11 @@ class BatchReader:
         shuffle: visit rows in a new random order every epoch. Rows are mixed within windows
             of ``shuffle_window`` rows (whole chunks); the chunks themselves in any order.
         seed: seed of the shuffle; epoch ``e`` uses ``(seed, e)``. None: a random seed.
+        rank, world_size: read this rank's share of each epoch (default: from an initialised
+            ``torch.distributed``, else 0 and 1). Shares are disjoint and together every row;
+            they follow chunk bounds, so no two ranks decode one chunk, and may differ by up
+            to two chunks of rows. With ``drop_last`` every rank reads the same number of
+            batches (as DDP needs); without, every row exactly once (evaluation).
         shuffle_window: rows mixed together, rounded up to whole chunks. Each window is
             decoded ahead, a share of it by each batch of the window before, so three are
             held in memory, decoded: the one read, the next, and the one before while its
@@ -626,9 +677,14 @@ class BatchReader:
             file is untrusted input: see :mod:`data2h5.safety`). Datasets stored or linked
             outside the file are refused, and labels must index the file's ``classes``.
 
+    **Resuming.** :meth:`state_dict` names the batch after the last one returned, and
+    :meth:`load_state_dict` (in a new process too) makes the next loop start there; with
+    another world size it is refused mid-epoch and accepted at an epoch boundary.
+
     Attributes:
         epoch: the epoch of the last batch returned (-1 before the first).
         num_rows: samples in the dataset.
+        rank_rows: rows of this rank's share of an epoch.
         method: how ``data`` is read (see the property).
     """
 
@@ -653,9 +709,12 @@ class BatchReader:
         pin_memory: bool = False,
         direct: bool = True,
         max_entry_bytes: int = MAX_ENTRY_BYTES,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
     ):
         self.path = os.fspath(path)
         self._limit = int(max_entry_bytes)
+        self.rank, self.world_size = resolve_rank(rank, world_size)
         for name, value in (("batch_size", batch_size), ("threads", threads), ("prefetch", prefetch),
                             ("shuffle_window", 1 if shuffle_window is None else shuffle_window)):
             if int(value) < 1:
@@ -686,6 +745,7 @@ class BatchReader:
         self._plans: Dict[int, _Plan] = {}  # by epoch: the one being fetched and the next
         self.epoch = -1  # epoch of the last batch returned
         self._at_boundary = True  # whether the last batch returned ended its epoch
+        self._next_pos = (0, 0)  # (epoch, batch) after the last batch returned: where to resume
 
     def _open(self, data_field, labels_field, file_layout, layout, shuffle_window, direct) -> None:
         path = self.path
@@ -745,6 +805,10 @@ class BatchReader:
         self._sf_axes = [perm.index(sa)] + [perm.index(d) for d in range(data.ndim) if d != sa]
         self._data_dtype = data.dtype.newbyteorder("=")
         self._state = _State(path, self._data_rows, self._labels_rows, self.postprocess)
+        bounds, _ = _rank_bounds(n, self._data_rows.slab_rows, self.world_size)
+        shares = np.diff(bounds)
+        self.rank_rows = int(shares[self.rank])
+        self._batch_rows = int(shares.min()) if self.drop_last else self.rank_rows  # rows batched
         log.debug("%s: %d rows of %r read by %s", path, n, data_field, self._data_rows.method)
 
     def _cache_slabs(self, k: int) -> int:
@@ -765,13 +829,14 @@ class BatchReader:
         return self._data_rows.method
 
     def __len__(self) -> int:
-        """Batches per epoch."""
-        full, rest = divmod(self.num_rows, self.batch_size)
+        """Batches per epoch (of this rank)."""
+        full, rest = divmod(self._batch_rows, self.batch_size)
         return full if self.drop_last or not rest else full + 1
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.method
-        return f"<BatchReader {self.path!r} {self.num_rows} rows, batch_size={self.batch_size}, {state}>"
+        ranks = f", rank {self.rank} of {self.world_size}" if self.world_size > 1 else ""
+        return f"<BatchReader {self.path!r} {self.num_rows} rows, batch_size={self.batch_size}{ranks}, {state}>"
 
     @property
     def closed(self) -> bool:
@@ -827,6 +892,44 @@ class BatchReader:
                 yield self.epoch, data, labels
             count += 1
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next loop (or ``fetch``) start epoch ``epoch`` at its first batch; batches
+        fetched ahead are dropped. Epochs also advance by themselves."""
+        self._check_open()
+        self._restart_at(int(epoch), 0)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Where to resume: the batch after the last one returned, as the fields of
+        :class:`ReaderState` in a dict (for ``torch.save``, JSON, a checkpoint)."""
+        epoch, batch = self._next_pos
+        return asdict(ReaderState(epoch, batch, int(self._seed), self.num_rows, self.batch_size, self.world_size,
+                                  self.rank, self.shuffle, self.drop_last, int(self._window)))
+
+    def load_state_dict(self, state: Union[Mapping[str, Any], ReaderState]) -> None:
+        """Make the next loop start at the saved batch: the rest of that epoch, then on.
+
+        Another rank's state loads too (ranks in step stand at the same batch); with another
+        world size it is refused mid-epoch and accepted at an epoch boundary.
+        """
+        self._check_open()
+        if not isinstance(state, ReaderState):
+            names = {f.name for f in fields(ReaderState)}
+            if not isinstance(state, Mapping) or set(state) != names:
+                raise ValueError(f"not a BatchReader state: expected the keys {sorted(names)}")
+            state = ReaderState(**state)
+        mine = {"num_rows": self.num_rows, "batch_size": self.batch_size, "seed": int(self._seed),
+                "shuffle": self.shuffle, "drop_last": self.drop_last, "window": int(self._window)}
+        for name in _READER_PLAN_FIELDS:
+            if getattr(state, name) != mine[name]:
+                what = "shuffle_window" if name == "window" else name
+                raise ValueError(f"BatchReader state has {name}={getattr(state, name)!r}, this reader "
+                                 f"{mine[name]!r}: open it with {what}={getattr(state, name)!r} to resume")
+        check_world_change(state.world_size, self.world_size, state.epoch, state.batch, "BatchReader")
+        epoch, batch = int(state.epoch), int(state.batch)
+        if batch >= len(self):
+            epoch, batch = epoch + 1, 0
+        self._restart_at(epoch, batch)
+
     def close(self) -> None:
         """Stop the threads and close the file. Arrays already returned stay usable."""
         self._pending.clear()
@@ -841,10 +944,13 @@ class BatchReader:
     # ---- internals
 
     def _epoch_iter(self) -> Iterator[Tuple[Any, Any]]:
+        """From the next batch (the first, or where a loaded state resumes) to the epoch's end."""
         done = False
         try:
-            for _ in range(len(self)):
+            while len(self):
                 yield self._next(top_up=True)
+                if self._at_boundary:
+                    break
             done = True
         finally:
             if not done and not self.closed:
@@ -864,6 +970,7 @@ class BatchReader:
         data, labels = job.future.result()
         self.epoch = job.epoch
         self._at_boundary = job.batch == len(self) - 1
+        self._next_pos = (job.epoch + 1, 0) if self._at_boundary else (job.epoch, job.batch + 1)
         data, labels = self._deliver(data), self._deliver(labels)
         if self._pinned and self._device is not None and self._device.type == "cuda":
             # The copies run asynchronously: a worker must not refill this slot before they end.
@@ -900,12 +1007,18 @@ class BatchReader:
         self._cursor = resume
         self._at_boundary = True
 
+    def _restart_at(self, epoch: int, batch: int) -> None:
+        """Drop what was fetched ahead; the next fetch reads ``batch`` of ``epoch``."""
+        self._drop_pending()
+        self._cursor = self._next_pos = (epoch, batch)
+        self._at_boundary = True
+
     def _epoch_plan(self, epoch: int) -> _Plan:
         plan = self._plans.get(epoch)
         if plan is None:
             rng = np.random.default_rng([self._seed, epoch])
             plan = self._plans[epoch] = _Plan(epoch, self.num_rows, self.shuffle, rng, self._data_rows.slab_rows,
-                                              self._window, self.batch_size, len(self))
+                                              self._window, self.batch_size, len(self), self.rank, self.world_size)
             for old in [e for e in self._plans if e < epoch - 1 or e > epoch + 1]:
                 del self._plans[old]
         return plan
