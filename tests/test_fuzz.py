@@ -11,7 +11,8 @@ watchdog's line; the library documents that limit, so ``H5Dataset`` may time out
 that the watchdog stopped a command on.
 
 The archives' source folder is given a name of fixed length, so that a seed changes the same
-structure wherever the test runs (the archives differ only in their timestamps and that name).
+structure wherever the test runs with the same versions of data2h5 and its libraries (the
+archives differ only in their timestamps and that name); a change to the format moves them.
 
 Run more seeds: ``DATA2H5_FUZZ_SEEDS=500 pytest -m fuzz``; start elsewhere with
 ``DATA2H5_FUZZ_FIRST=1000``. Reproduce one: ``python tests/test_fuzz.py LAYOUT SEED [FOLDER]``
