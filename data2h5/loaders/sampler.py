@@ -52,7 +52,8 @@ _PLAN_FIELDS = ("num_samples", "seed", "shuffle", "drop_last", "window")
 class RankSampler(_Base):
     """Indices of a dataset for one rank: disjoint across ranks, deterministic, resumable.
 
-    The epoch advances by itself at each new ``iter()``; :meth:`set_epoch` sets it too.
+    The epoch advances by itself at each new ``iter()`` once the last one handed out a sample;
+    :meth:`set_epoch` sets it too.
     Together the ranks cover every sample of an epoch: with ``drop_last=False`` each exactly
     once, the first ``num_samples % world_size`` ranks one sample more than the others (so in
     DDP training one rank may run one batch more: use ``drop_last=True``, or the DataLoader's
@@ -137,7 +138,11 @@ class RankSampler(_Base):
         return mine[np.argsort(keys)]
 
     def __iter__(self) -> Iterator[int]:
-        if not self._fresh:
+        """The rest of the current epoch (after :meth:`set_epoch` or :meth:`load_state_dict`),
+        else the next epoch; an iterator that handed out nothing is replaced by one for the
+        same epoch (loaders such as StatefulDataLoader call ``iter()`` twice at the start)."""
+        unused = self._it is not None and self._it_total and operator.length_hint(self._it) == self._it_total
+        if not self._fresh and not unused:
             self._epoch, self._start = self._epoch + 1, 0
         self._fresh = False
         order = self.indices(self._epoch)[self._start :].tolist()
@@ -179,7 +184,10 @@ class RankSampler(_Base):
             if not 0 <= int(consumed) <= total:
                 raise ValueError(f"consumed={consumed} is outside 0..{total}, the samples of this iteration")
             position = self._start + int(consumed)
-        state = SamplerState(self._epoch, position, self.seed, self.num_samples, self.world_size, self.rank,
+        epoch = self._epoch
+        if position >= len(self):  # read to its end: resume at the next epoch's start
+            epoch, position = epoch + 1, 0
+        state = SamplerState(epoch, position, self.seed, self.num_samples, self.world_size, self.rank,
                              self.shuffle, self.drop_last, self.window)
         return asdict(state)
 
