@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 import zlib
 from collections import deque
 from contextlib import contextmanager
@@ -176,7 +177,11 @@ def _process_one(src: SourceFile) -> Packed:
         except OSError as exc:
             raise ReadError(src.path, f"cannot open: {exc.strerror or exc}") from exc
         ext = os.path.splitext(src.name)[1].lower()
-        kind, arr = read_source(_worker_reader, src.path, raw, ext, job.max_bytes, job.decode_size)
+        with warnings.catch_warnings(record=True) as caught:  # a decoder's remarks on one file: -v shows them
+            warnings.simplefilter("always")
+            kind, arr = read_source(_worker_reader, src.path, raw, ext, job.max_bytes, job.decode_size)
+        for warning in caught:
+            log.info("%s: %s", src.path, " ".join(str(warning.message).split()))
     crc = zlib.crc32(raw)
     if job.stacked:
         return Packed(src.key, int(kind), arr.dtype.str, arr.shape, 0, None, arr, len(raw), crc, arr.nbytes, 0, mtime_ns)
@@ -210,8 +215,7 @@ def _deadline(seconds: Optional[float], path: str) -> Iterator[None]:
         yield
     except _TimedOut:
         raise ReadError(
-            path, f"still reading after {seconds:g} s (--timeout); the file or the reader hangs: "
-            "check it, or pass --on-error skip to go on without it"
+            path, f"still reading after {seconds:g} s (--timeout); the file or the reader hangs: check it"
         ) from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -332,7 +336,7 @@ def convert(
         )
         if bad_names and on_error == "fail":
             key, reason = bad_names[0]
-            raise ReadError(str(src / key), reason + " (or pass --on-error skip)")
+            raise ReadError(str(src / key), reason, skippable=True)
         if not files:
             what = f"--ext {' '.join(exts)}" if exts else f"--prune {prune_plugin.spec}"
             raise SourceError(f"no file under {src} matched {what}; check the extension or the prune plugin")
@@ -381,7 +385,7 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
                     key, error = item
                     if on_error == "fail":
                         if isinstance(error, ReadError):
-                            raise ReadError(error.path, f"{error.reason} (or pass --on-error skip)") from error
+                            raise ReadError(error.path, error.reason, skippable=True) from error
                         raise error
                     log.warning("skipping %s", error)
                     reason = getattr(error, "reason", str(error))
@@ -405,6 +409,9 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
         publish(f, part, dst)
     except BaseException as exc:
         kept = _keep_partial(exc, f, writer, partial)
+        if isinstance(exc, ReadError) and exc.skippable:  # the way on that works from here
+            exc.add_context("to go on without it, rerun with --resume --on-error skip (resume=True, "
+                            "on_error='skip')" if kept else "or pass --on-error skip to go on without it")
         if isinstance(exc, OSError):  # a full disk, a file-size limit: say it in one line
             exc = OutputError(f"cannot write {dst}: {_os_reason(exc)}; free space, or raise the file-size limit")
         if kept:

@@ -38,15 +38,17 @@ class OutputError(Data2H5Error):
 
 
 class ReadError(Data2H5Error):
-    """A source file could not be read or decoded."""
+    """A source file could not be read or decoded. ``skippable``: a conversion could go on
+    without it (``on_error="skip"``), which the message then says how to ask for."""
 
-    def __init__(self, path: str, reason: str):
+    def __init__(self, path: str, reason: str, skippable: bool = False):
         self.path = path
         self.reason = reason
+        self.skippable = skippable
         super().__init__(f"{path}: {reason}")
 
     def __reduce__(self):  # travels from worker processes intact
-        return type(self), (self.path, self.reason)
+        return type(self), (self.path, self.reason, self.skippable)
 
 
 class PluginError(Data2H5Error):

@@ -1,8 +1,12 @@
 """The on-disk layout of a data2h5 archive: names shared by the writer and the readers.
 
 A ``files`` archive holds one HDF5 dataset per source file, named by its relative path
-(``foo/boo/image_0001.jpg``), plus an index group :data:`INDEX_GROUP` with one row per entry,
-aligned across these 1-D datasets:
+(``foo/boo/image_0001.jpg``), and nothing else at its root, so that ``list(f.keys())`` and
+``len(f)`` see the user's files only. Its index is a group that no path from the root reaches:
+created anonymous, it holds a hard link to itself (:data:`INDEX_SELF`), which keeps it in the
+file, and the root attribute :data:`ATTR_INDEX` holds an object reference to it. (Archives
+written before this place it at :data:`INDEX_GROUP`, where readers still find it.) The index
+has one row per entry, aligned across these 1-D datasets:
 
 ==========  ==========  ===============================================================
 name        dtype       meaning
@@ -43,11 +47,13 @@ import numpy as np
 
 FORMAT_VERSION = 1
 
-INDEX_GROUP = "__data2h5__"
+INDEX_GROUP = "__data2h5__"  # where archives written before ATTR_INDEX keep their index; still reserved
+INDEX_SELF = "__self__"  # the index group's link to itself, its one link
 MAX_NDIM = 8
 
 # Root attributes.
 ATTR_FORMAT = "data2h5_format"
+ATTR_INDEX = "data2h5_index"  # object reference to the index group
 ATTR_VERSION = "data2h5_version"
 ATTR_LAYOUT = "layout"
 ATTR_READER = "reader"

@@ -190,11 +190,11 @@ def _read_index(f: h5py.File, limit: int) -> Index:
         if layout == fmt.LAYOUT_STACKED:
             index = _read_stacked(f, attrs, limit)
         else:
-            group = safety.open_group(f, fmt.INDEX_GROUP)
+            group = safety.open_index_group(f)
             if group is not None:
                 index = _read_files(f, group, attrs, limit)
             elif fmt.ATTR_FORMAT in attrs:
-                raise ArchiveError(f"{path}: data2h5 archive without its {fmt.INDEX_GROUP} index; convert the source again")
+                raise ArchiveError(f"{path}: data2h5 archive without its index; convert the source again")
             else:
                 index = _walk_plain(f, attrs)
         index.max_entry_bytes = limit
@@ -214,8 +214,8 @@ _KNOWN_CODECS = frozenset(c.id for c in codecs.CODECS.values())
 
 def _index_field(f: h5py.File, group: h5py.Group, name: str, limit: int, dtype: Optional[np.dtype]) -> np.ndarray:
     """One column of the index group, bounded in size and cast to the dtype it must have."""
-    where = f"{fmt.INDEX_GROUP}/{name}"
-    arr = safety.read_small(safety.open_dataset(f, f"{group.name}/{name}"), limit, f.filename, where)
+    where = f"index/{name}"
+    arr = safety.read_small(safety.open_child(f, group, name), limit, f.filename, where)
     expected_ndim = 2 if name == "shape" else 1
     if arr.ndim != expected_ndim or (name == "shape" and arr.shape[1] != fmt.MAX_NDIM):
         raise ArchiveError(f"{f.filename}: index field {where!r} has shape {arr.shape}; the archive is damaged or crafted")
@@ -231,7 +231,7 @@ def _index_field(f: h5py.File, group: h5py.Group, name: str, limit: int, dtype: 
 
 
 def _read_files(f: h5py.File, group: h5py.Group, attrs: dict, limit: int) -> Index:
-    keys = _decode_keys(_read_keys(f, f"{group.name}/keys", limit))
+    keys = _decode_keys(_read_keys(f, safety.open_child(f, group, "keys"), "index/keys", limit))
     n = len(keys)
     optional = {STORED_CRC32, fmt.VERBATIM}  # absent from archives written before they were recorded
     arrays = {name: _index_field(f, group, name, limit, dtype) for name, dtype in fmt.INDEX_FIELDS.items()
@@ -242,8 +242,8 @@ def _read_files(f: h5py.File, group: h5py.Group, attrs: dict, limit: int) -> Ind
     return Index(path=f.filename, layout=fmt.LAYOUT_FILES, keys=keys, attrs=attrs, **arrays)
 
 
-def _read_keys(f: h5py.File, name: str, limit: int) -> np.ndarray:
-    arr = safety.read_small(safety.open_dataset(f, name), limit, f.filename, name)
+def _read_keys(f: h5py.File, dset: h5py.Dataset, name: str, limit: int) -> np.ndarray:
+    arr = safety.read_small(dset, limit, f.filename, name)
     if arr.ndim != 1 or arr.dtype.kind not in "SO":
         raise ArchiveError(f"{f.filename}: {name!r} holds {arr.dtype} {arr.shape}, not a list of keys; "
                            "the archive is damaged or crafted")
@@ -257,11 +257,12 @@ def _read_stacked(f: h5py.File, attrs: dict, limit: int) -> Index:
         raise ArchiveError(f"{path}: dataset {fmt.STACKED_DATA!r} is a scalar, not rows of samples")
     safety.check_chunks(data, limit, path, fmt.STACKED_DATA)
     n = len(data)
-    group = safety.open_group(f, fmt.INDEX_GROUP)
-    keys_at = f"{fmt.INDEX_GROUP}/{fmt.STACKED_KEYS}"
-    if group is None or fmt.STACKED_KEYS not in group:
-        keys_at = fmt.STACKED_KEYS if safety.has(f, fmt.STACKED_KEYS) else None
-    keys = _decode_keys(_read_keys(f, keys_at, limit)) if keys_at else [str(i) for i in range(n)]
+    group = safety.open_index_group(f)
+    if group is not None and fmt.STACKED_KEYS in group:
+        keys_dset = safety.open_child(f, group, fmt.STACKED_KEYS)
+    else:
+        keys_dset = safety.open_dataset(f, fmt.STACKED_KEYS) if safety.has(f, fmt.STACKED_KEYS) else None
+    keys = _decode_keys(_read_keys(f, keys_dset, "keys", limit)) if keys_dset else [str(i) for i in range(n)]
     if len(keys) != n:
         raise ValueError(f"{len(keys)} keys for {n} samples")
     index = _blank_index(path, fmt.LAYOUT_STACKED, keys, attrs)
@@ -284,7 +285,8 @@ def _read_stacked(f: h5py.File, attrs: dict, limit: int) -> Index:
         index.offset[:] = base + np.arange(n, dtype=np.uint64) * np.uint64(row_bytes)
         index.stored[:] = row_bytes
     if safety.has(f, fmt.STACKED_CLASSES):
-        index.classes = _decode_keys(_read_keys(f, fmt.STACKED_CLASSES, limit))
+        index.classes = _decode_keys(_read_keys(f, safety.open_dataset(f, fmt.STACKED_CLASSES), fmt.STACKED_CLASSES,
+                                                limit))
     if safety.has(f, fmt.STACKED_LABELS):
         labels = safety.read_small(safety.open_dataset(f, fmt.STACKED_LABELS), limit, path, fmt.STACKED_LABELS)
         index.labels = check_labels(labels, n, index.classes, path)

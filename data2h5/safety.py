@@ -197,6 +197,54 @@ def open_group(f: h5py.File, name: str) -> Optional[h5py.Group]:
         return None
 
 
+def open_index_group(f: h5py.File) -> Optional[h5py.Group]:
+    """The archive's index group: the one the root attribute ``data2h5_index`` refers to, or,
+    in archives written before it, the group ``__data2h5__``; None when there is neither.
+    Raises :class:`ArchiveError` when the attribute is not a reference to a group of the file."""
+    from .format import ATTR_INDEX, INDEX_GROUP
+
+    if ATTR_INDEX not in f.attrs:
+        return open_group(f, INDEX_GROUP)
+    aid = f.attrs.get_id(ATTR_INDEX)
+    if aid.shape != () or h5py.check_dtype(ref=aid.dtype) is not h5py.Reference:
+        raise ArchiveError(f"{f.filename}: root attribute {ATTR_INDEX!r} is not a reference to the index; "
+                           "the archive is damaged or crafted")
+    try:
+        oid = h5py.h5r.dereference(f.attrs[ATTR_INDEX], f.id)
+    except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
+        raise ArchiveError(f"{f.filename}: the index that root attribute {ATTR_INDEX!r} refers to cannot be "
+                           f"opened ({' '.join(str(exc).split())}); the archive is damaged") from exc
+    if oid is None or h5py.h5i.get_type(oid) != h5py.h5i.GROUP:
+        raise ArchiveError(f"{f.filename}: root attribute {ATTR_INDEX!r} refers to something other than a group; "
+                           "the archive is damaged or crafted")
+    return h5py.Group(oid)
+
+
+def open_child(f: h5py.File, group: h5py.Group, name: str) -> h5py.Dataset:
+    """Dataset ``name`` linked in ``group`` (which may have no path, as the index has none):
+    a hard link, or a soft link to an absolute path of the file; :class:`KeyError` when absent."""
+    raw = name.encode("utf-8", "surrogateescape")
+    try:
+        kind = group.id.links.get_info(raw).type
+    except (KeyError, RuntimeError):
+        raise KeyError(name) from None
+    if kind == h5py.h5l.TYPE_SOFT:
+        target = group.id.links.get_val(raw).decode("utf-8", "surrogateescape")
+        if not target.startswith("/"):
+            raise UnsafeArchiveError(f.filename, name, "is a relative soft link in the index, which data2h5 never follows")
+        return open_dataset(f, target)
+    if kind != h5py.h5l.TYPE_HARD:
+        raise UnsafeArchiveError(f.filename, name, _LINK_KINDS.get(kind, "a user-defined link") + " in the index, "
+                                 "which data2h5 never follows")
+    try:
+        dsid = h5py.h5d.open(group.id, raw, _locked_dapl)
+    except KeyError:
+        raise UnsafeArchiveError(f.filename, name, "in the index is not a dataset") from None
+    dcpl = dsid.get_create_plist()
+    _check_local(dcpl, f.filename, name)
+    return h5py.Dataset(dsid)
+
+
 def has(f: h5py.File, name: str) -> bool:
     """Whether ``name`` exists in ``f``, without following any link outside it."""
     try:

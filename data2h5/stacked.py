@@ -35,9 +35,9 @@ import numpy as np
 
 from .codecs import Codec, choose_codec
 from .errors import LayoutError
+from .writer import create_index_group
 from .format import (
     CHUNK_CRC32,
-    INDEX_GROUP,
     STACKED_CLASSES,
     STACKED_DATA,
     STACKED_KEYS,
@@ -180,7 +180,7 @@ class StackedWriter:
         _h5torch_attrs(_write_1d(f, STACKED_LABELS, labels))
         _h5torch_attrs(_write_1d(f, STACKED_KEYS, _utf8_array(self.keys)))
         _h5torch_attrs(_write_1d(f, STACKED_CLASSES, _utf8_array(classes)))
-        index = f.require_group(INDEX_GROUP)
+        index = create_index_group(f)
         index[STACKED_KEYS] = h5py.SoftLink(f"/{STACKED_KEYS}")
         _write_1d(index, "size", np.asarray(self.sizes, dtype="<u8"))
         _write_1d(index, "crc32", np.asarray(self.crcs, dtype="<u4"))

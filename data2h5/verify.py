@@ -323,11 +323,11 @@ def stacked_chunks(f: h5py.File, limit: int = safety.MAX_ENTRY_BYTES
     safety.check_chunks(data, limit, f.filename, fmt.STACKED_DATA)
     rows = block_rows(data)
     count = math.ceil(len(data) / rows)
-    group = safety.open_group(f, fmt.INDEX_GROUP)
+    group = safety.open_index_group(f)
     if group is None or fmt.CHUNK_CRC32 not in group:
         return data, count, None, None  # written before chunks had checksums
-    at = f"{fmt.INDEX_GROUP}/{fmt.CHUNK_CRC32}"
-    crcs = safety.read_small(safety.open_dataset(f, at), limit, f.filename, at)
+    at = f"index/{fmt.CHUNK_CRC32}"
+    crcs = safety.read_small(safety.open_child(f, group, fmt.CHUNK_CRC32), limit, f.filename, at)
     if crcs.ndim != 1 or crcs.dtype.kind not in "ui":
         return data, count, None, f"the index's chunk checksums are {crcs.dtype} {crcs.shape}, not one per chunk"
     if len(crcs) != count or data.chunks is None:

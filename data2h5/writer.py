@@ -353,10 +353,19 @@ def unjournal_row(row: list, read) -> Optional[Packed]:
                   bool(verbatim))
 
 
+def create_index_group(f: h5py.File) -> h5py.Group:
+    """A new index group that root listings do not show (see :mod:`data2h5.format`): anonymous,
+    kept by a hard link to itself, found through the root attribute :data:`fmt.ATTR_INDEX`."""
+    group = h5py.Group(h5py.h5g.create(f.id, None))
+    group[fmt.INDEX_SELF] = group
+    f.attrs[fmt.ATTR_INDEX] = group.ref
+    return group
+
+
 def write_index(f: h5py.File, rows: List[tuple]) -> None:
     """Store the index group (see :mod:`data2h5.format`) for ``rows`` of
     ``(key, size, crc32, kind, codec, offset, stored, dtype, shape, stored_crc32, verbatim)``."""
-    group = f.require_group(fmt.INDEX_GROUP)
+    group = create_index_group(f)
     n = len(rows)
     keys = [r[0].encode("utf-8") for r in rows]
     width = max((len(k) for k in keys), default=1) or 1

@@ -108,10 +108,15 @@ def run_cli(*args: str, cwd: Path, env: Optional[dict] = None, timeout: float = 
                           text=True, timeout=timeout)
 
 
+def index_group(f: h5py.File) -> h5py.Group:
+    """An archive's index group, which no root listing shows (see data2h5.format)."""
+    return f[f.attrs[fmt.ATTR_INDEX]]
+
+
 def index(path: Path) -> Dict[str, np.ndarray]:
     """The archive's index columns, keys decoded."""
     with h5py.File(path, "r") as f:
-        group = f[fmt.INDEX_GROUP]
+        group = index_group(f)
         cols = {name: group[name][()] for name in group}
     cols["keys"] = [k.decode("utf-8") for k in cols["keys"]]
     return cols

@@ -108,6 +108,42 @@ def test_a_bad_file_says_how_to_go_on_without_it(src, out_dir, name):
     assert "--on-error skip" in line, line
 
 
+@pytest.mark.parametrize("where, kept", [("a/0_first.png", False), ("z/last.png", True)])
+def test_doing_what_a_bad_file_says_goes_on_without_it(src, out_dir, where, kept):
+    """The hint is the command that works: with files kept from the stopped run, that is
+    --resume --on-error skip; with none, --on-error skip alone."""
+    (src / "m").mkdir()
+    for i in range(12):  # enough work before the last file for a checkpoint to keep it
+        iio.imwrite(src / "m" / f"{i:02d}.png", np.full((8, 8), i, np.uint8))
+    bad = src / where
+    bad.parent.mkdir(exist_ok=True)
+    truncated_png(bad)
+    out = out_dir / "out.h5"
+    line = one_line(convert_cli(src, out, "--ext", "png", "--workers", "1", "--checkpoint-every", "0.001", "-q"))
+    hint = ["--resume", "--on-error", "skip"] if "rerun with --resume --on-error skip" in line else ["--on-error", "skip"]
+    assert ("--resume" in hint) == kept and "--on-error skip" in line, line
+    done = convert_cli(src, out, "--ext", "png", "--workers", "1", *hint, "-q")
+    assert done.returncode == 0, done.stderr
+    assert skipped_keys(out) == [where]
+
+
+def test_a_decoders_warnings_about_one_file_show_with_verbose_only(src, out_dir):
+    """Pillow warns about palette PNGs whose transparency is given in bytes: a remark about one
+    file, logged with -v, never printed raw in the middle of the progress bar."""
+    from PIL import Image
+
+    image = Image.fromarray((np.arange(64, dtype=np.uint8) % 4).reshape(8, 8), mode="L").convert("P")
+    image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] * 64)
+    image.save(src / "c" / "palette.png", transparency=bytes([0, 128, 255, 255]))
+    quiet = convert_cli(src, out_dir / "a.h5", "--ext", "png", "--workers", "2")
+    assert quiet.returncode == 0 and "Warning" not in quiet.stderr and "warnings.warn" not in quiet.stderr, quiet.stderr
+    verbose = run_cli("-v", "convert", "--path-images", src, "--path-output", out_dir / "b.h5", "--ext", "png",
+                      "--workers", "2", cwd=src.parent)
+    assert verbose.returncode == 0 and "warnings.warn" not in verbose.stderr
+    assert any(ln.startswith("INFO: ") and "palette.png" in ln and "Transparency" in ln
+               for ln in verbose.stderr.splitlines()), verbose.stderr
+
+
 def test_failure_after_a_progress_bar_still_ends_with_the_error(src, out_dir):
     truncated_png(src / "c" / "z_broken.png")
     done = convert_cli(src, out_dir / "out.h5", "--ext", "png")

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import data2h5
 from conftest import photo_like
-from convert_helpers import error_line, run_cli
+from convert_helpers import error_line, run_cli, index_group
 from data2h5 import format as fmt
 from data2h5.cli import main
 from data2h5.errors import ArchiveKeyError, CorruptEntryError, OutputError
@@ -194,7 +194,7 @@ def test_a_folder_or_file_in_the_way_is_never_replaced(tmp_path, source, overwri
 def with_keys(out: Path, replace: Dict[str, str]) -> Path:
     """Rewrite the archive's index so that entries carry the given keys instead."""
     with h5py.File(out, "r+") as f:
-        group = f[fmt.INDEX_GROUP]
+        group = index_group(f)
         keys = [k.decode() for k in group["keys"][()]]
         keys = [replace.get(k, k) for k in keys]
         del group["keys"]

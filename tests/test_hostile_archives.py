@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import data2h5
+from convert_helpers import index_group
 from conftest import photo_like, write_images
 from data2h5 import format as fmt, safety
 
@@ -117,12 +118,12 @@ def ctx(tmp_path) -> Ctx:
 
 
 def _row(f: h5py.File, key_index: int = 0) -> str:
-    return f[fmt.INDEX_GROUP]["keys"][key_index].decode()
+    return index_group(f)["keys"][key_index].decode()
 
 
 def _set_row(f: h5py.File, row: int, **fields) -> None:
     for name, value in fields.items():
-        f[fmt.INDEX_GROUP][name][row] = value
+        index_group(f)[name][row] = value
 
 
 def _replace_entry(f: h5py.File, row: int, make: Callable[[h5py.Group, str], None], n: int) -> None:
@@ -176,7 +177,7 @@ def stacked_data_external_link(path: Path, ctx: Ctx) -> None:
 def hidden_block(path: Path, ctx: Ctx) -> None:
     """Row 0 points at a block of the attacker's: h5py would show the real entry."""
     with h5py.File(path, "r+") as f:
-        index = f[fmt.INDEX_GROUP]
+        index = index_group(f)
         key = _row(f, 0)
         real = f[key]
         hidden = index.create_dataset("hidden", data=np.full(real.shape, 66, real.dtype))  # contiguous, raw
@@ -185,7 +186,7 @@ def hidden_block(path: Path, ctx: Ctx) -> None:
 
 def shared_block(path: Path, ctx: Ctx) -> None:
     with h5py.File(path, "r+") as f:
-        index = f[fmt.INDEX_GROUP]
+        index = index_group(f)
         for name in ("offset", "stored", "codec", "dtype", "stored_crc32", "kind", "size", "crc32", "verbatim"):
             column = index[name][()]
             column[:] = column[0]
@@ -222,10 +223,10 @@ def over_ratio(path: Path, ctx: Ctx) -> None:
 def offset(value: int, dtype: str = "<u8"):
     def attack(path: Path, ctx: Ctx) -> None:
         with h5py.File(path, "r+") as f:
-            column = f[fmt.INDEX_GROUP]["offset"][()].astype(dtype)
+            column = index_group(f)["offset"][()].astype(dtype)
             column[0] = value
-            del f[fmt.INDEX_GROUP]["offset"]
-            f[fmt.INDEX_GROUP]["offset"] = column
+            del index_group(f)["offset"]
+            index_group(f)["offset"] = column
     return attack
 
 
@@ -248,12 +249,12 @@ def malformed_attrs(path: Path, ctx: Ctx) -> None:
 def escape_keys(path: Path, ctx: Ctx) -> None:
     evil = "\x1b]0;owned\x07\x1b[2J\rfake line\nsecond.png"
     with h5py.File(path, "r+") as f:
-        keys = f[fmt.INDEX_GROUP]["keys"][()].tolist()
+        keys = index_group(f)["keys"][()].tolist()
         old = keys[0].decode()
         f.move(old, evil)
         keys[0] = evil.encode()
-        del f[fmt.INDEX_GROUP]["keys"]
-        f[fmt.INDEX_GROUP]["keys"] = np.array(keys)
+        del index_group(f)["keys"]
+        index_group(f)["keys"] = np.array(keys)
         f.attrs[fmt.ATTR_SOURCE] = "\x1b]0;title\x07/home"
 
 

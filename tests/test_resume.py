@@ -23,23 +23,26 @@ from data2h5.index import ArchiveReader, open_h5, read_index
 from data2h5.partial import Partial
 
 from conftest import write_images
-from convert_helpers import error_line, run_cli
+from convert_helpers import error_line, run_cli, index_group
 
 INDEX_COLUMNS = ("keys", "size", "crc32", "kind", "codec", "stored", fmt.STORED_CRC32, "dtype", "shape")
-STACKED_FIELDS = ("data", "labels", "keys", "classes", "__data2h5__/size", "__data2h5__/crc32",
-                  f"__data2h5__/{fmt.CHUNK_CRC32}")
+STACKED_FIELDS = ("data", "labels", "keys", "classes")
+STACKED_INDEX_FIELDS = ("size", "crc32", fmt.CHUNK_CRC32)
 
 
 def content(path: Path) -> dict:
     """Everything an archive holds but where its blocks lie and when it was made."""
     with h5py.File(path, "r") as f:
-        out = {"attrs": {k: v for k, v in f.attrs.items() if k not in (fmt.ATTR_CREATED, fmt.ATTR_BYTES_OUT)}}
+        skip = (fmt.ATTR_CREATED, fmt.ATTR_BYTES_OUT, fmt.ATTR_INDEX)  # the index reference is an address
+        out = {"attrs": {k: v for k, v in f.attrs.items() if k not in skip}}
         stacked = f.attrs[fmt.ATTR_LAYOUT] == fmt.LAYOUT_STACKED
         if stacked:
             for name in STACKED_FIELDS:
                 out[name] = f[name][()]
+            for name in STACKED_INDEX_FIELDS:
+                out[f"index/{name}"] = index_group(f)[name][()]
             return out
-        group = f[fmt.INDEX_GROUP]
+        group = index_group(f)
         for name in INDEX_COLUMNS:
             out[name] = group[name][()]
     with ArchiveReader(path) as reader:

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import data2h5
+from convert_helpers import index_group
 
 from data2h5.codecs import CODECS, FILTER_BLOSC, FILTER_LZF, FILTER_ZSTD, parse_compression
 from data2h5.errors import LayoutError
-from data2h5.format import INDEX_GROUP, Kind
+from data2h5.format import Kind
 from data2h5.stacked import ROOT_CLASS, StackedWriter, class_of
 
 from conftest import write_images
@@ -68,7 +69,7 @@ def test_content_labels_keys_classes_index(tmp_path, shape):
         assert f["labels"][()].tolist() == labels
         assert [k.decode() for k in f["keys"][()]] == keys
         assert [c.decode() for c in f["classes"][()]] == classes == [".", "bird", "cat", "dog"]
-        index = f[INDEX_GROUP]
+        index = index_group(f)
         assert [k.decode() for k in index["keys"][()]] == keys
         assert index["size"][()].tolist() == [a.nbytes + 100 for a in items.values()]
         assert index["crc32"][()].tolist() == [zlib.crc32(a.tobytes()) for a in items.values()]
@@ -83,15 +84,15 @@ def test_links_and_h5torch_attributes(tmp_path):
         "0/labels": "/labels",
         "0/keys": "/keys",
         "unstructured/classes": "/classes",
-        f"{INDEX_GROUP}/keys": "/keys",
     }
     with h5py.File(path, "r") as f:
-        for name, target in links.items():
-            link = f.get(name, getlink=True)
+        index = index_group(f)
+        for group, name, target in [(f, n, t) for n, t in links.items()] + [(index, "keys", "/keys")]:
+            link = group.get(name, getlink=True)
             assert isinstance(link, h5py.SoftLink) and link.path == target, name
-            assert f[name] == f[target]
-        for name in ["data", "labels", "keys", "classes", f"{INDEX_GROUP}/size", f"{INDEX_GROUP}/crc32"]:
-            assert isinstance(f.get(name, getlink=True), h5py.HardLink), name
+            assert group[name] == f[target]
+        for group, name in [(f, n) for n in ["data", "labels", "keys", "classes"]] + [(index, "size"), (index, "crc32")]:
+            assert isinstance(group.get(name, getlink=True), h5py.HardLink), name
         for name in ["data", "labels", "keys", "classes"]:
             attrs = f[name].attrs
             assert attrs["mode"] == "N-D"
@@ -197,8 +198,8 @@ def test_skipped_samples_trim_to_the_rows_written(tmp_path):
         assert f["data"].attrs["shape"].tolist() == [7, *SHAPE]
         assert f["data"].attrs["filled_to"] == 7
         np.testing.assert_array_equal(f["data"][()], np.stack(list(items.values())))
-        for name in ["labels", "keys", f"{INDEX_GROUP}/size", f"{INDEX_GROUP}/crc32"]:
-            assert f[name].shape == (7,), name
+        for dset in [f["labels"], f["keys"], index_group(f)["size"], index_group(f)["crc32"]]:
+            assert dset.shape == (7,), dset
 
 
 def test_more_rows_than_announced_grow_the_array(tmp_path):
@@ -303,8 +304,8 @@ def test_convert_stacked_end_to_end(tmp_path, workers):
         assert [c.decode() for c in f["classes"][()]] == classes == [".", "cat", "dog"]
         assert f["labels"][()].tolist() == labels
         raw = [files[k].read_bytes() for k in keys]
-        assert f[INDEX_GROUP]["size"][()].tolist() == [len(b) for b in raw]
-        assert f[INDEX_GROUP]["crc32"][()].tolist() == [zlib.crc32(b) for b in raw]
+        assert index_group(f)["size"][()].tolist() == [len(b) for b in raw]
+        assert index_group(f)["crc32"][()].tolist() == [zlib.crc32(b) for b in raw]
         data = f["data"][()]
 
     pytest.importorskip("torch")
@@ -372,7 +373,7 @@ def test_each_chunk_of_data_records_the_checksum_of_its_stored_bytes(tmp_path, c
     with h5py.File(out, "r") as f:
         data = f["data"]
         rows = data.chunks[0]
-        crcs = f["__data2h5__/chunk_crc32"][()]
+        crcs = index_group(f)["chunk_crc32"][()]
         assert len(crcs) == -(-len(data) // rows) > 1
         for c, crc in enumerate(crcs):
             _, stored = data.id.read_direct_chunk((c * rows, 0, 0, 0))

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import data2h5
 from conftest import photo_like
-from convert_helpers import error_line, run_cli
+from convert_helpers import error_line, run_cli, index_group
 from data2h5 import format as fmt
 from data2h5.cli import main
 from data2h5.errors import ArchiveError, PluginError, SourceError
@@ -102,8 +102,8 @@ def test_intact_stacked_archive_passes(tmp_path):
     report = verify(out, src)
     assert report.ok and report.entries == 40 and report.unchecked == 0, report.problems
     with h5py.File(out, "r+") as f:
-        assert len(f[fmt.INDEX_GROUP][fmt.CHUNK_CRC32]) == 3
-        del f[fmt.INDEX_GROUP][fmt.CHUNK_CRC32]  # as archives written before chunks had checksums
+        assert len(index_group(f)[fmt.CHUNK_CRC32]) == 3
+        del index_group(f)[fmt.CHUNK_CRC32]  # as archives written before chunks had checksums
     report = verify(out)
     assert report.ok and report.unchecked == 40
 
@@ -113,7 +113,7 @@ def test_archive_without_stored_checksums_is_decoded_and_counted(tmp_path, src):
     decoded, and counted as unchecked; exact-bytes entries still check the source's CRC."""
     out = convert(src, tmp_path / "out.h5")
     with h5py.File(out, "r+") as f:
-        del f[fmt.INDEX_GROUP][fmt.STORED_CRC32]
+        del index_group(f)[fmt.STORED_CRC32]
     report = verify(out)
     index = read_index(out)
     arrays = sum(1 for pos in range(len(index)) if index.kind[pos] == fmt.Kind.ARRAY and index.stored[pos])
@@ -191,7 +191,7 @@ def test_flipped_byte_in_a_stacked_chunk_names_its_rows(tmp_path, compression):
 def test_without_stored_checksums_damage_is_caught_by_decompression(tmp_path, src, key, where):
     out = convert(src, tmp_path / "out.h5", compression="gzip")  # gzip checks its own data
     with h5py.File(out, "r+") as f:
-        del f[fmt.INDEX_GROUP][fmt.STORED_CRC32]
+        del index_group(f)[fmt.STORED_CRC32]
     flip(out, where(out, key))
     report = verify(out)
     assert [(p.kind, p.key) for p in report.problems] == [("corrupt", key)]
