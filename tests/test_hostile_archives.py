@@ -265,6 +265,15 @@ def label(value: int):
     return attack
 
 
+def index_reference(to: str):
+    """The root attribute that finds the index refers to something else."""
+    def attack(path: Path, ctx: Ctx) -> None:
+        with h5py.File(path, "r+") as f:
+            target = f[_row(f, 0)] if to == "entry" else f["/"]
+            f.attrs[fmt.ATTR_INDEX] = target.ref if to != "text" else "not a reference"
+    return attack
+
+
 def archive_named_plugin(path: Path, ctx: Ctx) -> None:
     with h5py.File(path, "r+") as f:
         f.attrs[fmt.ATTR_PRUNE] = f"{ctx.evil_plugin}:keep"
@@ -300,6 +309,9 @@ ATTACKS = {
                                                      "BatchReader")),
     "label-negative": (label(-1), ("stacked",), ("verify", "extract", "H5Dataset", "ArchiveReader", "BatchReader")),
     "archive-named-plugin": (archive_named_plugin, ("files",), ()),
+    "index-reference-to-an-entry": (index_reference("entry"), ("files",), ALL),
+    "index-reference-to-the-root": (index_reference("root"), ("bytes",), ALL),
+    "index-reference-as-text": (index_reference("text"), ("files",), ALL),
 }
 CASES = [pytest.param(name, layout, id=f"{name}-{layout}") for name, (_, layouts, _) in ATTACKS.items()
          for layout in layouts]
