@@ -852,15 +852,16 @@ def h5py_fancy(path: Path, batch_size: int, batches: int, step_s: float = 0.0, s
         return time.perf_counter() - start, seen
 
 
-def batch_reader_loop(shuffle: bool) -> Callable[..., Tuple[float, int]]:
+def batch_reader_loop(shuffle: bool, rank: int = 0, world_size: int = 1) -> Callable[..., Tuple[float, int]]:
     def run(path: Path, batch_size: int, batches: int, step_s: float = 0.0, seed: int = 0) -> Tuple[float, int]:
         """A fresh ``data2h5.BatchReader`` (its defaults) for the first ``batches`` batches of an
-        epoch; the clock stops at the last batch, before the reader stops its threads."""
+        epoch (of rank ``rank``'s share); the clock stops at the last batch, before the reader
+        stops its threads."""
         from data2h5 import BatchReader
 
         start = time.perf_counter()
         seen = 0
-        with BatchReader(path, batch_size, shuffle=shuffle, seed=seed) as reader:
+        with BatchReader(path, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size) as reader:
             for b, (data, _labels) in enumerate(reader):
                 seen += len(data)
                 if step_s:
@@ -872,6 +873,30 @@ def batch_reader_loop(shuffle: bool) -> Callable[..., Tuple[float, int]]:
     return run
 
 
+SAMPLER_SAMPLES = 1_000_000  # the sampler row: one epoch of rank 0 of 2 over this many samples
+
+
+def sampler_epoch(path: Path, batch_size: int, batches: int, step_s: float = 0.0, seed: int = 0) -> Tuple[float, int]:
+    """One epoch of ``RankSampler`` (rank 0 of 2, shuffled) taken by a Python loop, as a
+    DataLoader takes it: planning included. Returns (seconds, indices)."""
+    from data2h5.loaders import RankSampler
+
+    sampler = RankSampler(SAMPLER_SAMPLES, seed=seed, rank=0, world_size=2)
+    start = time.perf_counter()
+    seen = 0
+    for _ in sampler:
+        seen += 1
+    return time.perf_counter() - start, seen
+
+
+def rank_batches(path: Path, batch_size: int, batches: int) -> int:
+    """Batches the rank-0-of-2 row reads: at most ``batches``, at most rank 0's share."""
+    from data2h5 import BatchReader
+
+    with BatchReader(path, batch_size, rank=0, world_size=2) as reader:
+        return max(1, min(batches, len(reader)))
+
+
 @dataclass
 class BatchVariant:
     key: str
@@ -881,13 +906,17 @@ class BatchVariant:
     overlap_of: Optional[str] = None  # for a variant with a training step: the same loop without
 
 
-def plan_batch(batches: int) -> List[BatchVariant]:
+def plan_batch(batches: int, rank0_batches: int) -> List[BatchVariant]:
     """The variants without a training step; the overlap ones are added once the step is known."""
     fancy = min(batches, FANCY_BATCHES)
     return [
         BatchVariant("h5py_loop", "h5py loop over sequential slices of `data` (no prefetch)", h5py_loop, batches),
         BatchVariant("reader_sequential", "BatchReader sequential", batch_reader_loop(False), batches),
         BatchVariant("reader_shuffled", "BatchReader shuffled", batch_reader_loop(True), batches),
+        BatchVariant("reader_rank0_of_2", "BatchReader shuffled, rank 0 of world_size 2",
+                     batch_reader_loop(True, rank=0, world_size=2), rank0_batches),
+        BatchVariant("sampler_overhead", f"RankSampler: one epoch of rank 0 of 2 over {SAMPLER_SAMPLES:,} samples",
+                     sampler_epoch, 1),
         BatchVariant("h5py_fancy", f"h5py shuffled rows by fancy indexing (sorted indices per batch; "
                      f"{fancy} batch{'es' if fancy > 1 else ''})", h5py_fancy, fancy),
     ]
@@ -915,7 +944,7 @@ def run_batch(work: Path, args, bar, notes: List[str]) -> List[Row]:
         n = f["data"].shape[0]
     bs = args.batch_size
     batches = max(1, min(args.batches, -(-n // bs)))
-    plain, stepped = plan_batch(batches), []
+    plain, stepped = plan_batch(batches, rank_batches(stacked, bs, batches)), []
     rows: Dict[str, Row] = {}
 
     def measure(v: BatchVariant, r: int, step_ms: float = 0.0) -> None:
@@ -946,8 +975,8 @@ def run_batch(work: Path, args, bar, notes: List[str]) -> List[Row]:
 
 
 def batch_steps(repeat: int) -> int:
-    """Runs of the batch section: 4 variants warmed up, 7 timed in each round."""
-    return 4 + 7 * repeat
+    """Runs of the batch section: 6 variants warmed up, 9 timed in each round."""
+    return 6 + 9 * repeat
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -986,8 +1015,13 @@ def batch_figures(row: Row, by: Dict[str, Row]) -> None:
     """Rates against the h5py loop and, for a variant with a step, its overlap: the time over
     max(step, its loop's own read time per batch) × batches, 1.0 when reading hides entirely."""
     fig = row.figures
+    if row.key == "sampler_overhead":
+        fig["us_per_sample"] = row.seconds / row.items * 1e6
+        return
     fig["batch_ms"] = row.seconds / row.extra["batches"] * 1e3
     plain = by.get("h5py_loop")
+    if row.key == "reader_rank0_of_2" and "reader_shuffled" in by:
+        fig["x_half_one_rank"] = row.rate / (by["reader_shuffled"].rate / 2)
     if row.extra.get("overlap_of") is None:
         if plain is not None:
             fig["x_h5py_loop"] = row.rate / plain.rate
@@ -1054,6 +1088,10 @@ def batch_table(rows: List[Row], stacked: Dict[str, Any]) -> List[str]:
         f = row.figures
         if "overlap" in f:
             ratio = f"{f['overlap']:.2f} (ideal 1; R = {f['read_ms']:.1f} ms)"
+        elif "us_per_sample" in f:
+            ratio = f"{f['us_per_sample']:.3f} µs a sample"
+        elif "x_half_one_rank" in f:
+            ratio = f"{f['x_half_one_rank']:.2f}× half the 1-rank rate (BatchReader shuffled)"
         elif "x_sequential" in f:
             ratio = f"{f['x_sequential']:.2f}× sequential ({f['x_h5py_loop']:.2f}× h5py loop)"
         elif row.key == "h5py_loop":
@@ -1110,6 +1148,9 @@ BATCH_NOTES = [
     "page cache warm; BatchReader with its defaults (2 threads, 2 batches ahead), a fresh one each run, its "
     "clock stopped at the last batch; its shuffle visits chunks in random order and mixes rows within windows "
     "of chunks (32 MiB by default). h5py fancy indexing decompresses each row's whole chunk, so only a few batches.",
+    "ranks: rank 0 of world_size 2 reads its share (whole chunks, none decoded by rank 1) in this one process; its "
+    "rate over half the 1-rank shuffled rate is what two ranks get each when they share the disk: ≥ 0.9 wanted "
+    "(about 2 when one rank reads alone). The sampler row: the Python loop over one epoch's indices, planning included.",
     "overlap: each batch is followed by time.sleep(T), a stand-in for a training step that releases the GIL "
     "as a GPU step would; T is --step-ms, else the h5py loop's read time per batch in the first round (so T ≈ R). "
     "Ratio: the run's time ÷ (max(T, R) × batches), R the same loop's own median read time per batch: 1.0 "

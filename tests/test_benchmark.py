@@ -20,7 +20,7 @@ HAS_SIMPLEJPEG = importlib.util.find_spec("simplejpeg") is not None  # its rows 
 CONVERSIONS = {"naive", "original", "limit", "data2h5", "bytes", "stacked"} | ({"data2h5_pillow"} if HAS_SIMPLEJPEG else set())
 LOADERS = ({"loose", "h5dataset", "h5dataset_bytes", "h5dataset_bytes_half", "lazy_h5py", "batch_reader"}
            | ({"h5dataset_bytes_pillow"} if HAS_SIMPLEJPEG else set()))
-BATCH_ROWS = {"h5py_loop", "reader_sequential", "reader_shuffled", "h5py_fancy",
+BATCH_ROWS = {"h5py_loop", "reader_sequential", "reader_shuffled", "reader_rank0_of_2", "sampler_overhead", "h5py_fancy",
               "overlap_h5py_loop", "overlap_reader_sequential", "overlap_reader_shuffled"}
 HAS_WEBDATASET = importlib.util.find_spec("webdataset") is not None
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -101,12 +101,17 @@ def test_every_batch_row_is_in_the_table_and_the_json(tiny):
     assert set(rows) == BATCH_ROWS
     labels = table_labels(proc.stdout)
     assert "### Batches: BatchReader over the stacked archive (24 rows of 224×224×3 uint8" in proc.stdout
+    # 24 rows in batches of 8: the whole epoch, but fancy indexing reads only 2 batches, and rank 0
+    # of 2 its 12 rows (two chunks of 6) in 2; the sampler row hands out 500,000 indices
+    items = {"h5py_fancy": (16, 2), "reader_rank0_of_2": (12, 2), "sampler_overhead": (500_000, 1)}
     for key, row in rows.items():
         assert row["label"] in labels
-        # 24 rows in batches of 8: the whole epoch, but fancy indexing reads only 2 batches
-        assert row["items"] == (16 if key == "h5py_fancy" else 24) and len(row["times"]) == 1
-        assert row["extra"]["batches"] == (2 if key == "h5py_fancy" else 3)
-        assert row["figures"]["per_s"] > 0 and row["figures"]["batch_ms"] > 0
+        assert (row["items"], row["extra"]["batches"]) == items.get(key, (24, 3)) and len(row["times"]) == 1
+        assert row["figures"]["per_s"] > 0
+        if key != "sampler_overhead":
+            assert row["figures"]["batch_ms"] > 0
+    assert rows["reader_rank0_of_2"]["figures"]["x_half_one_rank"] > 0
+    assert 0 < rows["sampler_overhead"]["figures"]["us_per_sample"] < 5
     for key in ("reader_sequential", "reader_shuffled", "h5py_fancy"):
         assert rows[key]["figures"]["x_h5py_loop"] > 0
     assert rows["reader_shuffled"]["figures"]["x_sequential"] > 0
