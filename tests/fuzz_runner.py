@@ -16,6 +16,7 @@ to exit. Writes ``{"id": {"status": exit status (-N: killed by signal N), "timed
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
@@ -74,6 +75,7 @@ def main() -> None:
         spec = json.load(fh)
     for module in spec.get("preload", []):
         importlib.import_module(module)
+    gc.freeze()  # the runs' collections leave the preloaded modules' pages shared, not copied
     jobs, results = list(reversed(spec["jobs"])), {}
     running: Dict[int, tuple] = {}
     while jobs or running:
