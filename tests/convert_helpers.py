@@ -117,7 +117,7 @@ def index(path: Path) -> Dict[str, np.ndarray]:
     """The archive's index columns, keys decoded."""
     with h5py.File(path, "r") as f:
         group = index_group(f)
-        cols = {name: group[name][()] for name in group}
+        cols = {name: group[name][()] for name in group if name != fmt.INDEX_SELF}
     cols["keys"] = [k.decode("utf-8") for k in cols["keys"]]
     return cols
 
