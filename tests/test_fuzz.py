@@ -211,7 +211,9 @@ def main(argv: List[str]) -> None:
     layout, seed = argv[0], int(argv[1])
     base = Path(argv[2]) if len(argv) > 2 else Path(tempfile.mkdtemp(prefix="data2h5-fuzz-"))
     base.mkdir(parents=True, exist_ok=True)
-    archive = make_archives(base)[layout]
+    archive = base / f"{layout}.h5"
+    if not archive.exists():  # made by an earlier call into the same folder, or made now
+        archive = make_archives(base)[layout]
     variant, flips = mutate(archive.read_bytes(), seed)
     folder = base / f"{layout}-{seed}"
     folder.mkdir(exist_ok=True)
