@@ -336,7 +336,7 @@ def convert(
         )
         if bad_names and on_error == "fail":
             key, reason = bad_names[0]
-            raise ReadError(str(src / key), reason, skippable=True)
+            raise ReadError(str(src / key), reason, skippable=True).add_context(_skip_hint(previous is not None))
         if not files:
             what = f"--ext {' '.join(exts)}" if exts else f"--prune {prune_plugin.spec}"
             raise SourceError(f"no file under {src} matched {what}; check the extension or the prune plugin")
@@ -410,8 +410,7 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
     except BaseException as exc:
         kept = _keep_partial(exc, f, writer, partial)
         if isinstance(exc, ReadError) and exc.skippable:  # the way on that works from here
-            exc.add_context("to go on without it, rerun with --resume --on-error skip (resume=True, "
-                            "on_error='skip')" if kept else "or pass --on-error skip to go on without it")
+            exc.add_context(_skip_hint(bool(kept)))
         if isinstance(exc, OSError):  # a full disk, a file-size limit: say it in one line
             exc = OutputError(f"cannot write {dst}: {_os_reason(exc)}; free space, or raise the file-size limit")
         if kept:
@@ -420,6 +419,14 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
     finally:
         journal.close()
     partial.discard()
+
+
+def _skip_hint(kept: bool) -> str:
+    """How to go on without a file that stopped a run: with work kept for a resume, the
+    command must resume too, or it is refused."""
+    if kept:
+        return "to go on without it, rerun with --resume --on-error skip (resume=True, on_error='skip')"
+    return "or pass --on-error skip to go on without it"
 
 
 def _os_reason(exc: OSError) -> str:

@@ -159,6 +159,20 @@ def resolve(f: h5py.File, name: str, *, groups: Optional[Dict[str, Any]] = None,
     raise UnsafeArchiveError(path, name, f"more than {MAX_SOFT_HOPS} soft links to follow (a loop)")
 
 
+def _object_type(loc: Any, raw: bytes, path: str, name: str, cause: BaseException) -> int:
+    """The HDF5 object type at ``raw`` in ``loc``; a damaged header is an :class:`ArchiveError`
+    that says so (not "not a dataset")."""
+    try:
+        return h5py.h5o.get_info(loc, raw).type
+    except (KeyError, RuntimeError, OSError, ValueError):
+        raise _unopenable(path, name, cause) from None
+
+
+def _unopenable(path: str, name: str, exc: BaseException) -> ArchiveError:
+    return ArchiveError(f"{path}: {printable(repr(name))} cannot be opened ({printable(' '.join(str(exc).split()))}); "
+                        "the archive is damaged; copy or convert it again")
+
+
 def _root(f: h5py.File):
     return h5py.h5g.open(f.id, b"/")
 
@@ -176,10 +190,13 @@ def open_dataset_id(f: h5py.File, name: str, *, groups: Optional[Dict[str, Any]]
     loc, raw = resolve(f, name, groups=groups, path=path)
     try:
         dsid = h5py.h5d.open(loc, raw, _locked_dapl)
-    except KeyError:
-        if h5py.h5o.get_info(loc, raw).type != h5py.h5o.TYPE_DATASET:
+    except KeyError as exc:
+        if _object_type(loc, raw, path, name, exc) != h5py.h5o.TYPE_DATASET:
             raise UnsafeArchiveError(path, name, "is a group or a named type, not a dataset") from None
-        dsid = h5py.h5d.open(loc, raw)  # held open already in this process, with HDF5's default prefixes
+        try:  # held open already in this process, with HDF5's default prefixes
+            dsid = h5py.h5d.open(loc, raw)
+        except KeyError as again:
+            raise _unopenable(path, name, again) from again
     dcpl = dsid.get_create_plist()
     _check_local(dcpl, path, name)
     return dsid, dcpl
@@ -238,8 +255,10 @@ def open_child(f: h5py.File, group: h5py.Group, name: str) -> h5py.Dataset:
                                  "which data2h5 never follows")
     try:
         dsid = h5py.h5d.open(group.id, raw, _locked_dapl)
-    except KeyError:
-        raise UnsafeArchiveError(f.filename, name, "in the index is not a dataset") from None
+    except KeyError as exc:
+        if _object_type(group.id, raw, f.filename, name, exc) != h5py.h5o.TYPE_DATASET:
+            raise UnsafeArchiveError(f.filename, name, "in the index is not a dataset") from None
+        raise _unopenable(f.filename, name, exc) from exc
     dcpl = dsid.get_create_plist()
     _check_local(dcpl, f.filename, name)
     return h5py.Dataset(dsid)
