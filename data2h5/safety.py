@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import h5py
 import numpy as np
 
-from .errors import ArchiveError, SizeLimitError, UnsafeArchiveError
+from .errors import ArchiveError, CorruptEntryError, SizeLimitError, UnsafeArchiveError
 
 MAX_ENTRY_BYTES = 4 << 30
 """Default read limit: the largest value one entry (or row, or chunk) may declare."""
@@ -168,9 +168,9 @@ def _object_type(loc: Any, raw: bytes, path: str, name: str, cause: BaseExceptio
         raise _unopenable(path, name, cause) from None
 
 
-def _unopenable(path: str, name: str, exc: BaseException) -> ArchiveError:
-    return ArchiveError(f"{path}: {printable(repr(name))} cannot be opened ({printable(' '.join(str(exc).split()))}); "
-                        "the archive is damaged; copy or convert it again")
+def _unopenable(path: str, name: str, exc: BaseException) -> CorruptEntryError:
+    reason = f"its dataset cannot be opened: {printable(' '.join(str(exc).split()))}"
+    return CorruptEntryError(f"{path}: {printable(repr(name))} is damaged ({reason}); copy or convert it again", reason)
 
 
 def _root(f: h5py.File):

@@ -520,7 +520,7 @@ class _Checker:
             safety.open_dataset(f, key)
         except KeyError:
             return "listed in the index, but the archive has no such dataset"
-        except UnsafeArchiveError as exc:
+        except (UnsafeArchiveError, CorruptEntryError) as exc:
             return exc.reason
         except (RuntimeError, OSError, ValueError) as exc:
             return f"its dataset cannot be opened: {one_line(exc)}"
