@@ -198,7 +198,7 @@ def open_dataset_id(f: h5py.File, name: str, *, groups: Optional[Dict[str, Any]]
         except KeyError as again:
             raise _unopenable(path, name, again) from again
     dcpl = dsid.get_create_plist()
-    _check_local(dcpl, path, name)
+    check_local(dcpl, path, name)
     return dsid, dcpl
 
 
@@ -260,7 +260,7 @@ def open_child(f: h5py.File, group: h5py.Group, name: str) -> h5py.Dataset:
             raise UnsafeArchiveError(f.filename, name, "in the index is not a dataset") from None
         raise _unopenable(f.filename, name, exc) from exc
     dcpl = dsid.get_create_plist()
-    _check_local(dcpl, f.filename, name)
+    check_local(dcpl, f.filename, name)
     return h5py.Dataset(dsid)
 
 
@@ -273,13 +273,10 @@ def has(f: h5py.File, name: str) -> bool:
     return True
 
 
-def check_local(dset: h5py.Dataset, path: str, name: str) -> None:
-    """Refuse a dataset whose bytes live outside the file: external storage, or a virtual
-    dataset mapping other files (or this one: its sources are never followed)."""
-    _check_local(dset.id.get_create_plist(), path, name)
-
-
-def _check_local(dcpl: h5py.h5p.PropDCID, path: str, name: str) -> None:
+def check_local(dcpl: h5py.h5p.PropDCID, path: str, name: str) -> None:
+    """Refuse a dataset (by its creation property list) whose bytes live outside the file:
+    external storage, or a virtual dataset mapping other files (or this one: its sources are
+    never followed)."""
     if dcpl.get_layout() == h5py.h5d.VIRTUAL:
         raise UnsafeArchiveError(path, name, "is a virtual dataset assembled from other datasets")
     if dcpl.get_external_count():
