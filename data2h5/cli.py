@@ -301,11 +301,7 @@ def _cwd_importable() -> None:
 
 def _kept_note(exc: BaseException) -> str:
     kept = getattr(exc, "data2h5_kept", 0)
-    if not kept:
-        return ""
-    if "--resume" in str(exc):  # the message says how to go on already
-        return f"; the {kept} files converted so far are kept"
-    return f"; the {kept} files converted so far are kept: rerun with --resume to go on"
+    return f"; the {kept} files converted so far are kept: rerun with --resume to go on" if kept else ""
 
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

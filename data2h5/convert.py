@@ -336,7 +336,8 @@ def convert(
         )
         if bad_names and on_error == "fail":
             key, reason = bad_names[0]
-            raise ReadError(str(src / key), reason, skippable=True).add_context(_skip_hint(previous is not None))
+            raise ReadError(str(src / key), reason, skippable=True).add_context(
+                _skip_hint(len(previous) if previous is not None else 0))
         if not files:
             what = f"--ext {' '.join(exts)}" if exts else f"--prune {prune_plugin.spec}"
             raise SourceError(f"no file under {src} matched {what}; check the extension or the prune plugin")
@@ -409,11 +410,12 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
         publish(f, part, dst)
     except BaseException as exc:
         kept = _keep_partial(exc, f, writer, partial)
-        if isinstance(exc, ReadError) and exc.skippable:  # the way on that works from here
-            exc.add_context(_skip_hint(bool(kept)))
+        skippable = isinstance(exc, ReadError) and exc.skippable
+        if skippable:  # the way on that works from here, kept work included
+            exc.add_context(_skip_hint(kept))
         if isinstance(exc, OSError):  # a full disk, a file-size limit: say it in one line
             exc = OutputError(f"cannot write {dst}: {_os_reason(exc)}; free space, or raise the file-size limit")
-        if kept:
+        if kept and not skippable:
             exc.data2h5_kept = kept  # the CLI says how to go on
         raise exc
     finally:
@@ -421,11 +423,12 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
     partial.discard()
 
 
-def _skip_hint(kept: bool) -> str:
-    """How to go on without a file that stopped a run: with work kept for a resume, the
-    command must resume too, or it is refused."""
+def _skip_hint(kept: int) -> str:
+    """How to go on without a file that stopped a run: with ``kept`` entries kept for a
+    resume, the command must resume too, or it is refused."""
     if kept:
-        return "to go on without it, rerun with --resume --on-error skip (resume=True, on_error='skip')"
+        return (f"the {kept} files converted so far are kept: to go on without this one, rerun with "
+                "--resume --on-error skip (resume=True, on_error='skip')")
     return "or pass --on-error skip to go on without it"
 
 

@@ -151,12 +151,10 @@ def planned_bytes(index: Index, positions: Sequence[int]) -> int:
     rows = np.asarray(positions, dtype=np.int64)
     if not len(rows):
         return 0
-    shape = index.shape[rows]
-    elements = np.where(shape < 0, 1, shape).astype(np.float64).prod(axis=1)
     itemsize = safety.row_itemsizes(index.dtype[rows], index.path, lambda i: index.keys[int(rows[i])],
                                     index.layout != "plain")
     headers = (index.kind[rows] == Kind.ARRAY) * NPY_HEADER_BYTES
-    total = float((elements * itemsize + headers).sum())
+    total = float((safety.row_bytes(index.shape[rows], itemsize) + headers).sum())
     return int(total) if math.isfinite(total) else 1 << 62
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from . import codecs, format as fmt, safety
 from .chunks import pread_exact, pread_into
 from .display import one_line
-from .errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError, UnsafeArchiveError
+from .errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError
 from .format import Kind
 from .partial import Partial, output_of_part
 from .readers import BUILTIN_READERS, reader_for_extension

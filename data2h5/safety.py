@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 
 from .errors import ArchiveError, CorruptEntryError, SizeLimitError, UnsafeArchiveError
+from .format import ATTR_INDEX, INDEX_GROUP, MAX_NDIM, Kind
 
 MAX_ENTRY_BYTES = 4 << 30
 """Default read limit: the largest value one entry (or row, or chunk) may declare."""
@@ -188,6 +189,11 @@ def open_dataset_id(f: h5py.File, name: str, *, groups: Optional[Dict[str, Any]]
     """:func:`open_dataset` at HDF5's level, for hot paths: ``(dataset id, creation plist)``."""
     path = f.filename if path is None else path
     loc, raw = resolve(f, name, groups=groups, path=path)
+    return _open_local(loc, raw, path, name)
+
+
+def _open_local(loc: Any, raw: bytes, path: str, name: str) -> Tuple[h5py.h5d.DatasetID, h5py.h5p.PropDCID]:
+    """The dataset linked as ``raw`` in ``loc``, refused unless stored inside the file."""
     try:
         dsid = h5py.h5d.open(loc, raw, _locked_dapl)
     except KeyError as exc:
@@ -218,8 +224,6 @@ def open_index_group(f: h5py.File) -> Optional[h5py.Group]:
     """The archive's index group: the one the root attribute ``data2h5_index`` refers to, or,
     in archives written before it, the group ``__data2h5__``; None when there is neither.
     Raises :class:`ArchiveError` when the attribute is not a reference to a group of the file."""
-    from .format import ATTR_INDEX, INDEX_GROUP
-
     if ATTR_INDEX not in f.attrs:
         return open_group(f, INDEX_GROUP)
     aid = f.attrs.get_id(ATTR_INDEX)
@@ -253,15 +257,7 @@ def open_child(f: h5py.File, group: h5py.Group, name: str) -> h5py.Dataset:
     if kind != h5py.h5l.TYPE_HARD:
         raise UnsafeArchiveError(f.filename, name, _LINK_KINDS.get(kind, "a user-defined link") + " in the index, "
                                  "which data2h5 never follows")
-    try:
-        dsid = h5py.h5d.open(group.id, raw, _locked_dapl)
-    except KeyError as exc:
-        if _object_type(group.id, raw, f.filename, name, exc) != h5py.h5o.TYPE_DATASET:
-            raise UnsafeArchiveError(f.filename, name, "in the index is not a dataset") from None
-        raise _unopenable(f.filename, name, exc) from exc
-    dcpl = dsid.get_create_plist()
-    check_local(dcpl, f.filename, name)
-    return h5py.Dataset(dsid)
+    return h5py.Dataset(_open_local(group.id, raw, f.filename, name)[0])
 
 
 def has(f: h5py.File, name: str) -> bool:
@@ -412,6 +408,15 @@ def row_itemsizes(dtypes: np.ndarray, path: str, keys_of: Callable[[int], str], 
     return sizes[inverse.reshape(-1)]
 
 
+def row_bytes(shape: np.ndarray, itemsize: np.ndarray, axes: int = MAX_NDIM) -> np.ndarray:
+    """Bytes each index row declares (float64, so a crafted shape cannot overflow): its
+    ``shape`` (padded with -1) times its item size, over the first ``axes`` axes."""
+    nbytes = itemsize.astype(np.float64)
+    for axis in range(min(axes, shape.shape[1])):
+        nbytes *= np.where(shape[:, axis] < 0, 1, shape[:, axis])
+    return nbytes
+
+
 def _distinct(values: np.ndarray, few: int = 8) -> Tuple[np.ndarray, np.ndarray]:
     """``np.unique(values, return_inverse=True)``, without sorting when there are at most
     ``few`` distinct values (an archive holds a handful of dtypes in a million rows)."""
@@ -447,8 +452,6 @@ def check_rows(index: Any, file_size: int, limit: int, known_codecs: frozenset, 
             first = int(np.argmax(bad))
             raise ArchiveError(f"{path}: entry {printable(repr(key(first)))} {why}; the archive is damaged or crafted")
 
-    from .format import Kind
-
     refuse(~np.isin(index.kind, [int(k) for k in Kind]), "has an unknown kind")
     refuse(~np.isin(index.codec, sorted(known_codecs)), "records an unknown codec")
     shape = index.shape
@@ -459,10 +462,7 @@ def check_rows(index: Any, file_size: int, limit: int, known_codecs: frozenset, 
     k = int(used[-1]) + 1 if len(used) else 0  # axes any row uses: rows are padded after them
     if k > 1 and (pad[:, : k - 1] & ~pad[:, 1:k]).any():
         refuse((pad[:, : k - 1] & ~pad[:, 1:k]).any(axis=1), "records a malformed shape")
-    itemsize = row_itemsizes(index.dtype, path, key, strict_dtypes)
-    nbytes = itemsize.astype(np.float64)
-    for axis in range(k):
-        nbytes *= np.where(pad[:, axis], 1, shape[:, axis])
+    nbytes = row_bytes(shape, row_itemsizes(index.dtype, path, key, strict_dtypes), axes=k)
     if (nbytes > limit).any():
         first = int(np.argmax(nbytes > limit))
         check_size(float(nbytes[first]), limit, path, f"entry {printable(repr(key(first)))}")

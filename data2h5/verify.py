@@ -36,7 +36,7 @@ import numpy as np
 from . import codecs, format as fmt, safety
 from .convert import collect
 from .display import one_line, progress_bar
-from .errors import ArchiveError, CorruptEntryError, PluginError, SourceError, UnsafeArchiveError
+from .errors import ArchiveError, CorruptEntryError, SourceError, UnsafeArchiveError
 from .format import Kind
 from .index import _DECOMPRESS_ERRORS, LAYOUT_PLAIN, ArchiveReader, Index, PathLike, read_index
 from .plugins import load
@@ -224,8 +224,7 @@ def _walk_source(index: Index, source: Path, ext, prune: Optional[str], follow_s
             raise SourceError(f"{archive} was made with prune plugin {safety.printable(recorded)!r}, which verify never "
                               "runs, and records no extension to select source files by; pass --prune or --ext")
         raise SourceError(f"{archive} records no extension to select source files with; pass --ext")
-    follow = attrs.get(fmt.ATTR_FOLLOW_SYMLINKS) is True or attrs.get(fmt.ATTR_FOLLOW_SYMLINKS) == 1 \
-        if follow_symlinks is None else follow_symlinks
+    follow = attrs.get(fmt.ATTR_FOLLOW_SYMLINKS) == 1 if follow_symlinks is None else follow_symlinks
     files, bad_names = collect(source, exts, plugin, follow_symlinks=follow, exclude=[Path(archive).absolute()])
     report.source = str(source.absolute())
     report.source_files = len(files) + len(bad_names)
