@@ -28,7 +28,7 @@ from .verify import VerifyReport, verify
 
 # The loaders import torch when it is installed; importing them only on first use keeps
 # `import data2h5` (and every conversion worker) free of that cost.
-_LAZY = {"H5Dataset": ".dataset", "BatchReader": ".prefetch"}
+_LAZY = {"H5Dataset": ".loaders.dataset", "BatchReader": ".loaders.batch_reader"}
 
 
 def __getattr__(name: str):

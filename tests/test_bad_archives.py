@@ -15,10 +15,10 @@ import pytest
 import data2h5
 from conftest import photo_like
 from convert_helpers import error_line, permissions_apply, run_cli, run_unprivileged
-from data2h5.dataset import H5Dataset
+from data2h5.loaders import H5Dataset
 from data2h5.errors import ArchiveError
 from data2h5.index import ArchiveReader
-from data2h5.prefetch import BatchReader
+from data2h5.loaders import BatchReader
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 

@@ -15,7 +15,7 @@ import pytest
 
 import data2h5
 from conftest import photo_like, write_images
-from data2h5.dataset import H5Dataset
+from data2h5.loaders import H5Dataset
 from data2h5.errors import ArchiveError, ArchiveKeyError, CorruptEntryError
 from data2h5.index import read_index
 from test_index import corrupt, write_plain
@@ -235,7 +235,7 @@ import sys
 sys.modules["torch"] = None  # importing torch now fails, as if it were not installed
 import numpy as np, imageio.v3 as iio
 import data2h5
-from data2h5.dataset import H5Dataset
+from data2h5.loaders import H5Dataset
 ds = H5Dataset({str(decoded)!r}, target="folder")
 assert type(ds).__mro__[1] is object, type(ds).__mro__
 assert len(ds) == {len(TREE_KEYS)}

@@ -136,7 +136,7 @@ class Run:
 
 
 PRELOAD = {"cli": ["data2h5.cli", "data2h5.info", "data2h5.verify", "data2h5.extract"],
-           "H5Dataset": ["data2h5.dataset"]}
+           "H5Dataset": ["data2h5.loaders.dataset"]}
 
 
 def run_all(layout: str, archive: Path, base: Path) -> List[Run]:

@@ -34,7 +34,7 @@ import numpy as np
 import data2h5
 from data2h5.cli import main
 from data2h5.index import ArchiveReader
-from data2h5.prefetch import BatchReader
+from data2h5.loaders import BatchReader
 
 path, layout, commands = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 results = {}

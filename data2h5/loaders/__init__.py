@@ -1,9 +1,13 @@
-"""Loading for training: rank-aware, deterministic, resumable samplers.
+"""Loading for training: the map-style :class:`H5Dataset`, the prefetching
+:class:`BatchReader`, and rank-aware, deterministic, resumable samplers.
 
-Re-exported lazily, so that importing :mod:`data2h5.loaders.ranks` (as ``BatchReader``
-does) never imports torch.
+Re-exported lazily: ``H5Dataset`` and ``RankSampler`` import torch when it is installed, and
+importing this package, or :mod:`data2h5.loaders.batch_reader` without a device, never does.
 """
 _EXPORTS = {
+    "H5Dataset": ".dataset",
+    "BatchReader": ".batch_reader",
+    "ReaderState": ".plan",
     "RankSampler": ".sampler",
     "SamplerState": ".sampler",
     "resolve_rank": ".ranks",

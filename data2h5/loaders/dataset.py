@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 import numpy as np
 
-from . import format as fmt
-from .errors import ArchiveError, ArchiveKeyError
-from .index import ArchiveReader, PathLike
-from .safety import MAX_ENTRY_BYTES
-from .jpeg import check_decode_size
-from .stacked import class_of
+from .. import format as fmt
+from ..errors import ArchiveError, ArchiveKeyError
+from ..index import ArchiveReader, PathLike
+from ..safety import MAX_ENTRY_BYTES
+from ..jpeg import check_decode_size
+from ..stacked import class_of
 
 try:  # torch is optional: subclass its Dataset when it is there, so isinstance checks pass.
     from torch.utils.data import Dataset as _Base
@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - exercised only without torch
     _Base = object
 
 if TYPE_CHECKING:
-    from .loaders.sampler import RankSampler
+    from .sampler import RankSampler
 
 Target = Union[None, str, Callable[[str], Any]]
 
@@ -226,7 +226,7 @@ class H5Dataset(_Base):
                 world_size: Optional[int] = None, window: Optional[int] = None) -> "RankSampler":
         """A rank-aware, deterministic, resumable sampler over this dataset (see
         :class:`data2h5.loaders.RankSampler`): each rank reads its own block of archives."""
-        from .loaders.sampler import RankSampler
+        from .sampler import RankSampler
 
         return RankSampler(len(self), groups=self._archive, rows=self._row, shuffle=shuffle, seed=seed,
                            drop_last=drop_last, rank=rank, world_size=world_size, window=window)
