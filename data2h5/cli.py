@@ -14,7 +14,7 @@ import click
 
 from ._version import __version__
 from .convert import convert as convert_folder
-from .errors import Data2H5Error
+from .errors import Data2H5Error, Interrupted, Terminated
 from .watchdog import guarded
 from .safety import lock_prefixes, printable
 
@@ -100,9 +100,9 @@ def convert(src: str, dst: str, exts: Tuple[str, ...], reader: Optional[str], pr
     except OSError as exc:  # the disk filled up, a file-size limit: the work so far is kept
         _fail(f"cannot write {dst}: {exc.strerror or exc}; free space or raise the limit", _kept_note(exc))
     except KeyboardInterrupt as exc:
-        click.echo(f"data2h5: {'terminated' if isinstance(exc, _Terminated) else 'interrupted'}; "
+        click.echo(f"data2h5: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; "
                    f"nothing was written to {dst}{_kept_note(exc)}", err=True)
-        sys.exit(EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED)
+        sys.exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
     if not quiet:
         click.echo(report.summary(), err=True)
 
@@ -263,11 +263,6 @@ def extract(archive: str, dest: str, prefixes: Tuple[str, ...], overwrite: bool,
         click.echo(report.summary(), err=True)
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a batch system's time limit), raised like Ctrl-C so that the same
-    clean-up runs: workers stopped, temporary output and shared memory removed."""
-
-
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # only there can it be set
@@ -281,7 +276,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        raise _Terminated()
+        raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, _raise)
     try:
@@ -300,7 +295,7 @@ def _cwd_importable() -> None:
 
 
 def _kept_note(exc: BaseException) -> str:
-    kept = getattr(exc, "data2h5_kept", 0)
+    kept = exc.kept if isinstance(exc, (Data2H5Error, Interrupted)) else 0
     return f"; the {kept} files converted so far are kept: rerun with --resume to go on" if kept else ""
 
 

@@ -27,7 +27,7 @@ from . import format as fmt
 from ._version import __version__
 from .codecs import Codec, choose_codec, parse_compression
 from .display import decimal_size, progress_bar
-from .errors import LayoutError, OutputError, PluginError, ReadError, SourceError, WorkerError
+from .errors import Data2H5Error, Interrupted, LayoutError, OutputError, PluginError, ReadError, SourceError, WorkerError
 from .format import Kind
 from .index import open_h5
 from .jpeg import check_decode_size
@@ -415,8 +415,11 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
             exc.add_context(_skip_hint(kept))
         if isinstance(exc, OSError):  # a full disk, a file-size limit: say it in one line
             exc = OutputError(f"cannot write {dst}: {_os_reason(exc)}; free space, or raise the file-size limit")
-        if kept and not skippable:
-            exc.data2h5_kept = kept  # the CLI says how to go on
+        if kept and not skippable:  # the CLI says how to go on
+            if isinstance(exc, (Data2H5Error, Interrupted)):
+                exc.kept = kept
+            elif isinstance(exc, KeyboardInterrupt):
+                raise Interrupted(kept) from exc
         raise exc
     finally:
         journal.close()
@@ -488,6 +491,7 @@ def _run(files: List[SourceFile], job: _Job, workers: int, start_method: Optiona
     ctx = multiprocessing.get_context(start_method)
     limit = workers * INFLIGHT_PER_WORKER
     slots = Slots(limit, SLOT_BYTES)
+    others = set(multiprocessing.active_children())  # children not the pool's: never stopped here
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job,))
     finished = False
     try:
@@ -521,16 +525,15 @@ def _run(files: List[SourceFile], job: _Job, workers: int, start_method: Optiona
         finished = True
     finally:
         if not finished:  # stop now: do not let workers finish the queue
-            _stop_workers(pool)
+            _stop_workers([p for p in multiprocessing.active_children() if p not in others])
         pool.shutdown(wait=True, cancel_futures=True)
         slots.close()
 
 
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """End every worker now. A worker stopped while it held the result queue's lock leaves
-    its siblings blocked on it, so whoever does not end on SIGTERM is killed, and all are
-    joined here: the pool's shutdown then has no one left to wait for."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())
+def _stop_workers(procs: List[multiprocessing.Process]) -> None:
+    """End the pool's workers now. A worker stopped while it held the result queue's lock
+    leaves its siblings blocked on it, so whoever does not end on SIGTERM is killed, and all
+    are joined here: the pool's shutdown then has no one left to wait for."""
     for proc in procs:
         proc.terminate()
     for proc in procs:

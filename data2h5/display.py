@@ -16,15 +16,6 @@ def decimal_size(n: float) -> str:
     return f"{n:.1f} {unit}"
 
 
-def binary_size(n: float) -> str:
-    """``4.0 GiB``: a size in the binary units that limits are given in."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def one_line(exc: BaseException) -> str:
     """An exception's message on one line (a KeyError's without the quotes ``str`` adds;
     the type's name when there is no message)."""

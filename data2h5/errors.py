@@ -1,7 +1,9 @@
 """Exception types, one per failure a user can act on.
 
 Every message is one line that names the file (or plugin, entry, field) involved and, where
-there is one, what to do about it.
+there is one, what to do about it. Each type carries the fields its message is made of, so
+callers read them instead of parsing the text. This module imports nothing of data2h5: every
+other module may raise these.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ class Data2H5Error(Exception):
     """
 
     context: tuple = ()
+    #: Entries a stopped conversion kept in its part files for a resume (0: nothing kept).
+    kept: int = 0
 
     def add_context(self, text: str) -> "Data2H5Error":
         """Append ``text`` to what :meth:`__str__` shows; returns the same exception."""
@@ -49,6 +53,20 @@ class ReadError(Data2H5Error):
 
     def __reduce__(self):  # travels from worker processes intact
         return type(self), (self.path, self.reason, self.skippable)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A conversion stopped by Ctrl-C (a :class:`KeyboardInterrupt`, so it stops callers as one
+    would); ``kept``: the entries kept in its part files for a resume."""
+
+    def __init__(self, kept: int = 0):
+        super().__init__()
+        self.kept = kept
+
+
+class Terminated(Interrupted):
+    """A conversion stopped by SIGTERM (``kill``, a batch system's time limit), raised like
+    Ctrl-C so that the same clean-up runs."""
 
 
 class PluginError(Data2H5Error):
@@ -102,9 +120,8 @@ class UnsafeArchiveError(ArchiveError):
 
     def __init__(self, path: str, key: str, reason: str):
         self.path, self.key, self.reason = path, key, reason
-        from .safety import printable
-
-        super().__init__(f"{path}: {printable(repr(key))} {reason}; refusing to read it (the archive is crafted or "
+        # repr escapes every control, line and bidirectional mark: the key shows on one line
+        super().__init__(f"{path}: {key!r} {reason}; refusing to read it (the archive is crafted or "
                          "damaged)")
 
     def __reduce__(self):
@@ -117,11 +134,18 @@ class SizeLimitError(ArchiveError):
 
     def __init__(self, path: str, what: str, size: Optional[int], limit: int, hint: str = ""):
         self.path, self.what, self.size, self.limit, self.hint = path, what, size, limit, hint
-        from .display import binary_size
-
         declared = "more than can be counted" if size is None else binary_size(size)
         super().__init__(f"{path}: {what} declares {declared}, over the limit of {binary_size(limit)}; "
                          + (hint or "raise --max-entry-size (max_entry_bytes=) only if you trust this archive"))
 
     def __reduce__(self):
         return type(self), (self.path, self.what, self.size, self.limit, self.hint)
+
+
+def binary_size(n: float) -> str:
+    """``4.0 GiB``: a size in the binary units that limits are given in."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

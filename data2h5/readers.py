@@ -13,8 +13,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 
 from . import jpeg
-from .display import binary_size
-from .errors import PluginError, ReadError
+from .errors import binary_size, PluginError, ReadError
 from .format import Kind
 from .plugins import Plugin
 

@@ -15,7 +15,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from conftest import photo_like
+from images import photo_like
 from data2h5 import format as fmt
 from data2h5.format import Kind
 from data2h5.index import read_index

@@ -122,7 +122,7 @@ def test_resume_reads_only_what_was_not_stored_or_changed(tmp_path, layout, exts
     options = dict(ext=exts, layout=layout, workers=1, checkpoint_seconds=3600)
     with pytest.raises(KeyboardInterrupt) as stopped:
         data2h5.convert(src, out, reader=stop_after(25, log), **options)
-    assert stopped.value.data2h5_kept == 25 and not out.exists()
+    assert stopped.value.kept == 25 and not out.exists()
     first = log.read_text().split()
     changed, deleted = Path(first[12]), Path(first[20])
     if changed.suffix == ".npy":
@@ -340,9 +340,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     fresh = tmp_path / "fresh.h5"
     subprocess.run(slow_cli(tmp_path, src, fresh, *args, delay=0), check=True, cwd=tmp_path)
     assert_same_archive(out, fresh)
-    verify = getattr(data2h5, "verify", None)
-    if verify is not None:
-        assert verify(out, source=src).ok
+    assert data2h5.verify(out, source=src).ok
 
 
 def test_a_resumed_run_reuses_the_work_of_the_killed_one(tmp_path):
