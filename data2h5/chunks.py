@@ -11,24 +11,74 @@ from __future__ import annotations
 
 import itertools
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
 
-from .codecs import CODECS, FILTER_LZF, FILTER_ZSTD
+from .codecs import Decompress, decoder  # noqa: F401 - decoder: the loaders pick a chunk's decompressor here
 from .errors import ArchiveError, CorruptEntryError
 
-FILTER_DEFLATE = 1
 CONTIGUOUS_BLOCK = 1 << 20  # contiguous datasets are read in blocks of this size, like chunks
 
-def decoder(filter_id: int) -> Optional[Callable[[bytes, int], bytes]]:
-    """The decompressor for one HDF5 filter id, or None if this module cannot decode it."""
-    codec = {FILTER_DEFLATE: "gzip", FILTER_LZF: "lzf", FILTER_ZSTD: "zstd"}.get(filter_id)
-    if codec is None or not CODECS[codec].can_decompress():
-        return None
-    return CODECS[codec].decompress
+
+def _decompress_errors() -> tuple:
+    """What the codecs raise on damaged data (and nothing else, so bugs are not hidden)."""
+    errors = [ValueError, zlib.error]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+DECOMPRESS_ERRORS = _decompress_errors()
+
+
+# -- one stored chunk: read, checksum, decompress ------------------------------------------------
+
+
+def check_crc(raw, expected: Optional[int]) -> None:
+    """Raise :class:`CorruptEntryError` when ``raw``'s CRC-32 is not ``expected`` (None: not recorded)."""
+    if expected is not None and zlib.crc32(raw) != int(expected):
+        raise CorruptEntryError("checksum of the stored bytes does not match")
+
+
+def unpack_chunk(raw: bytes, decode: Optional[Decompress], nbytes: int, mask: int = 0) -> bytes:
+    """The ``nbytes`` a stored chunk holds: decompressed by ``decode`` (never to more than
+    ``nbytes``) unless the filter was skipped for it (``mask`` bit 0) or there is none.
+
+    Raises :class:`CorruptEntryError` whose ``reason`` says what is wrong (the caller names
+    where): every reader of stored chunks catches the same errors and says the same thing.
+    """
+    data = raw
+    if decode is not None and not mask & 1:
+        try:
+            data = decode(raw, nbytes)
+        except DECOMPRESS_ERRORS as exc:
+            why = f"the stored bytes do not decompress ({type(exc).__name__}: {' '.join(str(exc).split())})"
+            raise CorruptEntryError(why) from exc
+    if len(data) != nbytes:
+        raise CorruptEntryError(f"the stored bytes hold {len(data)} bytes where {nbytes} were expected")
+    return data
+
+
+def read_chunk(fd: int, addr: int, size: int, nbytes: int, decode: Optional[Decompress], *, mask: int = 0,
+               crc: Optional[int] = None, where: Callable[[], str]) -> bytes:
+    """Read one stored chunk with ``pread``, check its CRC-32 (when ``crc`` is given) and
+    decompress it to exactly ``nbytes``. A failed read is an :class:`ArchiveError`; a short
+    one, a checksum that differs or data that does not decompress a :class:`CorruptEntryError`
+    whose ``reason`` says which."""
+    raw = read_checked(fd, size, addr, where)
+    try:
+        check_crc(raw, crc)
+        return unpack_chunk(raw, decode, nbytes, mask)
+    except CorruptEntryError as exc:
+        raise CorruptEntryError(f"{where()}: {exc.reason}; the archive is damaged", exc.reason) from exc
 
 
 def pread_exact(fd: int, size: int, offset: int) -> bytes:
@@ -67,7 +117,9 @@ def read_checked(fd: int, size: int, offset: int, where: Callable[[], str], into
     except OSError as exc:
         raise ArchiveError(f"{where()}: read failed: {exc}") from exc
     if (got if into is not None else len(got)) != size:
-        raise CorruptEntryError(f"{where()}: the file ends inside it; the archive is truncated")
+        missing = size - (got if into is not None else len(got))
+        raise CorruptEntryError(f"{where()}: the file ends inside it; the archive is truncated",
+                                f"file ends {missing} bytes before the entry does")
     return got
 
 
@@ -144,18 +196,7 @@ class RawChunks:
         if found is None:  # never written: HDF5 returns the fill value
             return np.full(self.chunks, self.fill_value, dtype=self.dtype)
         mask, addr, size = found
-        data = self._pread(offset, size, addr)
-        if self.decode is not None and not mask & 1:
-            try:
-                data = self.decode(data, self.nbytes)
-            except Exception as exc:
-                raise CorruptEntryError(
-                    f"{self._where(offset)} does not decompress ({exc}); the archive is damaged"
-                ) from exc
-        if len(data) != self.nbytes:
-            raise CorruptEntryError(
-                f"{self._where(offset)} holds {len(data)} bytes, not {self.nbytes}; the archive is damaged"
-            )
+        data = read_chunk(self.fd, addr, size, self.nbytes, self.decode, mask=mask, where=lambda: self._where(offset))
         return np.frombuffer(data, dtype=self.dtype).reshape(self.chunks)
 
     def load(self, s: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Tuple
 import click
 
 from ._version import __version__
+from .codecs import CHOICES
 from .convert import convert as convert_folder
 from .errors import Data2H5Error, Interrupted, Terminated
 from .watchdog import guarded
@@ -58,7 +59,7 @@ def main(verbose: bool) -> None:
               help="Processes decoding files (default: every core; 1 works in-process).")
 @click.option("--single_process", "--single-process", "single_process", is_flag=True, help="Same as --workers 1.")
 @click.option("--compression", default="auto", show_default=True,
-              help="auto, none, lzf, gzip[:LEVEL], zstd[:LEVEL] or blosc-lz4[:LEVEL].")
+              help=f"{' or '.join(CHOICES.rsplit(', ', 1))}.")
 @click.option("--no_compress", "--no-compress", "no_compress", is_flag=True, help="Same as --compression none.")
 @click.option("--layout", type=click.Choice(["files", "stacked"]), default="files", show_default=True,
               help="files: one dataset per file; stacked: one (N, ...) array `data` with labels.")

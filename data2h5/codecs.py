@@ -1,4 +1,4 @@
-"""Compression codecs: compress chunks in worker processes, set the matching HDF5 filter.
+"""Compression codecs: one definition each, in the read-only registry :data:`CODECS`.
 
 Workers compress each chunk themselves and the writer hands the bytes to HDF5 with
 ``write_direct_chunk``; the chunks read back through HDF5's normal filter pipeline
@@ -6,27 +6,33 @@ Workers compress each chunk themselves and the writer hands the bytes to HDF5 wi
 ``zlib.compress`` for the deflate filter, raw liblzf output for h5py's lzf filter, and
 one-shot zstd frames (with content size) for hdf5plugin's Zstd filter. Blosc is the
 exception: it has no worker-side compressor here, so the writer lets HDF5 compress it.
+
+A :class:`Codec` holds everything about one codec: the number the index records, its HDF5
+filter and options, its levels, how to compress a chunk and decompress one with a bounded
+output, and the package it needs with the command that installs it. The CLI help, the error
+texts and the filter-to-codec maps are all derived from the registry, so adding a codec is
+one entry in :data:`CODECS` (plus its functions).
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
+import types
 import zlib
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 from .errors import CompressionError
 from .format import Kind
 
 NONE, LZF, GZIP, ZSTD, BLOSC_LZ4 = 0, 1, 2, 3, 4
 
+FILTER_DEFLATE = 1
 FILTER_LZF = 32000
 FILTER_ZSTD = 32015
 FILTER_BLOSC = 32001
 
-#: The most one stored byte can decompress to, by codec id (lzf: a 3-byte back-reference
-#: copies at most 264 bytes; deflate: 258 bytes per 1-bit code, about 1032:1 in practice).
-#: zstd frames declare their size, which is checked instead.
-MAX_RATIO = {LZF: 90.0, GZIP: 1040.0}
+INSTALL_COMPRESS = "pip install 'data2h5[compress]'"
 
 # Extensions whose bytes are already compressed: compressing them again costs time and saves
 # next to nothing.
@@ -35,23 +41,53 @@ COMPRESSED_EXTENSIONS = frozenset(
     ".7z .rar .mp3 .mp4 .m4a .mkv .webm .mov .ogg .opus .flac .npz .pdf".split()
 )
 
+Compress = Callable[[object, Optional[int]], Tuple[bytes, int]]
+Decompress = Callable[[bytes, int], bytes]
+
 
 @dataclass(frozen=True)
 class Codec:
-    """One compression choice: its id in the index, its HDF5 filter and its level."""
+    """One compression choice: its number in the index, its HDF5 filter and its level.
+
+    ``levels``: the levels it takes (empty: none), ``level`` the one chosen (``None``: none
+    taken). ``max_ratio``: the most one stored byte can decompress to, checked before
+    decompressing (``None``: the format declares its size, checked instead). ``needs``: the
+    Python modules it needs, each installed by :attr:`install`. ``hdf5_needs``: the module
+    that registers its HDF5 filter.
+    """
 
     name: str
     id: int
+    filter_id: Optional[int] = None  # None: no HDF5 filter (stored as is)
+    levels: range = range(0)
     level: Optional[int] = None
+    max_ratio: Optional[float] = None
+    needs: Tuple[str, ...] = ()
+    hdf5_needs: Optional[str] = None
+    install: str = ""
+    compressor: Optional[Compress] = None  # None: only HDF5 compresses it
+    decompressor: Optional[Decompress] = None
+    filter_options: Optional[Callable[[Optional[int]], Tuple[int, ...]]] = None
+    optional_filter: bool = True  # HDF5 may skip it for a chunk it cannot shrink
 
     @property
     def spec(self) -> str:
         return self.name if self.level is None else f"{self.name}:{self.level}"
 
     @property
+    def usage(self) -> str:
+        """How the codec is named on the command line: ``gzip[:0-9]``."""
+        if not self.levels:
+            return self.name
+        return f"{self.name}[:{self.levels.start}-{self.levels.stop - 1}]"
+
+    @property
     def in_worker(self) -> bool:
         """Whether workers can compress chunks for this codec (else HDF5 compresses them)."""
-        return self.id != BLOSC_LZ4
+        return self.compressor is not None or self.id == NONE
+
+    def with_level(self, level: int) -> "Codec":
+        return dataclasses.replace(self, level=level)
 
     def compress(self, raw) -> Tuple[bytes, int]:
         """Compress one chunk; returns ``(stored bytes, HDF5 filter mask)``.
@@ -61,16 +97,9 @@ class Codec:
         """
         if self.id == NONE:
             return bytes(raw), 0
-        if self.id == LZF:
-            import lzf
-
-            out = lzf.compress(bytes(raw))
-            return (bytes(raw), 1) if out is None else (out, 0)
-        if self.id == GZIP:
-            return zlib.compress(raw, 4 if self.level is None else self.level), 0
-        if self.id == ZSTD:
-            return _zstd_compressor(self.level).compress(raw), 0
-        raise CompressionError(f"codec {self.spec} cannot compress outside HDF5")
+        if self.compressor is None:
+            raise CompressionError(f"codec {self.spec} cannot compress outside HDF5")
+        return self.compressor(raw, self.level)
 
     def decompress(self, data: bytes, nbytes: int) -> bytes:
         """Invert :meth:`compress` for a chunk of ``nbytes`` uncompressed bytes.
@@ -81,78 +110,123 @@ class Codec:
         """
         if self.id == NONE:
             return data
-        ratio = MAX_RATIO.get(self.id)
-        if ratio is not None and nbytes > len(data) * ratio + 64:
+        if self.decompressor is None:
+            raise CompressionError(f"codec {self.spec} cannot decompress outside HDF5")
+        if self.max_ratio is not None and nbytes > len(data) * self.max_ratio + 64:
             raise ValueError(f"{len(data)} stored bytes cannot hold {nbytes} bytes of {self.name} data")
-        if self.id == LZF:
-            import lzf
-
-            out = lzf.decompress(data, nbytes)
-            if out is None or len(out) != nbytes:
-                raise ValueError("lzf data does not decompress to the expected size")
-            return out
-        if self.id == GZIP:
-            inflate = zlib.decompressobj()
-            out = inflate.decompress(data, nbytes)
-            if inflate.unconsumed_tail:
-                raise ValueError(f"deflate data decompresses to more than {nbytes} bytes")
-            return out
-        if self.id == ZSTD:
-            import zstandard
-
-            declared = zstandard.frame_content_size(data)
-            if declared >= 0 and declared != nbytes:
-                raise ValueError(f"zstd frame declares {declared} bytes where {nbytes} were expected")
-            return _zstd_decompressor().decompress(data, max_output_size=nbytes)
-        raise CompressionError(f"codec {self.spec} cannot decompress outside HDF5")
+        return self.decompressor(data, nbytes)
 
     def can_decompress(self) -> bool:
         """Whether :meth:`decompress` works here (its package is installed)."""
-        module = {LZF: "lzf", ZSTD: "zstandard"}.get(self.id)
-        if self.id == BLOSC_LZ4:
+        if self.id != NONE and self.decompressor is None:
             return False
-        if module is None:
-            return True
-        try:
-            __import__(module)
-        except ImportError:
-            return False
-        return True
+        return all(_importable(module) for module in self.needs)
+
+    def require(self) -> None:
+        """Raise :class:`CompressionError` with the install hint when a package it needs is missing."""
+        for module in ((self.hdf5_needs,) if self.hdf5_needs else ()) + self.needs:
+            if not _importable(module):
+                raise CompressionError(f"compression {self.spec} needs the {module} package: {self.install}")
 
     def set_filter(self, dcpl) -> None:
         """Add this codec's filter to an ``h5py.h5p`` dataset-creation property list."""
         import h5py
 
-        if self.id == NONE:
+        if self.filter_id is None:
             return
-        if self.id == LZF:
-            dcpl.set_filter(FILTER_LZF, h5py.h5z.FLAG_OPTIONAL)
-        elif self.id == GZIP:
-            dcpl.set_deflate(4 if self.level is None else self.level)
-        elif self.id == ZSTD:
-            _require_hdf5plugin(self.spec)
-            dcpl.set_filter(FILTER_ZSTD, h5py.h5z.FLAG_OPTIONAL, (self.level or 3,))
-        elif self.id == BLOSC_LZ4:
-            import hdf5plugin
-
-            opts = hdf5plugin.Blosc(cname="lz4", clevel=self.level or 5, shuffle=hdf5plugin.Blosc.SHUFFLE)
-            dcpl.set_filter(FILTER_BLOSC, h5py.h5z.FLAG_OPTIONAL, tuple(opts.filter_options))
+        if self.hdf5_needs:
+            self.require()
+            __import__(self.hdf5_needs)  # registers the filter with HDF5
+        options = self.filter_options(self.level) if self.filter_options else ()
+        flags = h5py.h5z.FLAG_OPTIONAL if self.optional_filter else h5py.h5z.FLAG_MANDATORY
+        dcpl.set_filter(self.filter_id, flags, options)
 
 
-CODECS = {
+# -- the codecs' functions ------------------------------------------------------------------------
+
+
+def _lzf_compress(raw, level: Optional[int]) -> Tuple[bytes, int]:
+    import lzf
+
+    data = bytes(raw)
+    out = lzf.compress(data)
+    return (data, 1) if out is None else (out, 0)
+
+
+def _lzf_decompress(data: bytes, nbytes: int) -> bytes:
+    import lzf
+
+    out = lzf.decompress(data, nbytes)
+    if out is None or len(out) != nbytes:
+        raise ValueError("lzf data does not decompress to the expected size")
+    return out
+
+
+def _gzip_compress(raw, level: Optional[int]) -> Tuple[bytes, int]:
+    return zlib.compress(raw, 4 if level is None else level), 0
+
+
+def _gzip_decompress(data: bytes, nbytes: int) -> bytes:
+    inflate = zlib.decompressobj()
+    out = inflate.decompress(data, nbytes)
+    if inflate.unconsumed_tail:
+        raise ValueError(f"deflate data decompresses to more than {nbytes} bytes")
+    return out
+
+
+def _zstd_compress(raw, level: Optional[int]) -> Tuple[bytes, int]:
+    return _zstd_compressor(level).compress(raw), 0
+
+
+def _zstd_decompress(data: bytes, nbytes: int) -> bytes:
+    import zstandard
+
+    declared = zstandard.frame_content_size(data)
+    if declared >= 0 and declared != nbytes:
+        raise ValueError(f"zstd frame declares {declared} bytes where {nbytes} were expected")
+    return _zstd_decompressor().decompress(data, max_output_size=nbytes)
+
+
+def _blosc_options(level: Optional[int]) -> Tuple[int, ...]:
+    import hdf5plugin
+
+    opts = hdf5plugin.Blosc(cname="lz4", clevel=level or 5, shuffle=hdf5plugin.Blosc.SHUFFLE)
+    return tuple(opts.filter_options)
+
+
+CODECS: Mapping[str, Codec] = types.MappingProxyType({
     "none": Codec("none", NONE),
-    "lzf": Codec("lzf", LZF),
-    "gzip": Codec("gzip", GZIP, 4),
-    "zstd": Codec("zstd", ZSTD, 3),
-    "blosc-lz4": Codec("blosc-lz4", BLOSC_LZ4, 5),
-}
-_BY_ID = {c.id: c for c in CODECS.values()}
-_LEVELS = {"gzip": range(0, 10), "zstd": range(1, 23), "blosc-lz4": range(0, 10)}
+    # lzf: a 3-byte back-reference copies at most 264 bytes
+    "lzf": Codec("lzf", LZF, FILTER_LZF, max_ratio=90.0, needs=("lzf",), install="pip install python-lzf",
+                 compressor=_lzf_compress, decompressor=_lzf_decompress),
+    # deflate: 258 bytes per 1-bit code, about 1032:1 in practice
+    "gzip": Codec("gzip", GZIP, FILTER_DEFLATE, range(0, 10), 4, max_ratio=1040.0,
+                  compressor=_gzip_compress, decompressor=_gzip_decompress,
+                  filter_options=lambda level: (4 if level is None else level,)),
+    "zstd": Codec("zstd", ZSTD, FILTER_ZSTD, range(1, 23), 3, needs=("zstandard",), hdf5_needs="hdf5plugin",
+                  install=INSTALL_COMPRESS, compressor=_zstd_compress, decompressor=_zstd_decompress,
+                  filter_options=lambda level: (3 if level is None else level,)),
+    "blosc-lz4": Codec("blosc-lz4", BLOSC_LZ4, FILTER_BLOSC, range(0, 10), 5, hdf5_needs="hdf5plugin",
+                       install=INSTALL_COMPRESS, filter_options=_blosc_options),
+})
+"""Every codec by name (read-only). Each entry's ``level`` is its default level."""
+
+_BY_ID: Mapping[int, Codec] = types.MappingProxyType({c.id: c for c in CODECS.values()})
+BY_FILTER: Mapping[int, Codec] = types.MappingProxyType(
+    {c.filter_id: c for c in CODECS.values() if c.filter_id is not None})
+"""Codecs by the HDF5 filter id of their stored chunks."""
+KNOWN_IDS = frozenset(_BY_ID)
+MAX_RATIO: Mapping[int, float] = types.MappingProxyType(
+    {c.id: c.max_ratio for c in CODECS.values() if c.max_ratio is not None})
+"""The most one stored byte can decompress to, by codec id; zstd frames declare their size,
+which is checked instead."""
 AUTO = "auto"
+CHOICES = ", ".join([AUTO] + [c.usage for c in CODECS.values()])
+"""The compression specs, for help and error texts: ``auto, none, lzf, gzip[:0-9], ...``."""
 
 
 def parse_compression(spec: str) -> Optional[Codec]:
-    """Parse ``auto``, ``none``, ``lzf``, ``gzip[:LEVEL]``, ``zstd[:LEVEL]`` or ``blosc-lz4[:LEVEL]``.
+    """Parse ``auto`` or one of :data:`CODECS`' names, with a level where it takes one.
 
     Returns ``None`` for ``auto`` (chosen per entry by :func:`choose_codec`). Raises
     :class:`CompressionError` for an unknown spec or a codec whose package is missing.
@@ -161,18 +235,13 @@ def parse_compression(spec: str) -> Optional[Codec]:
     if name == AUTO and not level_text:
         return None
     if name not in CODECS:
-        raise CompressionError(
-            f"unknown compression {spec!r}: use auto, none, lzf, gzip[:0-9], zstd[:1-22] or blosc-lz4[:0-9]"
-        )
+        raise CompressionError(f"unknown compression {spec!r}: use {' or '.join(CHOICES.rsplit(', ', 1))}")
     codec = CODECS[name]
     if level_text:
-        if name not in _LEVELS or not level_text.isdigit() or int(level_text) not in _LEVELS[name]:
+        if not level_text.isdigit() or int(level_text) not in codec.levels:
             raise CompressionError(f"compression {spec!r}: {name} takes no such level")
-        codec = Codec(codec.name, codec.id, int(level_text))
-    if codec.id in (ZSTD, BLOSC_LZ4):
-        _require_hdf5plugin(codec.spec)
-        if codec.id == ZSTD:
-            _require_module("zstandard", codec.spec)
+        codec = codec.with_level(int(level_text))
+    codec.require()
     return codec
 
 
@@ -192,25 +261,29 @@ def choose_codec(choice: Optional[Codec], kind: Kind, ext: str) -> Codec:
     return CODECS["gzip"]
 
 
-def codec_by_id(codec_id: int) -> Codec:
-    """The codec recorded in an archive's index under ``codec_id``."""
+def codec_by_id(codec_id: int, level: Optional[int] = None) -> Codec:
+    """The codec recorded in an archive's index under ``codec_id`` (at ``level``, if given)."""
     try:
-        return _BY_ID[int(codec_id)]
+        codec = _BY_ID[int(codec_id)]
     except KeyError:
         raise CompressionError(f"unknown codec id {codec_id} in archive index") from None
+    return codec if level is None or level == codec.level else codec.with_level(level)
 
 
-def _require_module(module: str, spec: str) -> None:
+def decoder(filter_id: int) -> Optional[Decompress]:
+    """The decompressor of chunks stored with one HDF5 filter, or None if none works here."""
+    codec = BY_FILTER.get(filter_id)
+    if codec is None or not codec.can_decompress():
+        return None
+    return codec.decompress
+
+
+def _importable(module: str) -> bool:
     try:
         __import__(module)
     except ImportError:
-        raise CompressionError(
-            f"compression {spec} needs the {module} package: pip install 'data2h5[compress]'"
-        ) from None
-
-
-def _require_hdf5plugin(spec: str) -> None:
-    _require_module("hdf5plugin", spec)
+        return False
+    return True
 
 
 # zstd contexts must not be shared between threads: one set per thread.
@@ -218,7 +291,7 @@ _zstd_state = threading.local()
 
 
 def _zstd_compressor(level: Optional[int]):
-    cache = _zstd_state.__dict__
+    cache: Dict = _zstd_state.__dict__
     key = ("c", level)
     if key not in cache:
         import zstandard
@@ -228,7 +301,7 @@ def _zstd_compressor(level: Optional[int]):
 
 
 def _zstd_decompressor():
-    cache = _zstd_state.__dict__
+    cache: Dict = _zstd_state.__dict__
     if "d" not in cache:
         import zstandard
 

@@ -34,11 +34,13 @@ from .jpeg import check_decode_size
 from .partial import CHECKPOINT_SECONDS, Checkpoints, Journal, OutputLock, Partial, Previous, load_previous
 from .resume import previous_work, reuse
 from .plugins import Plugin, PluginSpec, load
-from .prune import keeps, match_extension, normalize_extensions
+from .prune import normalize_extensions
+from .sources import check_folder, collect, load_prune
 from .readers import AUTO, BUILTIN_READERS, BuiltinReader, read_source
 from .transport import Slots, share
-from .walk import SourceFile, walk
-from .writer import FilesWriter, Packed, check_output, create_part, pack, publish
+from .walk import SourceFile
+from .encoding import Failed, Packed, pack
+from .writer import FilesWriter, check_output, create_part, publish
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +156,7 @@ def _resolve_reader(spec: Optional[PluginSpec]) -> Optional[Plugin]:
 def _process(files: Sequence[SourceFile], slot: Optional[str] = None, slot_size: int = 0) -> list:
     """Worker task: read, checksum, decode and compress each file.
 
-    Returns a list of ``Packed``, or ``(key, error)`` for a file that failed: errors are
+    Returns a list of :class:`Packed`, or :class:`Failed` for a file that failed: errors are
     reported, not raised, so one bad file does not lose the batch. Payloads go into the
     shared ``slot`` when one is given.
     """
@@ -163,7 +165,7 @@ def _process(files: Sequence[SourceFile], slot: Optional[str] = None, slot_size:
         try:
             out.append(_process_one(src))
         except (ReadError, PluginError) as exc:
-            out.append((src.key, exc))
+            out.append(Failed(src.key, exc))
     return share(out, slot, slot_size)
 
 
@@ -184,7 +186,8 @@ def _process_one(src: SourceFile) -> Packed:
             log.info("%s: %s", src.path, " ".join(str(warning.message).split()))
     crc = zlib.crc32(raw)
     if job.stacked:
-        return Packed(src.key, int(kind), arr.dtype.str, arr.shape, 0, None, arr, len(raw), crc, arr.nbytes, 0, mtime_ns)
+        return Packed(key=src.key, kind=int(kind), dtype=arr.dtype.str, shape=arr.shape, codec=0, chunk_shape=None,
+                      data=arr, size=len(raw), crc32=crc, nbytes=arr.nbytes, mtime_ns=mtime_ns)
     codec = choose_codec(job.codec, kind, ext)
     packed = pack(src.key, int(kind), arr, codec, len(raw), crc, mtime_ns)
     if kind != Kind.ARRAY and (_worker_builtin or (arr.nbytes == len(raw) and arr.tobytes() == raw)):
@@ -220,33 +223,6 @@ def _deadline(seconds: Optional[float], path: str) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def collect(
-    src: Path,
-    exts: Tuple[str, ...],
-    prune: Plugin,
-    *,
-    follow_symlinks: bool = False,
-    exclude: Iterable[Path] = (),
-) -> Tuple[List[SourceFile], List[Tuple[str, str]]]:
-    """Walk ``src`` and keep what ``prune`` accepts; returns (files, unusable names with reasons)."""
-    kept, bad = [], []
-    for f in walk(str(src), follow_symlinks=follow_symlinks, exclude=[str(p) for p in exclude]):
-        try:
-            keep = keeps(prune.func, f.name, exts)
-        except Exception as exc:
-            raise PluginError(f"prune plugin {prune.spec!r} failed on {f.path}: {type(exc).__name__}: {exc}") from exc
-        if not keep:
-            continue
-        problem = f.key_problem()
-        if problem is None and (f.key == fmt.INDEX_GROUP or f.key.startswith(fmt.INDEX_GROUP + "/")):
-            problem = f"the name {fmt.INDEX_GROUP} is reserved for the archive's index; rename it"
-        if problem:
-            bad.append((f.shown_key, problem))
-        else:
-            kept.append(f)
-    return kept, bad
 
 
 def convert(
@@ -300,13 +276,10 @@ def convert(
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-    if not src.exists():
-        raise SourceError(f"{src} does not exist; give the folder holding your files")
-    if not src.is_dir():
-        raise SourceError(f"{src} is not a folder; give the folder holding your files")
+    check_folder(src, "give the folder holding your files")
     check_output(dst, overwrite=True)  # the folder: before walking, as a large tree takes a while
     codec = parse_compression(compression)
-    prune_plugin = load(prune if prune is not None else "ext", "prune", {"ext": match_extension})
+    prune_plugin = load_prune(prune)
     if prune is None and not exts:
         raise SourceError("no extension given: pass --ext (e.g. --ext jpg) or a --prune plugin")
     _resolve_reader(reader)  # fail fast, in this process, on a plugin that does not load
@@ -368,7 +341,7 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
 
             writer = StackedWriter(f, len(files), job.codec, checkpoints=Checkpoints(f, journal, checkpoint_s))
         else:
-            writer = FilesWriter(f, job.codec, checkpoints=Checkpoints(f, journal, checkpoint_s))
+            writer = FilesWriter(f, checkpoints=Checkpoints(f, journal, checkpoint_s))
         bar = progress_bar(len(files), progress)
         try:
             todo = files
@@ -382,7 +355,7 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
                 writer.checkpoint()
                 partial.discard(older)  # what they held is in this generation now
             for item in _run(todo, job, workers, start_method) if todo else ():
-                if not isinstance(item, Packed):
+                if isinstance(item, Failed):
                     key, error = item
                     if on_error == "fail":
                         if isinstance(error, ReadError):

@@ -81,6 +81,13 @@ STACKED_LABELS = "labels"
 STACKED_KEYS = "keys"
 STACKED_CLASSES = "classes"
 CHUNK_CRC32 = "chunk_crc32"  # index column of a stacked archive: one per chunk of data
+ROOT_CLASS = "."  # the class of files directly in the source folder: a name no folder can have
+
+
+def class_of(key: str) -> str:
+    """The class of a key: its first path component, or :data:`ROOT_CLASS` for a top-level file."""
+    head, sep, _ = key.partition("/")
+    return head if sep else ROOT_CLASS
 
 
 class Kind(enum.IntEnum):

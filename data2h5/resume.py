@@ -17,7 +17,7 @@ import numpy as np
 from .errors import OutputError
 from .partial import BlockReader, Partial, Previous, differing_options, load_previous, unchanged
 from .walk import SourceFile
-from .writer import unjournal_row
+from .writer import JournalEntry, unjournal
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ def _reuse_entries(previous: Previous, files: List[SourceFile], writer, blocks: 
         packed = None
         if hit is not None:
             gen, row = hit
-            size, mtime_ns = row[7], row[11]
-            if unchanged(src.path, size, mtime_ns):
-                packed = unjournal_row(row, lambda addr, n, gen=gen: blocks.read(gen, addr, n))
+            entry = JournalEntry(*row)
+            if unchanged(src.path, entry.size, entry.mtime_ns):
+                packed = unjournal(entry, lambda addr, n, gen=gen: blocks.read(gen, addr, n))
                 if packed is None:
                     log.info("%s: its stored bytes in the interrupted run do not check out; reading it again", src.key)
         if packed is None:

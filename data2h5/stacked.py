@@ -42,24 +42,19 @@ from .format import (
     STACKED_DATA,
     STACKED_KEYS,
     STACKED_LABELS,
+    ROOT_CLASS,  # noqa: F401 - part of this layout's description
     Kind,
+    class_of,
 )
 
 log = logging.getLogger(__name__)
 
-ROOT_CLASS = "."
 H5TORCH_CENTRAL = "central"
 H5TORCH_AXIS0 = "0"
 H5TORCH_UNSTRUCTURED = "unstructured"
 LABEL_DTYPE = np.dtype("<i8")  # what torch's cross-entropy wants, without a cast
 
 _REMEDY = "use --layout files, or a reader plugin that gives every sample one shape and dtype (e.g. plugins/resize_gray.py)"
-
-
-def class_of(key: str) -> str:
-    """The class of a key: its first path component, or :data:`ROOT_CLASS` for a top-level file."""
-    head, sep, _ = key.partition("/")
-    return head if sep else ROOT_CLASS
 
 
 class StackedWriter:

@@ -18,7 +18,7 @@ from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
-from .writer import Packed
+from .encoding import Packed
 
 
 class Span(NamedTuple):

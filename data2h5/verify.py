@@ -34,14 +34,14 @@ import h5py
 import numpy as np
 
 from . import codecs, format as fmt, safety
-from .convert import collect
 from .display import one_line, progress_bar
 from .errors import ArchiveError, CorruptEntryError, SourceError, UnsafeArchiveError
 from .format import Kind
-from .index import _DECOMPRESS_ERRORS, LAYOUT_PLAIN, ArchiveReader, Index, PathLike, read_index
-from .plugins import load
-from .prune import match_extension, normalize_extensions
-from .writer import iter_chunk_offsets
+from .chunks import check_crc, unpack_chunk
+from .index import LAYOUT_PLAIN, ArchiveReader, Index, PathLike, read_index
+from .prune import normalize_extensions
+from .sources import check_folder, collect, load_prune
+from .encoding import iter_chunk_offsets
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +203,7 @@ def _walk_source(index: Index, source: Path, ext, prune: Optional[str], follow_s
     names the walk cannot store, and files skipped at conversion, to ``report``."""
     if index.layout == LAYOUT_PLAIN:
         raise ArchiveError(f"{archive}: not written by data2h5, so it records no source checksums to compare with")
-    if not source.exists():
-        raise SourceError(f"{source} does not exist; give the folder the archive was made from")
-    if not source.is_dir():
-        raise SourceError(f"{source} is not a folder; give the folder the archive was made from")
+    check_folder(source, "give the folder the archive was made from")
     attrs = index.attrs
     if ext is not None:
         exts = normalize_extensions([ext] if isinstance(ext, str) else ext)
@@ -214,7 +211,7 @@ def _walk_source(index: Index, source: Path, ext, prune: Optional[str], follow_s
         exts = normalize_extensions(safety.attr_json_list(attrs, fmt.ATTR_EXTENSIONS, safety.is_text, archive))
     # An archive names its prune plugin for information only: running it would run code the
     # file carries. Only a plugin the user names is loaded.
-    plugin = load(prune if prune is not None else "ext", "prune", {"ext": match_extension})
+    plugin = load_prune(prune)
     recorded = safety.attr_text(attrs, fmt.ATTR_PRUNE, "ext")
     if prune is None and recorded != "ext":
         report.notes.append(f"the archive was made with prune plugin {safety.printable(recorded)!r}, which verify "
@@ -307,8 +304,10 @@ def read_stacked_chunk(data: h5py.Dataset, crcs: Optional[np.ndarray], i: int) -
     try:
         if crcs is not None:
             _, raw = data.id.read_direct_chunk((lo,) + (0,) * (data.ndim - 1))
-            if zlib.crc32(raw) != int(crcs[i]):
-                raise CorruptEntryError(f"checksum of the stored chunk of rows {lo}-{hi - 1} does not match")
+            try:
+                check_crc(raw, crcs[i])
+            except CorruptEntryError:
+                raise CorruptEntryError(f"checksum of the stored chunk of rows {lo}-{hi - 1} does not match") from None
         return data[lo:hi]
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CorruptEntryError(f"chunk of rows {lo}-{hi - 1} cannot be read: {one_line(exc)}") from exc
@@ -486,19 +485,18 @@ class _Checker:
         verbatim = index.is_verbatim(pos)
         pieces: Optional[List[bytes]] = [] if verbatim and kind == Kind.BYTES and key in self.sources else None
         failure: Optional[str] = None
+        decode = codec.decompress if codec.id != codecs.NONE else None
         for offset, _ in iter_chunk_offsets(dset.shape, dset.chunks):
             mask, raw = dset.id.read_direct_chunk(offset)
             crc = zlib.crc32(raw, crc)
             if failure:
                 continue  # the checksum of the stored bytes, when recorded, is the better reason
             try:
-                data = raw if mask & 1 else codec.decompress(raw, chunk_bytes)
-            except _DECOMPRESS_ERRORS as exc:
-                failure = f"chunk at {offset} does not decompress: {one_line(exc)}"
+                data = unpack_chunk(raw, decode, chunk_bytes, mask)
+            except CorruptEntryError as exc:
+                failure = f"chunk at {offset}: {exc.reason}"
                 continue
-            if len(data) != chunk_bytes:
-                failure = f"chunk at {offset} holds {len(data)} bytes where {chunk_bytes} were expected"
-            elif verbatim:  # 1-D: chunks run in order, the last one padded
+            if verbatim:  # 1-D: chunks run in order, the last one padded
                 piece = memoryview(data)[: size - done]
                 source_crc = zlib.crc32(piece, source_crc)
                 done += len(piece)

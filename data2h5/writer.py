@@ -12,50 +12,29 @@ from __future__ import annotations
 
 import logging
 import ctypes
-import math
 import os
 import sys
 import zlib
 from pathlib import Path
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+from array import array
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
 
 from . import format as fmt
 from .codecs import NONE, Codec, codec_by_id
+from .encoding import SINGLE_CHUNK_MAX, Packed, iter_chunk_offsets  # noqa: F401 - SINGLE_CHUNK_MAX: tests size entries by it
 from .errors import OutputError
 
 log = logging.getLogger(__name__)
 
-#: Arrays up to this size are stored as one chunk; larger ones in chunks of about
-#: CHUNK_BYTES so that a slice reads only the chunks it touches.
-SINGLE_CHUNK_MAX = 4 << 20
-CHUNK_BYTES = 1 << 20
 LIBVER = ("v110", "v112")  # readable by HDF5 1.12 and later; linear-time group growth
 #: HDF5's metadata cache limit for the file being written. The default (2 MiB of on-disk
 #: metadata) holds ~7,000 object headers of new datasets, which take ~5 KB each in memory:
 #: ~37 MB that grows with the number of entries until then. Entries are written once, so a
 #: small cache costs no speed (measured: same µs per entry at 20,000 and 60,000 entries).
 METADATA_CACHE_BYTES = 256 << 10
-
-
-class Packed(NamedTuple):
-    """One entry ready to write, as a worker hands it to the writer."""
-
-    key: str
-    kind: int
-    dtype: str
-    shape: Tuple[int, ...]
-    codec: int
-    chunk_shape: Optional[Tuple[int, ...]]  # None: contiguous storage, ``data`` is the raw bytes
-    data: object  # raw bytes (contiguous) | [(chunk offset, bytes, filter mask)] | ndarray (HDF5 compresses)
-    size: int  # source file size
-    crc32: int  # source file CRC-32
-    nbytes: int  # decoded size
-    stored_crc32: int = 0  # CRC-32 of the stored bytes, chunks concatenated in chunk-grid order
-    mtime_ns: int = 0  # source file's modification time when read: a resume re-reads it if it changed
-    verbatim: bool = False  # a BYTES/TEXT value that is exactly the source file's bytes
 
 
 def check_output(dst: Path, overwrite: bool) -> None:
@@ -109,58 +88,6 @@ def _limit_metadata_cache(f: h5py.File, nbytes: int) -> None:
     f.id.set_mdc_config(config)
 
 
-def chunk_shape_for(shape: Tuple[int, ...], itemsize: int) -> Tuple[int, ...]:
-    """One chunk for small arrays; for large ones, halve leading axes until ~CHUNK_BYTES."""
-    if math.prod(shape) * itemsize <= SINGLE_CHUNK_MAX:
-        return tuple(shape)
-    chunk = list(shape)
-    axis = 0
-    while math.prod(chunk) * itemsize > CHUNK_BYTES and axis < len(chunk):
-        if chunk[axis] > 1:
-            chunk[axis] = (chunk[axis] + 1) // 2
-        else:
-            axis += 1
-    return tuple(chunk)
-
-
-def iter_chunk_offsets(shape: Tuple[int, ...], chunk: Tuple[int, ...]) -> Iterator[Tuple[Tuple[int, ...], tuple]]:
-    """Yield ``(offset, slices)`` of every chunk of an array, in row-major chunk-grid order:
-    the order in which an entry's stored checksum runs over its chunks."""
-    grid = [range(0, n, c) for n, c in zip(shape, chunk)]
-    for cell in np.ndindex(*[len(g) for g in grid]):
-        start = tuple(g[i] for g, i in zip(grid, cell))
-        yield start, tuple(slice(s, s + c) for s, c in zip(start, chunk))
-
-
-def iter_chunks(arr: np.ndarray, chunk: Tuple[int, ...]) -> Iterator[Tuple[Tuple[int, ...], np.ndarray]]:
-    """Yield ``(offset, chunk data)``; edge chunks are zero-padded to the full chunk shape, as
-    HDF5 stores them."""
-    for start, where in iter_chunk_offsets(arr.shape, chunk):
-        block = arr[where]
-        if block.shape != chunk:
-            padded = np.zeros(chunk, dtype=arr.dtype)
-            padded[tuple(slice(0, n) for n in block.shape)] = block
-            block = padded
-        yield start, np.ascontiguousarray(block)
-
-
-def pack(key: str, kind: int, arr: np.ndarray, codec: Codec, size: int, crc32: int, mtime_ns: int = 0) -> Packed:
-    """Prepare ``arr`` for the writer, compressing its chunks here (in the worker)."""
-    dtype = arr.dtype.str
-    shape = tuple(arr.shape)
-    if codec.id == NONE or arr.nbytes == 0 or arr.ndim == 0:
-        raw = arr.tobytes()
-        return Packed(key, kind, dtype, shape, NONE, None, raw, size, crc32, arr.nbytes, zlib.crc32(raw), mtime_ns)
-    chunk = chunk_shape_for(shape, arr.itemsize)
-    if not codec.in_worker:
-        return Packed(key, kind, dtype, shape, codec.id, chunk, arr, size, crc32, arr.nbytes, 0, mtime_ns)
-    chunks = [(offset, *codec.compress(block.data)) for offset, block in iter_chunks(arr, chunk)]
-    stored_crc = 0
-    for _, data, _ in chunks:
-        stored_crc = zlib.crc32(data, stored_crc)
-    return Packed(key, kind, dtype, shape, codec.id, chunk, chunks, size, crc32, arr.nbytes, stored_crc, mtime_ns)
-
-
 class Writeback:
     """Has the kernel start writing each new 32 MiB of a file to disk while the run goes on
     (Linux ``sync_file_range``), so the final fsync waits for the tail only, and dirty pages
@@ -205,6 +132,85 @@ def _sync_file_range():
         return None
 
 
+class IndexRow(NamedTuple):
+    """One entry's row of a ``files`` index (see :mod:`data2h5.format`)."""
+
+    key: str
+    size: int
+    crc32: int
+    kind: int
+    codec: int
+    offset: int  # 0: not one block, read through h5py
+    stored: int
+    dtype: str
+    shape: Tuple[int, ...]
+    stored_crc32: int
+    verbatim: bool
+
+
+class IndexColumns:
+    """The rows of a ``files`` index as they are added, held column by column in typed
+    arrays (a few dozen bytes an entry, not a Python object per row)."""
+
+    _NUMERIC = ("size", "crc32", "kind", "codec", "offset", "stored", "stored_crc32", "verbatim")
+
+    def __init__(self) -> None:
+        self.keys: List[bytes] = []
+        self.dtypes: List[bytes] = []
+        self._columns = {name: array("Q") for name in self._NUMERIC}
+        self._shapes = array("q")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def append(self, row: IndexRow) -> None:
+        self.keys.append(row.key.encode("utf-8"))
+        self.dtypes.append(row.dtype.encode())
+        for name in self._NUMERIC:
+            self._columns[name].append(int(getattr(row, name)))
+        dims = list(row.shape[: fmt.MAX_NDIM])
+        self._shapes.extend(dims + [-1] * (fmt.MAX_NDIM - len(dims)))
+        if len(row.shape) > fmt.MAX_NDIM:
+            self._columns["offset"][-1] = 0  # too many dims to describe here: read through h5py
+
+    def columns(self, order: Optional[Sequence[int]] = None) -> dict:
+        """The index's datasets by name, rows in ``order`` (positions) when given."""
+        n = len(self.keys)
+        take = (lambda a: a) if order is None else (lambda a: a[np.asarray(order, dtype=np.int64)])
+        width = max((len(k) for k in self.keys), default=1) or 1
+        out = {"keys": take(np.array(self.keys, dtype=f"S{width}"))}
+        for name in self._NUMERIC:
+            if name == "stored_crc32":  # the datasets in the order archives have always had
+                out["dtype"] = take(np.array(self.dtypes, dtype=fmt.INDEX_FIELDS["dtype"]))
+            values = np.frombuffer(self._columns[name], dtype=np.uint64) if n else np.zeros(0, np.uint64)
+            out[name] = take(values.astype(fmt.INDEX_FIELDS[name]))
+        shapes = np.frombuffer(self._shapes, dtype=np.int64) if n else np.zeros(0, np.int64)
+        out["shape"] = take(shapes.reshape(n, fmt.MAX_NDIM).astype(fmt.INDEX_FIELDS["shape"]))
+        return out
+
+
+class JournalEntry(NamedTuple):
+    """What a resume needs to rebuild one ``files`` entry from a part file: its
+    :class:`Packed` fields, with where its stored bytes lie in place of the data. ``where``:
+    ``(addr, size)`` when contiguous, ``(addr, size, filter mask)`` for one chunk, else
+    ``[[chunk offset, addr, size, mask], ...]``. Journaled as a JSON list."""
+
+    key: str
+    kind: int
+    dtype: str
+    shape: Sequence[int]
+    codec: int
+    chunk_shape: Optional[Sequence[int]]
+    where: Any
+    size: int
+    crc32: int
+    nbytes: int
+    stored_crc32: int
+    mtime_ns: int
+    verbatim: bool
+    level: Optional[int] = None  # absent from journals written before it was recorded
+
+
 class FilesWriter:
     """Writes entries of the ``files`` layout and, on :meth:`close`, the index.
 
@@ -212,23 +218,25 @@ class FilesWriter:
     journaled at checkpoints, so that a resume can reuse it.
     """
 
-    def __init__(self, f: h5py.File, codec: Optional[Codec] = None, checkpoints=None):
+    def __init__(self, f: h5py.File, checkpoints=None):
         self._f = f
-        self._codec = codec  # the user's choice, with its level (a Packed carries only the id)
         self._lcpl = h5py.h5p.create(h5py.h5p.LINK_CREATE)
         self._lcpl.set_create_intermediate_group(True)
         self._lcpl.set_char_encoding(h5py.h5t.CSET_UTF8)
         self._dcpls = {}
         self._types = {}
-        self._rows: List[tuple] = []
+        self._rows = IndexColumns()
         self.bytes_stored = 0
         self._writeback = Writeback(f.filename)
         self._checkpoints = checkpoints
-        self._pending: List[tuple] = []
+        self._pending: List[JournalEntry] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
     def add(self, p: Packed) -> None:
         """Create the entry's dataset, write its data and remember its index row."""
-        codec = self._codec if self._codec is not None and self._codec.id == p.codec else codec_by_id(p.codec)
+        codec = codec_by_id(p.codec, p.level)
         dsid = h5py.h5d.create(
             self._f.id, p.key.encode("utf-8"), self._type(p.dtype), h5py.h5s.create_simple(p.shape),
             dcpl=self._dcpl(p.chunk_shape, codec), lcpl=self._lcpl,
@@ -236,12 +244,14 @@ class FilesWriter:
         try:
             offset, stored, codec_id, crc = self._write(dsid, p, codec)
             if self._checkpoints is not None:
-                self._pending.append(_journal_row(dsid, p, offset, crc))
+                self._pending.append(_journal_entry(dsid, p, offset, crc))
         finally:
             dsid.close()
         self.bytes_stored += stored
         self._writeback.poll(stored)
-        self._rows.append((p.key, p.size, p.crc32, p.kind, codec_id, offset, stored, p.dtype, p.shape, crc, p.verbatim))
+        self._rows.append(IndexRow(key=p.key, size=p.size, crc32=p.crc32, kind=p.kind, codec=codec_id, offset=offset,
+                                   stored=stored, dtype=p.dtype, shape=p.shape, stored_crc32=crc,
+                                   verbatim=p.verbatim))
         if self._pending and self._checkpoints.due():
             self.checkpoint()
 
@@ -302,18 +312,16 @@ class FilesWriter:
     def close(self, order: Optional[dict] = None) -> int:
         """Write the index of every entry added, sorted by ``order[key]`` when given (a resume
         adds reused entries first); returns the bytes of entry data stored."""
+        positions = None
         if order is not None:
-            self._rows.sort(key=lambda row: order[row[0]])
-        write_index(self._f, self._rows)
+            keys = self._rows.keys
+            positions = sorted(range(len(keys)), key=lambda i: order[keys[i].decode("utf-8")])
+        write_index(self._f, self._rows.columns(positions))
         self._writeback.close()
         return self.bytes_stored
 
 
-def _journal_row(dsid, p: Packed, offset: int, crc: int) -> tuple:
-    """What a resume needs to rebuild the entry from the part file: its :class:`Packed`
-    fields, with where its stored bytes lie in place of the data: ``(addr, size)`` when
-    contiguous, ``(addr, size, filter mask)`` for one chunk, else ``[[chunk offset, addr,
-    size, mask], ...]`` (a tuple per entry: this runs for every entry written)."""
+def _journal_entry(dsid, p: Packed, offset: int, crc: int) -> JournalEntry:
     if p.chunk_shape is None:
         where = (offset, p.nbytes)
     elif offset:  # one chunk, found already
@@ -321,19 +329,20 @@ def _journal_row(dsid, p: Packed, offset: int, crc: int) -> tuple:
     else:
         infos = (dsid.get_chunk_info(i) for i in range(dsid.get_num_chunks()))
         where = sorted([list(i.chunk_offset), i.byte_offset, i.size, i.filter_mask] for i in infos)
-    return (p.key, p.kind, p.dtype, p.shape, p.codec, p.chunk_shape, where, p.size, p.crc32, p.nbytes, crc,
-            p.mtime_ns, p.verbatim)
+    return JournalEntry(p.key, p.kind, p.dtype, p.shape, p.codec, p.chunk_shape, where, p.size, p.crc32, p.nbytes,
+                        crc, p.mtime_ns, p.verbatim, p.level)
 
 
-def unjournal_row(row: list, read) -> Optional[Packed]:
-    """The :class:`Packed` a journal row describes, its stored bytes fetched with
+def unjournal(entry: JournalEntry, read) -> Optional[Packed]:
+    """The :class:`Packed` a journal entry describes, its stored bytes fetched with
     ``read(addr, size)``; None when they are missing or fail their checksum."""
-    key, kind, dtype, shape, codec, chunk_shape, where, size, crc32, nbytes, stored_crc, mtime_ns, verbatim = row
-    shape = tuple(shape)
+    shape = tuple(entry.shape)
+    where = entry.where
+    chunk_shape = entry.chunk_shape
     if chunk_shape is None:
         addr, length = where
         data = read(addr, length) if length else b""
-        if data is None or zlib.crc32(data) != stored_crc:
+        if data is None or zlib.crc32(data) != entry.stored_crc32:
             return None
     else:
         if isinstance(where[0], int):  # one chunk
@@ -346,11 +355,13 @@ def unjournal_row(row: list, read) -> Optional[Packed]:
                 return None
             crc = zlib.crc32(block, crc)
             data.append((tuple(offset), block, mask))
-        if crc != stored_crc:
+        if crc != entry.stored_crc32:
             return None
         chunk_shape = tuple(chunk_shape)
-    return Packed(key, kind, dtype, shape, codec, chunk_shape, data, size, crc32, nbytes, stored_crc, mtime_ns,
-                  bool(verbatim))
+    return Packed(key=entry.key, kind=entry.kind, dtype=entry.dtype, shape=shape, codec=entry.codec,
+                  chunk_shape=chunk_shape, data=data, size=entry.size, crc32=entry.crc32, nbytes=entry.nbytes,
+                  stored_crc32=entry.stored_crc32, mtime_ns=entry.mtime_ns, verbatim=bool(entry.verbatim),
+                  level=entry.level)
 
 
 def create_index_group(f: h5py.File) -> h5py.Group:
@@ -362,31 +373,9 @@ def create_index_group(f: h5py.File) -> h5py.Group:
     return group
 
 
-def write_index(f: h5py.File, rows: List[tuple]) -> None:
-    """Store the index group (see :mod:`data2h5.format`) for ``rows`` of
-    ``(key, size, crc32, kind, codec, offset, stored, dtype, shape, stored_crc32, verbatim)``."""
+def write_index(f: h5py.File, columns: dict) -> None:
+    """Store the index group (see :mod:`data2h5.format`) with ``columns`` by name."""
     group = create_index_group(f)
-    n = len(rows)
-    keys = [r[0].encode("utf-8") for r in rows]
-    width = max((len(k) for k in keys), default=1) or 1
-    columns = {
-        "keys": np.array(keys, dtype=f"S{width}"),
-        "size": np.fromiter((r[1] for r in rows), fmt.INDEX_FIELDS["size"], n),
-        "crc32": np.fromiter((r[2] for r in rows), fmt.INDEX_FIELDS["crc32"], n),
-        "kind": np.fromiter((r[3] for r in rows), fmt.INDEX_FIELDS["kind"], n),
-        "codec": np.fromiter((r[4] for r in rows), fmt.INDEX_FIELDS["codec"], n),
-        "offset": np.fromiter((r[5] for r in rows), fmt.INDEX_FIELDS["offset"], n),
-        "stored": np.fromiter((r[6] for r in rows), fmt.INDEX_FIELDS["stored"], n),
-        "dtype": np.array([r[7].encode() for r in rows], dtype=fmt.INDEX_FIELDS["dtype"]),
-        "stored_crc32": np.fromiter((r[9] for r in rows), fmt.INDEX_FIELDS["stored_crc32"], n),
-        "verbatim": np.fromiter((r[10] for r in rows), fmt.INDEX_FIELDS["verbatim"], n),
-    }
-    shape = np.full((n, fmt.MAX_NDIM), -1, dtype=fmt.INDEX_FIELDS["shape"])
-    for i, r in enumerate(rows):
-        dims = r[8][: fmt.MAX_NDIM]
-        shape[i, : len(dims)] = dims
-        if len(r[8]) > fmt.MAX_NDIM:
-            columns["offset"][i] = 0  # too many dims to describe here: read through h5py
-    columns["shape"] = shape
+    n = len(columns["keys"])
     for name, values in columns.items():
         group.create_dataset(name, data=values, compression="gzip" if n else None, chunks=True if n else None)
