@@ -181,17 +181,19 @@ def _init_local_worker(channel: Any) -> None:
 
 
 def _exit_with_parent() -> None:
-    """Linux: have the kernel end this worker when the caller dies however it dies."""
+    """Linux: have the kernel end this worker when its parent dies however it dies. The
+    parent is the caller, or under forkserver the fork server, which ends with the caller."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
+    parent_pid = os.getppid()
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
+    caller = multiprocessing.parent_process()
+    if os.getppid() != parent_pid or (caller is not None and not caller.is_alive()):  # died before prctl took effect
         os._exit(1)
 
 
@@ -272,7 +274,9 @@ class Engine:
     def run(self, tasks: Sequence[Task], *, on_progress: Optional[ProgressCallback] = None,
             on_done: Optional[DoneCallback] = None) -> List[Any]:
         """Run ``tasks``; return their results in task order. The first failure stops the
-        run and is raised (see :func:`_forward`); tasks not yet started do not start."""
+        run and is raised (see :func:`_forward`); tasks not yet started do not start. After
+        :meth:`check_folders`, each task checks the folders again where it runs (a worker may
+        join a cluster later)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -336,12 +340,13 @@ class LocalPool(Engine):
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
         relay = threading.Thread(target=_relay, args=(channel, events, stop), name="data2h5-progress", daemon=True)
-        relay.start()
         pool = ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=ctx, initializer=_init_local_worker,
                                    initargs=(channel,))
         finished = False
         try:
-            futures = [pool.submit(_run_task, i, None, None, t.func, t.args, dict(t.kwargs)) for i, t in enumerate(tasks)]
+            futures = [pool.submit(_run_task, i, None, None, t.func, t.args, dict(t.kwargs))
+                       for i, t in enumerate(tasks)]
+            relay.start()  # after the pool forked its workers (under fork, it forks them all at once)
             for i, future in enumerate(futures):
                 future.add_done_callback(lambda _f, i=i: events.put(("done", i)))
 
@@ -360,7 +365,8 @@ class LocalPool(Engine):
                 _stop_workers(pool)
             pool.shutdown(wait=True, cancel_futures=True)
             stop.set()
-            relay.join()
+            if relay.is_alive():
+                relay.join()
             channel.close()
             channel.cancel_join_thread()
 

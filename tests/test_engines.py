@@ -143,8 +143,9 @@ def check_run(engine, tmp_path: Path, n: int = 4) -> Recorder:
 
 # --- local pool ----------------------------------------------------------------------------
 
-def test_local_pool_runs_tasks_in_worker_processes(tmp_path):
-    with open_engine(workers=2) as engine:
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_local_pool_runs_tasks_in_worker_processes(tmp_path, start_method):
+    with open_engine(workers=2, start_method=start_method) as engine:
         assert isinstance(engine, LocalPool)
         check_run(engine, tmp_path)
 
