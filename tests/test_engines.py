@@ -269,9 +269,8 @@ class Processes:
         return proc
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):  # workers first, then the scheduler
+        for proc in reversed(self.procs):  # workers first, while the scheduler can still see them go
             proc.terminate()
-        for proc in reversed(self.procs):
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
