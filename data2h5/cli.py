@@ -14,6 +14,7 @@ import click
 
 from ._version import __version__
 from .codecs import CHOICES
+from .layouts import writable as writable_layouts
 from .convert import convert as convert_folder
 from .errors import Data2H5Error, Interrupted, Terminated
 from .watchdog import guarded
@@ -61,7 +62,7 @@ def main(verbose: bool) -> None:
 @click.option("--compression", default="auto", show_default=True,
               help=f"{' or '.join(CHOICES.rsplit(', ', 1))}.")
 @click.option("--no_compress", "--no-compress", "no_compress", is_flag=True, help="Same as --compression none.")
-@click.option("--layout", type=click.Choice(["files", "stacked"]), default="files", show_default=True,
+@click.option("--layout", type=click.Choice(list(writable_layouts())), default="files", show_default=True,
               help="files: one dataset per file; stacked: one (N, ...) array `data` with labels.")
 @click.option("--overwrite", is_flag=True, help="Replace the output if it exists (and start over, dropping an interrupted run's work).")
 @click.option("--resume", is_flag=True,

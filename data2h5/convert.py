@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import h5py
 
-from . import format as fmt
+from . import format as fmt, layouts
 from ._version import __version__
 from .codecs import Codec, choose_codec, parse_compression
 from .display import decimal_size, progress_bar
@@ -31,7 +31,8 @@ from .errors import Data2H5Error, Interrupted, LayoutError, OutputError, PluginE
 from .format import Kind
 from .index import open_h5
 from .jpeg import check_decode_size
-from .partial import CHECKPOINT_SECONDS, Checkpoints, Journal, OutputLock, Partial, Previous, load_previous
+from .partial import (CHECKPOINT_SECONDS, Checkpoints, InterruptedRun, Journal, OutputLock, Partial, check_output,
+                      create_part, load_previous, publish)
 from .resume import previous_work, reuse
 from .plugins import Plugin, PluginSpec, load
 from .prune import normalize_extensions
@@ -40,12 +41,11 @@ from .readers import AUTO, BUILTIN_READERS, BuiltinReader, read_source
 from .transport import Slots, share
 from .walk import SourceFile
 from .encoding import Failed, Packed, pack
-from .writer import FilesWriter, check_output, create_part, publish
 
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("fail", "skip")
-LAYOUTS = (fmt.LAYOUT_FILES, fmt.LAYOUT_STACKED)
+LAYOUTS = layouts.writable()
 #: Source bytes one task should carry: big enough to amortise the pool's traffic, small
 #: enough that bounded in-flight work keeps memory flat.
 TASK_BYTES = 4 << 20
@@ -103,12 +103,12 @@ class Report:
 
 
 @dataclass(frozen=True)
-class _Job:
+class WorkerConfig:
     """Everything a worker needs, picklable: plugin specs travel, not functions."""
 
     reader: Optional[PluginSpec]
     codec: Optional[Codec]
-    stacked: bool
+    pack: bool  # compress each entry (the layout's writer stores chunks as they come)
     timeout: Optional[float] = None  # seconds per file
     max_bytes: Optional[int] = MAX_ENTRY_BYTES
     decode_size: Optional[Tuple[int, int]] = None  # JPEGs read as images: decode at the DCT scale covering it
@@ -116,10 +116,10 @@ class _Job:
 
 _worker_reader: Optional[Plugin] = None
 _worker_builtin = True  # the reader is a built-in one (or the auto rule)
-_worker_job: Optional[_Job] = None
+_worker_job: Optional[WorkerConfig] = None
 
 
-def _init_worker(job: _Job, ignore_sigint: bool = True) -> None:
+def _init_worker(job: WorkerConfig, ignore_sigint: bool = True) -> None:
     global _worker_reader, _worker_builtin, _worker_job
     if ignore_sigint:  # a pool worker (not the in-process path)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
@@ -185,7 +185,7 @@ def _process_one(src: SourceFile) -> Packed:
         for warning in caught:
             log.info("%s: %s", src.path, " ".join(str(warning.message).split()))
     crc = zlib.crc32(raw)
-    if job.stacked:
+    if not job.pack:
         return Packed(key=src.key, kind=int(kind), dtype=arr.dtype.str, shape=arr.shape, codec=0, chunk_shape=None,
                       data=arr, size=len(raw), crc32=crc, nbytes=arr.nbytes, mtime_ns=mtime_ns)
     codec = choose_codec(job.codec, kind, ext)
@@ -274,6 +274,7 @@ def convert(
         raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    kept_as = layouts.get(layout)
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
     check_folder(src, "give the folder holding your files")
@@ -315,17 +316,17 @@ def convert(
             what = f"--ext {' '.join(exts)}" if exts else f"--prune {prune_plugin.spec}"
             raise SourceError(f"no file under {src} matched {what}; check the extension or the prune plugin")
         report.skipped.extend(bad_names)
-        job = _Job(reader, codec, layout == fmt.LAYOUT_STACKED, timeout, max_entry_bytes, decode_size)
+        job = WorkerConfig(reader, codec, kept_as.packed_by_workers, timeout, max_entry_bytes, decode_size)
         log.info("converting %d files from %s with %d workers", len(files), src, workers)
-        _write(files, job, previous, partial, gen, options, report, workers, start_method, progress, on_error,
-               checkpoint_seconds)
+        _write(files, kept_as, job, previous, partial, gen, options, report, workers, start_method, progress,
+               on_error, checkpoint_seconds)
     report.bytes_out = dst.stat().st_size
     report.elapsed = time.perf_counter() - started
     log.info("%s", report.summary())
     return report
 
 
-def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], partial: Partial, gen: int, options: dict,
+def _write(files: List[SourceFile], layout: layouts.Layout, job: WorkerConfig, previous: Optional[InterruptedRun], partial: Partial, gen: int, options: dict,
            report: Report, workers: int, start_method: Optional[str], progress: Optional[bool], on_error: str,
            checkpoint_s: float) -> None:
     """Build the archive in part ``gen``, reusing ``previous`` work, and publish it."""
@@ -336,17 +337,13 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
     f = writer = None
     try:
         f = create_part(part)
-        if job.stacked:
-            from .stacked import StackedWriter
-
-            writer = StackedWriter(f, len(files), job.codec, checkpoints=Checkpoints(f, journal, checkpoint_s))
-        else:
-            writer = FilesWriter(f, checkpoints=Checkpoints(f, journal, checkpoint_s))
+        writer = layout.open_writer(f, entries=len(files), codec=job.codec,
+                                    checkpoints=Checkpoints(f, journal, checkpoint_s))
         bar = progress_bar(len(files), progress)
         try:
             todo = files
             if previous is not None:
-                reused = reuse(previous, files, writer, partial, job.stacked)
+                reused = reuse(previous, files, writer, partial, layout)
                 todo = reused.todo
                 report.reused = report.entries = reused.entries
                 report.bytes_in, report.bytes_decoded = reused.bytes_in, reused.bytes_decoded
@@ -366,7 +363,7 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
                     report.skipped.append((key, reason))
                     writer.skip(key, reason)
                 else:
-                    _add(writer, item, job.stacked)
+                    writer.add(item)
                     report.entries += 1
                     report.bytes_in += item.size
                     report.bytes_decoded += item.nbytes
@@ -375,8 +372,8 @@ def _write(files: List[SourceFile], job: _Job, previous: Optional[Previous], par
                     bar.set_postfix_str(f"{report.bytes_in / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s", refresh=False)
             if report.entries == 0:
                 raise SourceError(f"every matching file under {report.source} failed; nothing to write ({report.skipped[0][1]})")
-            order = {src.key: i for i, src in enumerate(files)} if report.reused and not job.stacked else None
-            stored = writer.close(order) if order else writer.close()
+            order = {src.key: i for i, src in enumerate(files)} if report.reused else None
+            stored = writer.close(order)
         finally:
             bar.close()
         _write_attrs(f, report, options, stored)
@@ -447,14 +444,7 @@ def _report_of(dst: Path, report: Report, started: float) -> Report:
     return report
 
 
-def _add(writer, item: Packed, stacked: bool) -> None:
-    if stacked:  # the stacked writer refuses what is not a decoded array, naming the remedy
-        writer.add(item.key, item.data, item.size, item.crc32, Kind(item.kind), item.mtime_ns)
-    else:
-        writer.add(item)
-
-
-def _run(files: List[SourceFile], job: _Job, workers: int, start_method: Optional[str]):
+def _run(files: List[SourceFile], job: WorkerConfig, workers: int, start_method: Optional[str]):
     """Yield each file's result in walk order, with bounded work in flight."""
     if workers == 1:
         _init_worker(job, ignore_sigint=False)

@@ -34,12 +34,11 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import format as fmt, safety
+from . import layouts, safety
 from .display import decimal_size, progress_bar
 from .errors import ArchiveError, ArchiveKeyError, Data2H5Error, OutputError, SizeLimitError, UnsafeKeyError
 from .format import Kind
-from .index import ArchiveReader, Index, PathLike, open_h5, read_index
-from .verify import block_rows, read_stacked_chunk, stacked_chunks
+from .index import Index, PathLike, read_index
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ def planned_bytes(index: Index, positions: Sequence[int]) -> int:
     if not len(rows):
         return 0
     itemsize = safety.row_itemsizes(index.dtype[rows], index.path, lambda i: index.keys[int(rows[i])],
-                                    index.layout != "plain")
+                                    layouts.get(index.layout).writable)
     headers = (index.kind[rows] == Kind.ARRAY) * NPY_HEADER_BYTES
     total = float((safety.row_bytes(index.shape[rows], itemsize) + headers).sum())
     return int(total) if math.isfinite(total) else 1 << 62
@@ -262,7 +261,7 @@ def extract(
     bar = progress_bar(report.planned_bytes, progress, unit="B")
     writer = _Writer(dest, overwrite)
     try:
-        for rel, value, as_npy in _values(archive, index, todo):
+        for rel, value, as_npy in layouts.get(index.layout).extract_values(archive, index, todo):
             written = writer.write(rel, value, as_npy)
             report.bytes += written
             report.files += 1
@@ -275,35 +274,6 @@ def extract(
     report.elapsed = time.perf_counter() - started
     log.info("%s", report.summary())
     return report
-
-
-def _values(archive: str, index: Index, todo: List[Tuple[int, str]]) -> Iterator[Tuple[str, np.ndarray, bool]]:
-    """``(relative path, stored array, whether it is written as .npy)`` of each planned entry,
-    read and checked."""
-    if index.layout != fmt.LAYOUT_STACKED:
-        with ArchiveReader(archive, index, verify=True) as reader:
-            for pos, rel in todo:
-                yield rel, reader.read_stored(pos), int(index.kind[pos]) == Kind.ARRAY
-        return
-    wanted = dict(todo)
-    with open_h5(archive) as f:
-        data, count, crcs, problem = stacked_chunks(f, index.max_entry_bytes)
-        if problem:
-            raise ArchiveError(f"{archive}: {problem}; convert the source again")
-        rows = block_rows(data)
-        for i in range(count):
-            lo, hi = i * rows, min(len(data), (i + 1) * rows)
-            if not any(r in wanted for r in range(lo, hi)):
-                continue
-            try:
-                block = read_stacked_chunk(data, crcs, i)
-            except ArchiveError as exc:
-                keys = index.keys[lo:hi]
-                raise exc.add_context(f"in {archive}, entries {safety.printable(repr(keys[0]))} to "
-                                      f"{safety.printable(repr(keys[-1]))}; convert the source again")
-            for r in range(lo, hi):
-                if r in wanted:
-                    yield wanted[r], block[r - lo], True
 
 
 class _Writer:

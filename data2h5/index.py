@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import h5py
 import numpy as np
 
-from . import codecs, format as fmt, safety
+from . import codecs, format as fmt, layouts, safety
 from .chunks import check_crc, pread_into, read_chunk
 from .display import one_line
 from .errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError
@@ -42,7 +42,7 @@ STORED_CRC32 = fmt.STORED_CRC32
 """Optional index field: CRC-32 of each entry's stored bytes, so damage to compressed arrays
 (whose ``crc32`` is that of the source file, not of what is stored) is caught on read."""
 
-LAYOUT_PLAIN = "plain"
+LAYOUT_PLAIN = layouts.PLAIN
 """Layout of an HDF5 file not written by data2h5: every dataset is an entry."""
 
 
@@ -164,6 +164,15 @@ def _damaged(exc: BaseException) -> str:
 
 
 
+def create_index_group(f: h5py.File) -> h5py.Group:
+    """A new index group that root listings do not show (see :mod:`data2h5.format`): anonymous,
+    kept by a hard link to itself, found through the root attribute :data:`fmt.ATTR_INDEX`."""
+    group = h5py.Group(h5py.h5g.create(f.id, None))
+    group[fmt.INDEX_SELF] = group
+    f.attrs[fmt.ATTR_INDEX] = group.ref
+    return group
+
+
 def read_index(source: Union[PathLike, h5py.File], *, max_entry_bytes: int = safety.MAX_ENTRY_BYTES) -> Index:
     """The index of an archive given by path or by an open :class:`h5py.File`.
 
@@ -186,20 +195,14 @@ def _read_index(f: h5py.File, limit: int) -> Index:
     attrs: dict = {}
     try:
         attrs = safety.read_attrs(f)
-        layout = attrs.get(fmt.ATTR_LAYOUT)
-        if layout == fmt.LAYOUT_STACKED:
-            index = _read_stacked(f, attrs, limit)
-        else:
-            group = safety.open_index_group(f)
-            if group is not None:
-                index = _read_files(f, group, attrs, limit)
-            elif fmt.ATTR_FORMAT in attrs:
-                raise ArchiveError(f"{path}: data2h5 archive without its index; convert the source again")
-            else:
-                index = _walk_plain(f, attrs)
+        name = attrs.get(fmt.ATTR_LAYOUT)
+        layout = layouts.get(name if isinstance(name, str) and name in layouts.writable() else fmt.LAYOUT_FILES)
+        index = layout.read_index(f, attrs, limit)
+        if index is None:  # no index and no data2h5 mark: an HDF5 file data2h5 did not write
+            index = layouts.get(layouts.PLAIN).read_index(f, attrs, limit)
         index.max_entry_bytes = limit
         safety.check_rows(index, os.stat(path).st_size, limit, codecs.KNOWN_IDS, codecs.MAX_RATIO,
-                          strict_dtypes=index.layout != LAYOUT_PLAIN)
+                          strict_dtypes=layouts.get(index.layout).writable)
         return index
     except ArchiveError:
         raise
@@ -211,7 +214,7 @@ def _read_index(f: h5py.File, limit: int) -> Index:
 
 
 
-def _index_field(f: h5py.File, group: h5py.Group, name: str, limit: int, dtype: Optional[np.dtype]) -> np.ndarray:
+def index_field(f: h5py.File, group: h5py.Group, name: str, limit: int, dtype: Optional[np.dtype]) -> np.ndarray:
     """One column of the index group, bounded in size and cast to the dtype it must have."""
     where = f"index/{name}"
     arr = safety.read_small(safety.open_child(f, group, name), limit, f.filename, where)
@@ -229,67 +232,12 @@ def _index_field(f: h5py.File, group: h5py.Group, name: str, limit: int, dtype: 
     return arr.astype(dtype, copy=False)
 
 
-def _read_files(f: h5py.File, group: h5py.Group, attrs: dict, limit: int) -> Index:
-    keys = _decode_keys(_read_keys(f, safety.open_child(f, group, "keys"), "index/keys", limit))
-    n = len(keys)
-    optional = {STORED_CRC32, fmt.VERBATIM}  # absent from archives written before they were recorded
-    arrays = {name: _index_field(f, group, name, limit, dtype) for name, dtype in fmt.INDEX_FIELDS.items()
-              if name != "keys" and (name in group or name not in optional)}
-    for name, arr in arrays.items():
-        if len(arr) != n:
-            raise ValueError(f"index field {name!r} has {len(arr)} rows for {n} keys")
-    return Index(path=f.filename, layout=fmt.LAYOUT_FILES, keys=keys, attrs=attrs, **arrays)
-
-
-def _read_keys(f: h5py.File, dset: h5py.Dataset, name: str, limit: int) -> np.ndarray:
+def read_keys(f: h5py.File, dset: h5py.Dataset, name: str, limit: int) -> np.ndarray:
     arr = safety.read_small(dset, limit, f.filename, name)
     if arr.ndim != 1 or arr.dtype.kind not in "SO":
         raise ArchiveError(f"{f.filename}: {name!r} holds {arr.dtype} {arr.shape}, not a list of keys; "
                            "the archive is damaged or crafted")
     return arr
-
-
-def _read_stacked(f: h5py.File, attrs: dict, limit: int) -> Index:
-    path = f.filename
-    data = safety.open_dataset(f, fmt.STACKED_DATA)
-    if data.ndim == 0:
-        raise ArchiveError(f"{path}: dataset {fmt.STACKED_DATA!r} is a scalar, not rows of samples")
-    safety.check_chunks(data, limit, path, fmt.STACKED_DATA)
-    n = len(data)
-    group = safety.open_index_group(f)
-    if group is not None and fmt.STACKED_KEYS in group:
-        keys_dset = safety.open_child(f, group, fmt.STACKED_KEYS)
-    else:
-        keys_dset = safety.open_dataset(f, fmt.STACKED_KEYS) if safety.has(f, fmt.STACKED_KEYS) else None
-    keys = _decode_keys(_read_keys(f, keys_dset, "keys", limit)) if keys_dset else [str(i) for i in range(n)]
-    if len(keys) != n:
-        raise ValueError(f"{len(keys)} keys for {n} samples")
-    index = _blank_index(path, fmt.LAYOUT_STACKED, keys, attrs)
-    if group is not None:
-        for name in ("size", "crc32"):
-            if name in group:
-                column = _index_field(f, group, name, limit, fmt.INDEX_FIELDS[name])
-                if len(column) != n:
-                    raise ValueError(f"index field {name!r} has {len(column)} rows for {n} samples")
-                getattr(index, name)[:] = column
-    index.dtype[:] = safety.safe_dtype(data.dtype.str, path, f"dataset {fmt.STACKED_DATA!r}").str.encode()
-    row_shape = data.shape[1:]
-    if len(row_shape) > fmt.MAX_NDIM:
-        raise ArchiveError(f"{path}: dataset {fmt.STACKED_DATA!r} has {data.ndim} axes, more than data2h5 reads")
-    index.shape[:, : len(row_shape)] = row_shape
-    # Contiguous, unfiltered data: each row is one block at a computable offset.
-    base = data.id.get_offset()
-    if base is not None and n:
-        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * data.dtype.itemsize
-        index.offset[:] = base + np.arange(n, dtype=np.uint64) * np.uint64(row_bytes)
-        index.stored[:] = row_bytes
-    if safety.has(f, fmt.STACKED_CLASSES):
-        index.classes = _decode_keys(_read_keys(f, safety.open_dataset(f, fmt.STACKED_CLASSES), fmt.STACKED_CLASSES,
-                                                limit))
-    if safety.has(f, fmt.STACKED_LABELS):
-        labels = safety.read_small(safety.open_dataset(f, fmt.STACKED_LABELS), limit, path, fmt.STACKED_LABELS)
-        index.labels = check_labels(labels, n, index.classes, path)
-    return index
 
 
 def check_labels(labels: np.ndarray, n: int, classes: Optional[List[str]], path: str) -> np.ndarray:
@@ -307,61 +255,7 @@ def check_labels(labels: np.ndarray, n: int, classes: Optional[List[str]], path:
     return labels
 
 
-def _walk_plain(f: h5py.File, attrs: dict) -> Index:
-    found: Dict[str, h5py.Dataset] = {}
-
-    def visit(name: str, obj) -> None:  # hard links only: HDF5's visit follows no other link
-        if isinstance(obj, h5py.Dataset):
-            found[name] = obj
-
-    f.visititems(visit)
-    keys = sorted(found)
-    index = _blank_index(f.filename, LAYOUT_PLAIN, keys, attrs)
-    for i, key in enumerate(keys):
-        dset = found[key]
-        index.dtype[i] = dset.dtype.str.encode()[:16]
-        shape = dset.shape or ()
-        index.shape[i, : min(len(shape), fmt.MAX_NDIM)] = shape[: fmt.MAX_NDIM]
-        block = _one_block(dset)
-        if block is not None:
-            index.codec[i], index.offset[i], index.stored[i] = block
-    log.info("%s: not a data2h5 archive; walked %d datasets", f.filename, len(keys))
-    return index
-
-
-# HDF5 filters whose chunks the fast path can decompress, by the codec that does it.
-_FILTER_CODECS = {c.filter_id: c.id for c in (codecs.CODECS["gzip"], codecs.CODECS["lzf"])}
-
-
-def _one_block(dset: h5py.Dataset) -> Optional[tuple]:
-    """``(codec id, offset, stored bytes)`` when a plain dataset's data is one block the fast
-    path can read (contiguous, or a single chunk with at most one lzf/deflate filter)."""
-    if dset.dtype.kind not in "biufc" or dset.dtype.itemsize > 16 or dset.ndim > fmt.MAX_NDIM or not dset.size:
-        return None
-    dsid = dset.id
-    dcpl = dsid.get_create_plist()
-    if dcpl.get_layout() == h5py.h5d.VIRTUAL or dcpl.get_external_count():
-        return None  # listed; refused when read (see safety.check_local)
-    if dset.chunks is None:
-        offset = dsid.get_offset()
-        return None if offset is None else (codecs.NONE, offset, dset.size * dset.dtype.itemsize)
-    if dset.chunks != dset.shape or dsid.get_num_chunks() != 1:
-        return None
-    nfilters = dcpl.get_nfilters()
-    if nfilters > 1:
-        return None
-    codec = codecs.NONE
-    if nfilters == 1:
-        codec = _FILTER_CODECS.get(dcpl.get_filter(0)[0])
-        if codec is None:
-            return None
-    info = dsid.get_chunk_info(0)
-    if info.filter_mask:  # the filter was skipped for this chunk: stored raw
-        codec = codecs.NONE
-    return codec, info.byte_offset, info.size
-
-
-def _blank_index(path: str, layout: str, keys: List[str], attrs: dict) -> Index:
+def blank_index(path: str, layout: str, keys: List[str], attrs: dict) -> Index:
     n = len(keys)
     return Index(
         path=path,
@@ -379,7 +273,7 @@ def _blank_index(path: str, layout: str, keys: List[str], attrs: dict) -> Index:
     )
 
 
-def _decode_keys(raw: np.ndarray) -> List[str]:
+def decode_keys(raw: np.ndarray) -> List[str]:
     return [k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in raw.tolist()]
 
 
@@ -452,6 +346,7 @@ class ArchiveReader:
         self.path = os.fspath(path)
         self.index = read_index(self.path, max_entry_bytes=max_entry_bytes) if index is None else index
         self.verify = verify
+        self.layout = layouts.get(self.index.layout)
         # Rows of a files archive whose block has been proven to be their dataset's own
         # storage (safety.check_storage), once per row and process, on first read.
         self._proven: Optional[np.ndarray] = None
@@ -462,7 +357,7 @@ class ArchiveReader:
         self._lock = threading.Lock()
         self._fd: Optional[int] = None
         self._h5: Optional[h5py.File] = None
-        self._data: Optional[h5py.Dataset] = None
+        self._members: Dict[str, h5py.Dataset] = {}  # datasets opened by name, for this process
         self._groups: Dict[str, Any] = {}  # opened groups by path, for resolving keys
 
     def __len__(self) -> int:
@@ -508,12 +403,13 @@ class ArchiveReader:
         if getattr(self, "_pid", None) is None:
             return  # never fully initialised
         self._close_handles()
-        self._fd = self._h5 = self._data = None
+        self._fd = self._h5 = None
+        self._members = {}
         self._groups = {}
 
     def _close_handles(self) -> None:
         fd, h5 = getattr(self, "_fd", None), getattr(self, "_h5", None)
-        self._data = None
+        self._members = {}
         self._groups = {}
         if fd is not None:
             try:
@@ -540,7 +436,7 @@ class ArchiveReader:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_pid", "_lock", "_fd", "_h5", "_data", "_groups"):
+        for name in ("_pid", "_lock", "_fd", "_h5", "_members", "_groups"):
             state.pop(name, None)
         state["_proven"] = None  # proven again, once per row, by each process that reads
         return state
@@ -572,7 +468,7 @@ class ArchiveReader:
         offset = int(index.offset[pos])
         codec_id = int(index.codec[pos])
         if offset and codec_id in _DIRECT_CODECS:
-            if index.layout == fmt.LAYOUT_FILES:
+            if self.layout.indexed_datasets:
                 self._prove(pos, offset)
             arr = self._read_direct(pos, offset, codec_id)
         else:
@@ -624,6 +520,15 @@ class ArchiveReader:
         safety.check_storage(dsid, dcpl, offset, int(self.index.stored[pos]), self.path, self.index.keys[pos])
         proven[pos] = True
 
+    def member(self, name: str) -> h5py.Dataset:
+        """The dataset ``name`` of the archive (e.g. a stacked archive's ``data``), opened once
+        per process without leaving the file."""
+        self._own_process()
+        dset = self._members.get(name)
+        if dset is None:
+            dset = self._members[name] = safety.open_dataset(self.h5file, name)
+        return dset
+
     def dataset(self, pos: int) -> h5py.Dataset:
         """The HDF5 dataset of entry ``pos`` of a ``files`` or plain archive, reached without
         leaving the file and checked against the index's shape and dtype."""
@@ -638,7 +543,7 @@ class ArchiveReader:
                                "dataset; the archive is damaged") from None
         except (ValueError, RuntimeError, OSError) as exc:
             raise self._corrupt(pos, f"its dataset cannot be opened: {one_line(exc)}") from exc
-        if index.layout != fmt.LAYOUT_FILES:  # a plain file's index was read off these very datasets
+        if not self.layout.indexed_datasets:  # e.g. a plain file's index was read off these very datasets
             return dsid, dcpl
         if dsid.shape != index.entry_shape(pos) or not _h5_type(index.dtype[pos]) == dsid.get_type():
             raise self._corrupt(pos, f"the dataset holds {dsid.dtype.str} {dsid.shape}, the index records "
@@ -647,19 +552,16 @@ class ArchiveReader:
 
     def _read_h5(self, pos: int) -> np.ndarray:
         try:
-            if self.index.layout == fmt.LAYOUT_STACKED:
-                if self._data is None or self._pid != os.getpid():
-                    self._data = safety.open_dataset(self.h5file, fmt.STACKED_DATA)
-                return self._data[pos]
-            return self.dataset(pos)[()]
+            return self.layout.read_h5(self, pos)
         except (OSError, RuntimeError, ValueError) as exc:
             raise self._corrupt(pos, one_line(exc)) from exc
 
     def attr(self, pos: int, name: str) -> Any:
         """HDF5 attribute ``name`` of entry ``pos``'s dataset; :class:`ArchiveError` if missing."""
         key = self.index.keys[pos]
-        if self.index.layout == fmt.LAYOUT_STACKED:
-            raise ArchiveError(f"{self.path}: a stacked archive has no per-entry attributes (asked {name!r} of {key!r})")
+        if not self.layout.entry_datasets:
+            raise ArchiveError(f"{self.path}: a {self.index.layout} archive has no per-entry attributes (asked {name!r} "
+                               f"of {key!r})")
         attrs = self.dataset(pos).attrs
         if name not in attrs:
             raise ArchiveError(f"{self.path}: entry {key!r} has no attribute {name!r}")

@@ -1,5 +1,8 @@
 """The files beside an archive being written, which make a conversion safe and resumable.
 
+The archive is built in a part file (:func:`create_part`), made durable as it grows
+(:class:`Writeback`), and renamed to the output only when complete (:func:`publish`).
+
 Nothing is written at the output's own name until the archive is complete. Beside it lie:
 
 - ``.OUT.data2h5-lock``: held (``flock``) by the one conversion writing ``OUT``;
@@ -15,14 +18,18 @@ checksum (the machine went down before the kernel wrote it), is simply converted
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import struct
+import sys
 import time
 import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+
+import h5py
 
 from .errors import OutputError
 
@@ -35,6 +42,109 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 CHECKPOINT_SECONDS = 2.0
 #: Options that decide what an archive holds: a resume must use the same ones.
 CONTENT_OPTIONS = ("source", "extensions", "prune", "reader", "compression", "layout", "follow_symlinks")
+
+
+LIBVER = ("v110", "v112")  # readable by HDF5 1.12 and later; linear-time group growth
+#: HDF5's metadata cache limit for the file being written. The default (2 MiB of on-disk
+#: metadata) holds ~7,000 object headers of new datasets, which take ~5 KB each in memory:
+#: ~37 MB that grows with the number of entries until then. Entries are written once, so a
+#: small cache costs no speed (measured: same µs per entry at 20,000 and 60,000 entries).
+METADATA_CACHE_BYTES = 256 << 10
+
+
+def check_output(dst: Path, overwrite: bool) -> None:
+    """Raise :class:`OutputError` if ``dst`` cannot be written (checked again on opening)."""
+    if dst.exists() and not overwrite:
+        raise OutputError(f"{dst} already exists; pass --overwrite to replace it")
+    if dst.exists() and dst.is_dir():
+        raise OutputError(f"{dst} is a folder; name a file such as {dst / 'archive.h5'}")
+    if not dst.parent.is_dir():
+        raise OutputError(f"the folder of {dst} does not exist; create {dst.parent} first")
+
+
+def create_part(path: Path) -> h5py.File:
+    """Create the HDF5 file an archive is built in (a part file beside the output)."""
+    try:
+        f = h5py.File(path, "w", libver=LIBVER)
+    except OSError as exc:
+        raise OutputError(f"cannot create {path}: {exc}; check the folder is writable and has space") from exc
+    _limit_metadata_cache(f, METADATA_CACHE_BYTES)
+    return f
+
+
+def publish(f: h5py.File, part: Path, dst: Path) -> None:
+    """Close the finished part, make it durable and rename it to ``dst`` in one step, so that
+    ``dst`` is either the old file (or nothing) or the complete new archive."""
+    f.close()
+    fd = os.open(part, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(part, dst)
+    try:  # make the rename itself durable
+        fd = os.open(dst.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _limit_metadata_cache(f: h5py.File, nbytes: int) -> None:
+    config = f.id.get_mdc_config()
+    config.set_initial_size = True
+    config.initial_size = nbytes
+    config.max_size = nbytes
+    config.min_size = min(config.min_size, nbytes // 2)
+    f.id.set_mdc_config(config)
+
+
+class Writeback:
+    """Has the kernel start writing each new 32 MiB of a file to disk while the run goes on
+    (Linux ``sync_file_range``), so the final fsync waits for the tail only, and dirty pages
+    do not pile up on a large conversion. Elsewhere it does nothing."""
+
+    STEP = 32 << 20
+    _WRITE = 2  # SYNC_FILE_RANGE_WRITE: start writeback, do not wait
+
+    def __init__(self, path: str):
+        self._fd: Optional[int] = None
+        self._done = 0
+        self._pending = 0  # bytes written since the last look at the file's size
+        self._call = _sync_file_range()
+        if self._call is not None:
+            self._fd = os.open(path, os.O_RDONLY)
+
+    def poll(self, written: int) -> None:
+        """Note ``written`` more bytes; start writeback once a step's worth has been written."""
+        self._pending += written
+        if self._fd is None or self._pending < self.STEP:
+            return
+        self._pending = 0
+        size = os.fstat(self._fd).st_size
+        if size - self._done >= self.STEP:
+            self._call(self._fd, ctypes.c_int64(self._done), ctypes.c_int64(size - self._done), self._WRITE)
+            self._done = size
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    __del__ = close
+
+
+def _sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
 
 
 class Journal:
@@ -234,7 +344,7 @@ class OutputLock:
 # -- what earlier generations hold -------------------------------------------------------------
 
 
-class Previous:
+class InterruptedRun:
     """What the journals of earlier generations say is stored, newest generation first."""
 
     def __init__(self) -> None:
@@ -245,13 +355,14 @@ class Previous:
         self.chunks: List[Tuple[int, list, list, list]] = []
 
     def __len__(self) -> int:
+        """Entries a resume could reuse."""
         return len(self.entries) + sum(len(rows) for _, _, rows, _ in self.chunks)
 
 
-def load_previous(partial: Partial) -> Previous:
+def load_previous(partial: Partial) -> InterruptedRun:
     """Read every generation's journal. For ``files``, an entry from a newer generation wins;
     for ``stacked``, the generation holding the longest run of chunks is used."""
-    prev = Previous()
+    prev = InterruptedRun()
     for gen in reversed(partial.generations()):
         if not partial.part(gen).exists():
             continue

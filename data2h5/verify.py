@@ -33,12 +33,12 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Ty
 import h5py
 import numpy as np
 
-from . import codecs, format as fmt, safety
+from . import codecs, format as fmt, layouts, safety
 from .display import one_line, progress_bar
 from .errors import ArchiveError, CorruptEntryError, SourceError, UnsafeArchiveError
 from .format import Kind
-from .chunks import check_crc, unpack_chunk
-from .index import LAYOUT_PLAIN, ArchiveReader, Index, PathLike, read_index
+from .chunks import unpack_chunk
+from .index import ArchiveReader, Index, PathLike, read_index
 from .prune import normalize_extensions
 from .sources import check_folder, collect, load_prune
 from .encoding import iter_chunk_offsets
@@ -165,7 +165,8 @@ def verify(
         bar = progress_bar(len(index), progress, unit="entry")
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="data2h5-verify") as pool:
-                for problems, unchecked, done in _ordered(pool, checker.check, checker.tasks(), 4 * workers):
+                tasks = layouts.get(index.layout).verify_tasks(checker, BATCH)
+                for problems, unchecked, done in _ordered(pool, _run_task, tasks, 4 * workers):
                     report.problems.extend(problems)
                     report.unchecked += unchecked
                     bar.update(done)
@@ -201,7 +202,7 @@ def _walk_source(index: Index, source: Path, ext, prune: Optional[str], follow_s
                  archive: str, report: VerifyReport) -> Dict[str, str]:
     """``{key: path}`` of the files the archive's options select under ``source``; adds the
     names the walk cannot store, and files skipped at conversion, to ``report``."""
-    if index.layout == LAYOUT_PLAIN:
+    if not layouts.get(index.layout).records_source:
         raise ArchiveError(f"{archive}: not written by data2h5, so it records no source checksums to compare with")
     check_folder(source, "give the folder the archive was made from")
     attrs = index.attrs
@@ -283,59 +284,10 @@ def stored_crc32(dset: h5py.Dataset) -> int:
     return crc
 
 
-UNCHUNKED_BLOCK = 16 << 20  # an unchunked stacked ``data`` is read in blocks of about this size
-
-
-def block_rows(data: h5py.Dataset) -> int:
-    """Rows of a stacked archive's ``data`` read together: a chunk's, or for unchunked data,
-    the rows in :data:`UNCHUNKED_BLOCK` bytes (never the whole dataset at once)."""
-    if data.chunks:
-        return data.chunks[0]
-    row_bytes = int(np.prod(data.shape[1:], dtype=np.float64)) * data.dtype.itemsize
-    return max(1, UNCHUNKED_BLOCK // max(1, row_bytes))
-
-
-def read_stacked_chunk(data: h5py.Dataset, crcs: Optional[np.ndarray], i: int) -> np.ndarray:
-    """Rows of chunk ``i`` of a stacked archive's ``data``, decoded; its stored bytes are first
-    checked against ``crcs[i]`` when the archive records them. Raises
-    :class:`CorruptEntryError` (without naming keys: the caller knows the rows)."""
-    rows = block_rows(data)
-    lo, hi = i * rows, min(len(data), (i + 1) * rows)
-    try:
-        if crcs is not None:
-            _, raw = data.id.read_direct_chunk((lo,) + (0,) * (data.ndim - 1))
-            try:
-                check_crc(raw, crcs[i])
-            except CorruptEntryError:
-                raise CorruptEntryError(f"checksum of the stored chunk of rows {lo}-{hi - 1} does not match") from None
-        return data[lo:hi]
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise CorruptEntryError(f"chunk of rows {lo}-{hi - 1} cannot be read: {one_line(exc)}") from exc
-
-
-def stacked_chunks(f: h5py.File, limit: int = safety.MAX_ENTRY_BYTES
-                   ) -> Tuple[h5py.Dataset, int, Optional[np.ndarray], Optional[str]]:
-    """``(data, chunk count, chunk CRC-32s or None, problem or None)`` of an open stacked
-    archive; the problem says why recorded checksums cannot be used."""
-    data = safety.open_dataset(f, fmt.STACKED_DATA)
-    safety.check_chunks(data, limit, f.filename, fmt.STACKED_DATA)
-    rows = block_rows(data)
-    count = math.ceil(len(data) / rows)
-    group = safety.open_index_group(f)
-    if group is None or fmt.CHUNK_CRC32 not in group:
-        return data, count, None, None  # written before chunks had checksums
-    at = f"index/{fmt.CHUNK_CRC32}"
-    crcs = safety.read_small(safety.open_child(f, group, fmt.CHUNK_CRC32), limit, f.filename, at)
-    if crcs.ndim != 1 or crcs.dtype.kind not in "ui":
-        return data, count, None, f"the index's chunk checksums are {crcs.dtype} {crcs.shape}, not one per chunk"
-    if len(crcs) != count or data.chunks is None:
-        return data, count, None, f"the index records {len(crcs)} chunk checksums for {count} chunks of data"
-    return data, count, crcs, None
-
-
 class _Checker:
-    """Checks one archive in tasks that threads run; each task returns
-    ``(problems, entries without a stored checksum, entries done)``."""
+    """Checks one archive in tasks that threads run, as its layout asks (see
+    :meth:`data2h5.layouts.Layout.verify_tasks`); each task returns ``(problems, entries
+    without a stored checksum, entries done)``."""
 
     def __init__(self, reader: ArchiveReader, sources: Dict[str, str]):
         self.reader = reader
@@ -343,39 +295,38 @@ class _Checker:
         self.sources = sources
         self.tree_problems: List[Problem] = []
         self._present: Optional[np.ndarray] = None
-        self._data = self._crcs = None
 
-    def tasks(self) -> Iterator[Tuple[str, object]]:
-        index = self.index
-        n = len(index)
-        if index.layout == fmt.LAYOUT_STACKED:
-            self._data, count, self._crcs, problem = stacked_chunks(self.reader.h5file, index.max_entry_bytes)
-            if problem:
-                self.tree_problems.append(Problem(CORRUPT, fmt.INDEX_GROUP, problem))
-            yield from (("chunk", i) for i in range(count))
-            if self.sources:
-                yield from (("source", range(lo, min(n, lo + BATCH))) for lo in range(0, n, BATCH))
-            return
-        if index.layout == fmt.LAYOUT_FILES:
-            self._walk_tree()
-        yield from (("entries", range(lo, min(n, lo + BATCH))) for lo in range(0, n, BATCH))
-
-    def check(self, task: Tuple[str, object]) -> Tuple[List[Problem], int, int]:
-        what, arg = task
-        if what == "chunk":
-            return self._check_chunk(arg)
+    def entries(self, positions: range) -> Tuple[List[Problem], int, int]:
+        """Check each entry: its stored bytes, and its source file when there is one."""
         problems: List[Problem] = []
         unchecked = 0
-        for pos in arg:
-            if what == "source":
-                problems.extend(self._check_source(pos))
-            else:
-                unchecked += self._check_entry(pos, problems)
-        return problems, unchecked, len(arg) if what == "entries" else 0
+        for pos in positions:
+            unchecked += self._check_entry(pos, problems)
+        return problems, unchecked, len(positions)
+
+    def sources_of(self, positions: range) -> Tuple[List[Problem], int, int]:
+        """Check the source files of entries whose stored bytes other tasks check."""
+        problems: List[Problem] = []
+        for pos in positions:
+            problems.extend(self._check_source(pos))
+        return problems, 0, 0
+
+    def rows(self, lo: int, hi: int, read: Callable[[], object], checksummed: bool) -> Tuple[List[Problem], int, int]:
+        """Check rows ``lo`` to ``hi`` stored together by ``read()``ing them: should it raise
+        :class:`CorruptEntryError`, every row's key is corrupt, for that reason."""
+        try:
+            read()
+        except CorruptEntryError as exc:
+            return [Problem(CORRUPT, self.index.keys[r], str(exc)) for r in range(lo, hi)], 0, hi - lo
+        return [], 0 if checksummed else hi - lo, hi - lo
+
+    def archive_problem(self, reason: str) -> None:
+        """Something wrong with the archive as a whole (reported under the index's name)."""
+        self.tree_problems.append(Problem(CORRUPT, fmt.INDEX_GROUP, reason))
 
     # files and plain layouts
 
-    def _walk_tree(self) -> None:
+    def walk_tree(self) -> None:
         """Mark the index's keys that have a readable dataset; datasets the index lacks are
         extra. One fast pass; should damaged metadata stop it, a slower pass that goes on."""
         index = self.index
@@ -438,7 +389,7 @@ class _Checker:
         if self._present is not None and not self._present[pos]:
             problems.append(Problem(CORRUPT, key, self._absent(key)))
             return 0
-        plain = index.layout == LAYOUT_PLAIN
+        plain = not self.reader.layout.records_source
         kind = int(index.kind[pos])
         crcs = index.stored_crc32
         recorded = 0 if crcs is None or plain else int(crcs[pos])
@@ -523,17 +474,6 @@ class _Checker:
             return f"its dataset cannot be opened: {one_line(exc)}"
         return "listed in the index, but its dataset cannot be reached"
 
-    # stacked layout
-
-    def _check_chunk(self, i: int) -> Tuple[List[Problem], int, int]:
-        rows = block_rows(self._data)
-        lo, hi = i * rows, min(len(self._data), (i + 1) * rows)
-        try:
-            read_stacked_chunk(self._data, self._crcs, i)
-        except CorruptEntryError as exc:
-            return [Problem(CORRUPT, self.index.keys[r], str(exc)) for r in range(lo, hi)], 0, hi - lo
-        return [], 0 if self._crcs is not None else hi - lo, hi - lo
-
     def _check_source(self, pos: int) -> List[Problem]:
         key = self.index.keys[pos]
         if key not in self.sources:
@@ -542,6 +482,10 @@ class _Checker:
         return [Problem(CHANGED, key, why)] if why else []
 
 
+
+
+def _run_task(task: Callable[[], T]) -> T:
+    return task()
 
 
 def _ordered(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], inflight: int) -> Iterator[R]:

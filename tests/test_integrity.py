@@ -62,7 +62,7 @@ def test_entries_of_several_chunks_record_the_checksum_of_their_stored_chunks(tm
 
     import h5py
 
-    from data2h5.writer import SINGLE_CHUNK_MAX, iter_chunk_offsets
+    from data2h5.encoding import SINGLE_CHUNK_MAX, iter_chunk_offsets
 
     src = tmp_path / "src"
     src.mkdir()

@@ -30,7 +30,7 @@ def test_slots_are_named_by_writer_and_removed_on_close():
 
 
 def test_writeback_starts_on_each_new_step_of_the_file(tmp_path):
-    from data2h5.writer import Writeback
+    from data2h5.partial import Writeback
 
     path = tmp_path / "grow.bin"
     path.write_bytes(b"")

@@ -23,7 +23,7 @@ from data2h5.cli import main
 from data2h5.errors import ArchiveError, PluginError, SourceError
 from data2h5.index import read_index
 from data2h5.verify import compare_source, verify
-from data2h5.writer import SINGLE_CHUNK_MAX
+from data2h5.encoding import SINGLE_CHUNK_MAX
 
 EXTS = ["png", "jpg", "npy", "txt", "bin"]
 BIG = "data/big.npy"  # over SINGLE_CHUNK_MAX: stored in several chunks in either mode

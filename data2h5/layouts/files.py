@@ -1,135 +1,36 @@
-"""Write archives: one dataset per entry from chunks the workers already compressed.
+"""The ``files`` layout: one HDF5 dataset per entry, named by its key, and an index.
 
 The writer is the only process touching the HDF5 file, so it must cost almost nothing per
 entry: it uses h5py's low-level API with cached property lists and types (about 35 µs per
-dataset against ~75 µs through ``create_dataset``) and hands pre-compressed chunks to HDF5
-with ``write_direct_chunk``. The output lives under a temporary name beside the target until
-it is complete, closed and synced; only then is it renamed into place (see
-:mod:`data2h5.partial`). Each entry's location, checksum and source stamp go to the part's
-journal at checkpoints, so an interrupted conversion can resume.
+dataset against ~75 µs through ``create_dataset``) and hands the chunks workers compressed to
+HDF5 with ``write_direct_chunk``. Each entry's location, checksum and source stamp go to the
+part's journal at checkpoints, so an interrupted conversion can resume by copying them.
+The index (see :mod:`data2h5.format`) is written on close, from columns held in typed arrays.
 """
 from __future__ import annotations
 
 import logging
-import ctypes
-import os
-import sys
 import zlib
-from pathlib import Path
 from array import array
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
 
-from . import format as fmt
-from .codecs import NONE, Codec, codec_by_id
-from .encoding import SINGLE_CHUNK_MAX, Packed, iter_chunk_offsets  # noqa: F401 - SINGLE_CHUNK_MAX: tests size entries by it
-from .errors import OutputError
+from .. import format as fmt
+from ..codecs import NONE, Codec, codec_by_id
+from ..encoding import Packed, iter_chunk_offsets
+from ..format import Kind
+from ..index import ArchiveReader, Index, create_index_group, decode_keys, index_field, read_keys
+from ..partial import BlockReader, InterruptedRun, Writeback, unchanged
+from ..resume import Reused
+from .. import safety
+from ..errors import ArchiveError
+from ..safety import open_child
+from ..walk import SourceFile
+from . import Checker, Layout, VerifyTask
 
 log = logging.getLogger(__name__)
-
-LIBVER = ("v110", "v112")  # readable by HDF5 1.12 and later; linear-time group growth
-#: HDF5's metadata cache limit for the file being written. The default (2 MiB of on-disk
-#: metadata) holds ~7,000 object headers of new datasets, which take ~5 KB each in memory:
-#: ~37 MB that grows with the number of entries until then. Entries are written once, so a
-#: small cache costs no speed (measured: same µs per entry at 20,000 and 60,000 entries).
-METADATA_CACHE_BYTES = 256 << 10
-
-
-def check_output(dst: Path, overwrite: bool) -> None:
-    """Raise :class:`OutputError` if ``dst`` cannot be written (checked again on opening)."""
-    if dst.exists() and not overwrite:
-        raise OutputError(f"{dst} already exists; pass --overwrite to replace it")
-    if dst.exists() and dst.is_dir():
-        raise OutputError(f"{dst} is a folder; name a file such as {dst / 'archive.h5'}")
-    if not dst.parent.is_dir():
-        raise OutputError(f"the folder of {dst} does not exist; create {dst.parent} first")
-
-
-def create_part(path: Path) -> h5py.File:
-    """Create the HDF5 file an archive is built in (a part file beside the output)."""
-    try:
-        f = h5py.File(path, "w", libver=LIBVER)
-    except OSError as exc:
-        raise OutputError(f"cannot create {path}: {exc}; check the folder is writable and has space") from exc
-    _limit_metadata_cache(f, METADATA_CACHE_BYTES)
-    return f
-
-
-def publish(f: h5py.File, part: Path, dst: Path) -> None:
-    """Close the finished part, make it durable and rename it to ``dst`` in one step, so that
-    ``dst`` is either the old file (or nothing) or the complete new archive."""
-    f.close()
-    fd = os.open(part, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(part, dst)
-    try:  # make the rename itself durable
-        fd = os.open(dst.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _limit_metadata_cache(f: h5py.File, nbytes: int) -> None:
-    config = f.id.get_mdc_config()
-    config.set_initial_size = True
-    config.initial_size = nbytes
-    config.max_size = nbytes
-    config.min_size = min(config.min_size, nbytes // 2)
-    f.id.set_mdc_config(config)
-
-
-class Writeback:
-    """Has the kernel start writing each new 32 MiB of a file to disk while the run goes on
-    (Linux ``sync_file_range``), so the final fsync waits for the tail only, and dirty pages
-    do not pile up on a large conversion. Elsewhere it does nothing."""
-
-    STEP = 32 << 20
-    _WRITE = 2  # SYNC_FILE_RANGE_WRITE: start writeback, do not wait
-
-    def __init__(self, path: str):
-        self._fd: Optional[int] = None
-        self._done = 0
-        self._pending = 0  # bytes written since the last look at the file's size
-        self._call = _sync_file_range()
-        if self._call is not None:
-            self._fd = os.open(path, os.O_RDONLY)
-
-    def poll(self, written: int) -> None:
-        """Note ``written`` more bytes; start writeback once a step's worth has been written."""
-        self._pending += written
-        if self._fd is None or self._pending < self.STEP:
-            return
-        self._pending = 0
-        size = os.fstat(self._fd).st_size
-        if size - self._done >= self.STEP:
-            self._call(self._fd, ctypes.c_int64(self._done), ctypes.c_int64(size - self._done), self._WRITE)
-            self._done = size
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    __del__ = close
-
-
-def _sync_file_range():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
 
 
 class IndexRow(NamedTuple):
@@ -364,18 +265,73 @@ def unjournal(entry: JournalEntry, read) -> Optional[Packed]:
                   level=entry.level)
 
 
-def create_index_group(f: h5py.File) -> h5py.Group:
-    """A new index group that root listings do not show (see :mod:`data2h5.format`): anonymous,
-    kept by a hard link to itself, found through the root attribute :data:`fmt.ATTR_INDEX`."""
-    group = h5py.Group(h5py.h5g.create(f.id, None))
-    group[fmt.INDEX_SELF] = group
-    f.attrs[fmt.ATTR_INDEX] = group.ref
-    return group
-
-
 def write_index(f: h5py.File, columns: dict) -> None:
     """Store the index group (see :mod:`data2h5.format`) with ``columns`` by name."""
     group = create_index_group(f)
     n = len(columns["keys"])
     for name, values in columns.items():
         group.create_dataset(name, data=values, compression="gzip" if n else None, chunks=True if n else None)
+
+
+class FilesLayout(Layout):
+    """One HDF5 dataset per entry, found by its key; an index of every entry's location."""
+
+    name = fmt.LAYOUT_FILES
+    indexed_datasets = True
+
+    def read_index(self, f: h5py.File, attrs: dict, limit: int) -> Optional[Index]:
+        group = safety.open_index_group(f)
+        if group is None:
+            if fmt.ATTR_FORMAT in attrs:
+                raise ArchiveError(f"{f.filename}: data2h5 archive without its index; convert the source again")
+            return None
+        keys = decode_keys(read_keys(f, open_child(f, group, "keys"), "index/keys", limit))
+        n = len(keys)
+        optional = {fmt.STORED_CRC32, fmt.VERBATIM}  # absent from archives written before they were recorded
+        arrays = {name: index_field(f, group, name, limit, dtype) for name, dtype in fmt.INDEX_FIELDS.items()
+                  if name != "keys" and (name in group or name not in optional)}
+        for name, arr in arrays.items():
+            if len(arr) != n:
+                raise ValueError(f"index field {name!r} has {len(arr)} rows for {n} keys")
+        return Index(path=f.filename, layout=self.name, keys=keys, attrs=attrs, **arrays)
+
+    def open_writer(self, f: h5py.File, *, entries: int, codec: Optional[Codec], checkpoints=None) -> FilesWriter:
+        return FilesWriter(f, checkpoints=checkpoints)
+
+    def reuse(self, run: InterruptedRun, files: List[SourceFile], writer: FilesWriter, blocks: BlockReader,
+              reused: Reused) -> List[SourceFile]:
+        """Reuse every journaled entry whose source is unchanged and whose stored bytes check out."""
+        todo = []
+        for src in files:
+            hit = run.entries.get(src.key)
+            packed = None
+            if hit is not None:
+                gen, row = hit
+                entry = JournalEntry(*row)
+                if unchanged(src.path, entry.size, entry.mtime_ns):
+                    packed = unjournal(entry, lambda addr, n, gen=gen: blocks.read(gen, addr, n))
+                    if packed is None:
+                        log.info("%s: its stored bytes in the interrupted run do not check out; reading it again",
+                                 src.key)
+            if packed is None:
+                todo.append(src)
+                continue
+            writer.add(packed)
+            reused.entries += 1
+            reused.bytes_in += packed.size
+            reused.bytes_decoded += packed.nbytes
+        return todo
+
+
+    def verify_tasks(self, checker: Checker, batch: int) -> Iterator[VerifyTask]:
+        checker.walk_tree()  # keys without their dataset, datasets the index does not list
+        yield from super().verify_tasks(checker, batch)
+
+    def extract_values(self, archive: str, index: Index, todo: Sequence[Tuple[int, str]]
+                       ) -> Iterator[Tuple[str, np.ndarray, bool]]:
+        with ArchiveReader(archive, index, verify=True) as reader:
+            for pos, rel in todo:
+                yield rel, reader.read_stored(pos), int(index.kind[pos]) == Kind.ARRAY
+
+
+FILES = FilesLayout()
