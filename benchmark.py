@@ -2,6 +2,7 @@
 """Measure data2h5 against the usual alternatives, on your files or a generated corpus.
 
     python benchmark.py --make-corpus 5000                  # photo-like JPEGs, made and removed
+    python benchmark.py --make-corpus 5000 --corpus real    # crops of scikit-image's photos
     python benchmark.py --path-images DIR --ext jpg         # your own folder, left untouched
     python benchmark.py --make-corpus 5000 --json out.json --plot out.png
 
@@ -18,9 +19,15 @@ Loading: a PyTorch DataLoader (persistent workers) over loose files decoded with
 (ImageFolder-style), over the decoded and the bytes archive with ``data2h5.H5Dataset``, and
 over the decoded archive with a hand-written lazy h5py dataset; and ``data2h5.BatchReader``
 over the stacked archive. For JPEGs, the bytes archive is also read with Pillow alone (as
-without simplejpeg; the conversion gets such a row too) and with ``decode_size`` at half the
-smallest photo's sides. Each run reads ``--samples`` samples, in order and shuffled, with a
-warm page cache and, as root, a cold one (``sync; echo 3 > /proc/sys/vm/drop_caches``).
+without simplejpeg; the conversion gets such a row too), with ``decode_size`` at half the
+smallest photo's sides, and, where CUDA and torchvision are, as JPEG bytes decoded a batch at
+a time by nvJPEG. Every DataLoader row hands samples over as training does (``--collate
+tensor``): uint8 tensors cropped to one size, each batch stacked into one shared-memory
+tensor. Each run reads ``--samples`` samples, in order and shuffled, with a warm page cache
+and, as root, a cold one (``sync; echo 3 > /proc/sys/vm/drop_caches``).
+
+``--corpus real`` makes the corpus from crops of the photographs scikit-image's wheel ships
+(``pip install scikit-image``) instead of generated images: the same shapes and classes.
 
 Batches: over the stacked archive, the first ``--batches`` batches of an epoch read by the
 plain h5py loop over slices of ``data``, by ``data2h5.BatchReader`` in order and shuffled, and
@@ -31,13 +38,14 @@ read): how much of the read the reader hides behind training. ``--only`` picks s
 Every figure is the median of ``--repeat`` runs, after one untimed warm-up; in each round
 the variants run in turn, so that a noisy spell hits them alike. The report (markdown) goes
 to stdout, progress to stderr. ``pip install 'data2h5[bench]'`` brings Pillow (needed),
-webdataset (its row) and matplotlib (``--plot``); the loading rows need torch. A row whose
+webdataset (its row), matplotlib (``--plot``) and scikit-image (``--corpus real``); the loading rows need torch. A row whose
 package is missing is left out with a note. Outputs go to ``--work-dir``: put it on the disk
 you care about (the report names its file system).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import io
 import json
@@ -50,6 +58,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from multiprocessing import Pool
@@ -267,26 +276,72 @@ def corpus_name(index: int) -> str:
     return f"class_{index % CLASSES:02d}/part_{index // CLASSES % SUBFOLDERS}/img_{index:06d}.jpg"
 
 
-def _write_corpus_file(job: Tuple[str, int]) -> int:
+# Real photos: the RGB photographs scikit-image's wheel ships in skimage/data (no download).
+REAL_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
+               "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg")
+
+
+def real_photo_paths() -> List[Path]:
+    """The photos of :data:`REAL_PHOTOS` found in the installed scikit-image (none if it is not)."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
+    return [folder / name for name in REAL_PHOTOS if (folder / name).is_file()]
+
+
+@functools.lru_cache(maxsize=None)
+def _real_photos() -> Tuple[Any, ...]:
+    """The real photos decoded to RGB, once per pool worker."""
     from PIL import Image
 
-    root, index = job
+    photos = []
+    for path in real_photo_paths():
+        with Image.open(path) as img:
+            photos.append(img.convert("RGB"))
+    return tuple(photos)
+
+
+def real_crop(index: int, width: int, height: int) -> np.ndarray:
+    """A ``width``×``height`` crop of one of the real photos: a region 1 to 2 times that size
+    (smaller where the photo is), at a random place, resized and sometimes mirrored."""
+    from PIL import Image
+
+    rng = np.random.default_rng(index)
+    photos = _real_photos()
+    photo = photos[int(rng.integers(len(photos)))]
+    fits = min(photo.width / width, photo.height / height)
+    scale = min(fits, float(rng.uniform(1.0, 2.0)))
+    w, h = min(photo.width, round(width * scale)), min(photo.height, round(height * scale))
+    x, y = int(rng.integers(photo.width - w + 1)), int(rng.integers(photo.height - h + 1))
+    crop = photo.resize((width, height), Image.Resampling.BICUBIC, box=(x, y, x + w, y + h))
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(crop)
+
+
+def _write_corpus_file(job: Tuple[str, int, str]) -> int:
+    from PIL import Image
+
+    root, index, kind = job
     width, height = CORPUS_SHAPES[index * 7 % len(CORPUS_SHAPES)]
+    pixels = real_crop(index, width, height) if kind == "real" else photo_like(index, width, height)
     buf = io.BytesIO()
-    Image.fromarray(photo_like(index, width, height)).save(buf, "JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(pixels).save(buf, "JPEG", quality=JPEG_QUALITY)
     Path(root, corpus_name(index)).write_bytes(buf.getvalue())
     return len(buf.getvalue())
 
 
-def make_corpus(root: Path, n: int) -> float:
-    """Write ``n`` photo-like JPEGs under ``root`` in a pool of every core; returns the seconds taken."""
+def make_corpus(root: Path, n: int, kind: str = "generated") -> float:
+    """Write ``n`` JPEGs under ``root`` in a pool of every core, photo-like (``generated``) or
+    crops of real photos (``real``); returns the seconds taken."""
     from tqdm import tqdm
 
     start = time.perf_counter()
     for index in range(min(n, CLASSES * SUBFOLDERS)):
         (root / corpus_name(index)).parent.mkdir(parents=True, exist_ok=True)
     with Pool(os.cpu_count()) as pool, tqdm(total=n, desc="corpus", unit="file", file=sys.stderr) as bar:
-        for _ in pool.imap_unordered(_write_corpus_file, [(str(root), i) for i in range(n)], chunksize=32):
+        for _ in pool.imap_unordered(_write_corpus_file, [(str(root), i, kind) for i in range(n)], chunksize=32):
             bar.update(1)
     return time.perf_counter() - start
 
@@ -622,11 +677,12 @@ def run_conversions(plan: List[Conversion], source: Source, work: Path, repeat: 
 
 class LooseImages:
     """ImageFolder-style: the class is the first folder; each access opens the file and
-    decodes it with Pillow to RGB."""
+    decodes it with Pillow to RGB (ImageFolder's loader), then applies ``transform``."""
 
-    def __init__(self, root: Path, keys: Sequence[str]):
+    def __init__(self, root: Path, keys: Sequence[str], transform: Optional[Callable[[np.ndarray], Any]] = None):
         self.paths = [str(root / key) for key in keys]
         self.targets = class_indices(keys)
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -636,14 +692,15 @@ class LooseImages:
 
         with open(self.paths[i], "rb") as fh:
             rgb = Image.open(fh).convert("RGB")
-        return np.asarray(rgb), self.targets[i]
+        sample = np.asarray(rgb)
+        return (sample if self.transform is None else self.transform(sample)), self.targets[i]
 
 
 class LazyH5:
     """The hand-written lazy pattern: list the datasets once, open the file on first access in
     each worker, read ``f[key][()]`` through h5py."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, transform: Optional[Callable[[np.ndarray], Any]] = None):
         from data2h5.format import INDEX_GROUP
 
         names: List[str] = []
@@ -652,6 +709,7 @@ class LazyH5:
         self.path = str(path)
         self.keys = [k for k in names if not k.startswith(INDEX_GROUP + "/")]
         self.targets = class_indices(self.keys)
+        self.transform = transform
         self.h5: Optional[h5py.File] = None
 
     def __len__(self) -> int:
@@ -660,7 +718,8 @@ class LazyH5:
     def __getitem__(self, i: int):
         if self.h5 is None:
             self.h5 = h5py.File(self.path, "r")
-        return self.h5[self.keys[i]][()], self.targets[i]
+        sample = self.h5[self.keys[i]][()]
+        return (sample if self.transform is None else self.transform(sample)), self.targets[i]
 
 
 def class_indices(keys: Sequence[str]) -> List[int]:
@@ -684,24 +743,65 @@ class IndexList:
 
 
 def as_list(batch: list) -> list:
-    """Collate: samples differ in shape, so a batch stays a list of (array, target)."""
+    """Collate (``--collate list``): a batch stays a list of (array, target), pickled sample by
+    sample from the workers."""
     return batch
 
 
-class TorchLoader:
-    """A DataLoader with persistent workers over one dataset; ``run`` reads the given indices."""
+@dataclass(frozen=True)
+class CenterCrop:
+    """The loading rows' transform (``--collate tensor``): the sample as a uint8 HWC tensor
+    sharing the array's memory (``torch.from_numpy``), centre-cropped to ``height``×``width``
+    (a view: every image is at least that large), so that the default collate stacks a batch
+    into one tensor in shared memory, as training pipelines get it."""
 
-    def __init__(self, dataset, workers: int, batch_size: int, worker_init_fn: Optional[Callable[[int], None]] = None):
+    height: int
+    width: int
+
+    def __call__(self, array: np.ndarray):
+        import torch
+
+        top, left = (array.shape[0] - self.height) // 2, (array.shape[1] - self.width) // 2
+        return torch.from_numpy(array)[top : top + self.height, left : left + self.width]
+
+
+@dataclass(frozen=True)
+class LoadingPlan:
+    """How the loading rows hand samples over: ``crop`` (height, width) and stacked batches,
+    or None: lists of arrays."""
+
+    crop: Optional[Tuple[int, int]]
+
+    def transform(self, scale: int = 1) -> Optional[CenterCrop]:
+        """The crop for samples decoded at 1/``scale`` (decode_size), None for lists."""
+        return None if self.crop is None else CenterCrop(self.crop[0] // scale, self.crop[1] // scale)
+
+
+class TorchLoader:
+    """A DataLoader with persistent workers over one dataset; ``run`` reads the given indices.
+    ``collate_fn`` None: torch's default (batches of one shape stacked); ``finish``: applied
+    to each batch in the main process (the GPU decode)."""
+
+    def __init__(self, dataset, workers: int, batch_size: int, worker_init_fn: Optional[Callable[[int], None]] = None,
+                 collate_fn: Optional[Callable[[list], Any]] = as_list, finish: Optional[Callable[[Any], Any]] = None):
         from torch.utils.data import DataLoader
 
         self.sampler = IndexList()
+        self.finish = finish
+        self.listed = collate_fn is as_list  # a list of samples; else (data, targets) or a JPEG batch
+        options = {} if collate_fn is None else {"collate_fn": collate_fn}
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 collate_fn=as_list, persistent_workers=workers > 0, worker_init_fn=worker_init_fn)
+                                 persistent_workers=workers > 0, worker_init_fn=worker_init_fn, **options)
 
     def run(self, order: str, indices: List[int]) -> int:
         """Load ``indices`` (already in ``order``); returns the samples seen."""
         self.sampler.indices = indices
-        return sum(len(batch) for batch in self.loader)
+        seen = 0
+        for batch in self.loader:
+            seen += len(batch) if self.listed else len(batch[0])
+            if self.finish is not None:
+                self.finish(batch)
+        return seen
 
     def close(self) -> None:
         iterator = getattr(self.loader, "_iterator", None)
@@ -734,41 +834,118 @@ class StackedReader:
             reader.close()
 
 
-def plan_loaders(source: Source, work: Path, workers: int, batch_size: int, notes: List[str]) -> Dict[str, Tuple[str, Callable[[], Any]]]:
+def loading_plan(source: Source, collate: str) -> LoadingPlan:
+    """``--collate tensor`` crops to the smallest photo's height and width when every file
+    decodes to one mode (so that batches stack); anything else goes as lists."""
+    if collate == "tensor" and source.images and len({mode for _, _, mode in source.shapes}) == 1:
+        return LoadingPlan((min(h for _, h, _ in source.shapes), min(w for w, _, _ in source.shapes)))
+    return LoadingPlan(None)
+
+
+class GpuDecodeFinish:
+    """The GPU row's step in the main process: decode the batch's JPEG bytes with nvJPEG,
+    crop each image as the CPU rows do, stack, and wait for the device."""
+
+    def __init__(self, crop: Optional[Tuple[int, int]]):
+        from data2h5.loaders.gpu_decode import JpegBatchDecoder
+
+        self.decode = JpegBatchDecoder("cuda")
+        self.crop = crop
+
+    def __call__(self, batch) -> None:
+        import torch
+
+        images = self.decode(batch.images)
+        if self.crop is not None:
+            h, w = self.crop
+            images = [im[:, (im.shape[1] - h) // 2 : (im.shape[1] - h) // 2 + h,
+                         (im.shape[2] - w) // 2 : (im.shape[2] - w) // 2 + w] for im in images]
+            torch.stack(images)
+        torch.cuda.synchronize()
+
+
+def gpu_decode_reason() -> str:
+    """Why the nvJPEG row cannot run here ('' when it can)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from data2h5.loaders.gpu_decode import DecoderUnavailable, JpegBatchDecoder
+
+    try:
+        JpegBatchDecoder("cuda")
+    except DecoderUnavailable as exc:
+        return str(exc)
+    return ""
+
+
+def plan_loaders(source: Source, work: Path, workers: int, batch_size: int, notes: List[str],
+                 collate: str = "tensor") -> Dict[str, Tuple[str, Callable[[], Any]]]:
     """The loading variants whose input exists: key → (label, a function that opens the loader)."""
     from data2h5 import H5Dataset
 
+    plan = loading_plan(source, collate)
+    stacks = plan.crop is not None
+
     def torch_loader(make_dataset, worker_init_fn=None):
-        return lambda: TorchLoader(make_dataset(), workers, batch_size, worker_init_fn)
+        return lambda: TorchLoader(make_dataset(), workers, batch_size, worker_init_fn,
+                                   collate_fn=None if stacks else as_list)
 
     decoded, raw, stacked = work / "data2h5.h5", work / "bytes.h5", work / "stacked.h5"
     fast = fast_jpeg(source)
     half = half_size(source) if jpeg_source(source) else None
+    crop, crop_half = plan.transform(), plan.transform(2)
     resized = "" if source.one_shape or not source.images else f" resized to {'×'.join(map(str, STACK_SIZE))}"
+    gpu = gpu_decode_reason() if raw.exists() and jpeg_source(source) else "not a JPEG bytes archive"
+
+    def gpu_loader():
+        from data2h5.loaders.gpu_decode import collate_jpeg_bytes
+
+        return TorchLoader(H5Dataset(raw, target="folder", decode=False), workers, batch_size,
+                           collate_fn=collate_jpeg_bytes, finish=GpuDecodeFinish(plan.crop))
+
     planned = {
         "loose": ("loose files, Pillow (ImageFolder-style)", source.root if source.images else None,
-                  torch_loader(lambda: LooseImages(source.root, source.keys))),
+                  torch_loader(lambda: LooseImages(source.root, source.keys, crop))),
         "h5dataset": ("H5Dataset, default archive (decoded)", decoded,
-                      torch_loader(lambda: H5Dataset(decoded, target="folder"))),
+                      torch_loader(lambda: H5Dataset(decoded, target="folder", transform=crop))),
         "h5dataset_bytes": (f"H5Dataset, bytes archive (decoded on read{', simplejpeg' if fast else ''})", raw,
-                            torch_loader(lambda: H5Dataset(raw, target="folder"))),
+                            torch_loader(lambda: H5Dataset(raw, target="folder", transform=crop))),
         "h5dataset_bytes_pillow": ("H5Dataset, bytes archive (decoded on read, Pillow alone)", raw if fast else None,
-                                   torch_loader(lambda: H5Dataset(raw, target="folder"), pillow_jpeg_worker)),
+                                   torch_loader(lambda: H5Dataset(raw, target="folder", transform=crop),
+                                                pillow_jpeg_worker)),
         "h5dataset_bytes_half": (f"H5Dataset, bytes archive, decode_size={half} (JPEGs at 1/2 scale or less)",
                                  raw if half else None,
-                                 torch_loader(lambda: H5Dataset(raw, target="folder", decode_size=half))),
-        "lazy_h5py": ("hand-written lazy h5py dataset, default archive", decoded, torch_loader(lambda: LazyH5(decoded))),
+                                 torch_loader(lambda: H5Dataset(raw, target="folder", decode_size=half,
+                                                                transform=crop_half))),
+        "h5dataset_bytes_nvjpeg": ("H5Dataset, bytes archive, JPEG bytes decoded a batch at a time by nvJPEG (GPU)",
+                                   None if gpu else raw, gpu_loader),
+        "lazy_h5py": ("hand-written lazy h5py dataset, default archive", decoded,
+                      torch_loader(lambda: LazyH5(decoded, crop))),
         "batch_reader": (f"BatchReader, stacked archive (arrays{resized}, nothing to decode)", stacked,
                          lambda: StackedReader(stacked, batch_size)),
     }
     if not source.images:
         notes.append("the files are not images Pillow opens: the loose-file row is left out, and with it the ratios")
+    if stacks:
+        h, w = plan.crop
+        notes.append(f"--collate tensor: every DataLoader row hands each sample over as a uint8 HWC tensor "
+                     f"(torch.from_numpy, no copy) centre-cropped to {h}×{w}, the smallest photo's height and width "
+                     "(a view, as RandomCrop takes), and torch's default collate stacks each batch into one tensor in "
+                     "shared memory; the same for loose files and archives")
+    elif collate == "tensor" and source.images:
+        notes.append("--collate tensor: the files decode to more than one mode, so batches stay lists of arrays")
     if fast:
         notes.append("Pillow alone: the bytes archive read with data2h5's JPEG fast path (simplejpeg) switched off in "
                      "the DataLoader workers, as without the jpeg extra")
     if half:
+        cropped = f", cropped to {crop_half.height}×{crop_half.width}" if crop_half is not None else ""
         notes.append(f"decode_size={half}: half the smallest photo's height and width, so every JPEG decodes at 1/2 "
-                     "scale or less inside libjpeg: smaller arrays, and not those of a full decode and a resize")
+                     f"scale or less inside libjpeg{cropped}: smaller arrays, and not those of a full decode and a resize")
+    if jpeg_source(source):
+        notes.append("nvJPEG row: " + (gpu + ", so it is left out (data2h5.loaders.gpu_decode)" if gpu else
+                                        "workers collate the JPEG bytes, the main process decodes each batch on the GPU "
+                                        "(torchvision.io.decode_jpeg), crops as the other rows and waits for the device"))
     return {key: (label, make) for key, (label, needs, make) in planned.items() if needs is not None and needs.exists()}
 
 
@@ -781,7 +958,8 @@ def sample_indices(n: int, samples: int, round_: int) -> Dict[str, List[int]]:
 def run_loading(source: Source, work: Path, args, cold: bool, bar, notes: List[str]) -> List[Row]:
     """Warm-up, then ``repeat`` rounds warm and (``cold``) ``repeat`` rounds cold; in each round
     every loader runs in turn, in order and shuffled."""
-    planned = plan_loaders(source, work, args.workers, args.batch_size, notes)
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # Pillow's, read-only
+    planned = plan_loaders(source, work, args.workers, args.batch_size, notes, args.collate)
     samples = min(args.samples, len(source.keys))
     loaders: Dict[str, Any] = {}
     rows: Dict[Tuple[str, str, str], Row] = {}
@@ -1138,9 +1316,9 @@ CONVERSION_NOTES = [
     "loaded, and the largest pool worker's peak (pages shared after fork count in both).",
 ]
 LOADING_NOTES = [
-    "loading: DataLoader workers stay up between runs (persistent_workers); a batch is a list of "
-    "(array, class) pairs, no transforms; BatchReader is not a DataLoader: its 2 threads read whole "
-    "batches of the stacked array, and its shuffle mixes rows within windows of the file.",
+    "loading: DataLoader workers stay up between runs (persistent_workers); BatchReader is not a DataLoader: "
+    "its 2 threads read whole batches of the stacked array (no crop), and its shuffle mixes rows within windows "
+    "of the file.",
 ]
 
 BATCH_NOTES = [
@@ -1195,6 +1373,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--path-images", type=Path, metavar="DIR", help="your own folder (read, never changed)")
     src.add_argument("--make-corpus", type=int, metavar="N", help="generate N photo-like JPEGs in a temporary folder")
+    p.add_argument("--corpus", choices=("generated", "real"), default="generated",
+                   help="with --make-corpus: photo-like generated images, or crops of the photos scikit-image ships "
+                        "(pip install scikit-image); default generated")
     p.add_argument("--ext", action="append", help="extension of your files (repeatable; default jpg)")
     p.add_argument("--keep-corpus", action="store_true", help="keep the generated corpus (its folder is printed)")
     p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()),
@@ -1208,6 +1389,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="batch section: batches read by each run, at most an epoch (default 100)")
     p.add_argument("--step-ms", type=float, metavar="T",
                    help="batch section: simulated training step per batch (default: the h5py loop's read time)")
+    p.add_argument("--collate", choices=("tensor", "list"), default="tensor",
+                   help="loading rows: samples as uint8 tensors cropped to one size, batches stacked in shared memory "
+                        "(default), or lists of arrays pickled sample by sample")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-cache loading runs even as root")
     p.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every figure to FILE")
@@ -1219,6 +1403,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--repeat, --batch-size, --samples and --batches must be at least 1, --workers at least 0")
     if args.step_ms is not None and args.step_ms < 0:
         p.error("--step-ms must be at least 0")
+    if args.corpus == "real" and args.make_corpus is None:
+        p.error("--corpus real goes with --make-corpus N")
+    if args.corpus == "real" and not real_photo_paths():
+        p.error("--corpus real needs scikit-image, whose wheel ships the photos: pip install scikit-image")
     if args.path_images is not None and not args.path_images.is_dir():
         p.error(f"--path-images {args.path_images} is not a folder")
     for option, path in (("--json", args.json), ("--plot", args.plot)):
@@ -1246,12 +1434,14 @@ def prepare_source(args, work: Path) -> Source:
                               f"{source.nbytes / MB:,.1f} MB")
         return source
     root = work / "corpus"
-    seconds = make_corpus(root, args.make_corpus)
+    seconds = make_corpus(root, args.make_corpus, args.corpus)
     source = open_source(root, ["jpg"])
     shapes = sorted({(w, h) for w, h, _ in source.shapes})
     classes = len({key.split("/")[0] for key in source.keys})
+    what = (f"crops of {len(real_photo_paths())} real photos (scikit-image {version_of('scikit-image')}'s "
+            "skimage/data), saved as JPEGs," if args.corpus == "real" else "generated photo-like JPEGs")
     source.description = (
-        f"{args.make_corpus:,} generated photo-like JPEGs in {classes} class folders, {len(shapes)} shapes "
+        f"{args.make_corpus:,} {what} in {classes} class folders, {len(shapes)} shapes "
         f"from {min(shapes)[0]}×{min(shapes)[1]} to {max(shapes)[0]}×{max(shapes)[1]}, {source.nbytes / MB:,.1f} MB "
         f"({source.nbytes / len(source.keys) / 1e3:.1f} KB a file), generated in {seconds:.0f} s"
     )

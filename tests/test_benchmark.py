@@ -23,6 +23,7 @@ LOADERS = ({"loose", "h5dataset", "h5dataset_bytes", "h5dataset_bytes_half", "la
 BATCH_ROWS = {"h5py_loop", "reader_sequential", "reader_shuffled", "reader_rank0_of_2", "sampler_overhead", "h5py_fancy",
               "overlap_h5py_loop", "overlap_reader_sequential", "overlap_reader_shuffled"}
 HAS_WEBDATASET = importlib.util.find_spec("webdataset") is not None
+HAS_SKIMAGE = importlib.util.find_spec("skimage") is not None  # --corpus real: its photos
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
@@ -85,6 +86,10 @@ def test_every_loading_row_is_in_the_table_and_the_json(tiny):
     assert regimes == {(c, o) for c in (("warm", "cold") if cold else ("warm",)) for o in ("sequential", "shuffled")}
     assert cold or "cold: not permitted (needs root" in proc.stdout
     assert len(rows) == len(LOADERS) * len(regimes)
+    # batches are stacked tensors cropped to the smallest shape (the corpus's 256×192 and 200×300: 192×200)
+    assert "uint8 HWC tensor (torch.from_numpy, no copy) centre-cropped to 192×200" in proc.stdout
+    assert "decode_size=(96, 100): half the smallest photo's height and width" in proc.stdout
+    assert "nvJPEG row: " in proc.stdout  # run where CUDA and torchvision are, else the reason it is not
     labels = table_labels(proc.stdout)
     for row in rows:
         assert row["label"] in labels
@@ -140,6 +145,38 @@ def test_batch_section_without_a_stacked_archive_is_left_out_with_a_note(tmp_pat
         assert bench.run_batch(tmp_path, args, bar, notes) == []
         assert bar.total == 0
     assert notes == ["batch: the stacked archive is missing (its conversion failed), so the batch section is left out"]
+
+
+@pytest.mark.skipif(not HAS_SKIMAGE, reason="scikit-image (its photos) is not installed")
+def test_real_corpus_is_crops_of_real_photos_in_the_corpus_shapes(tmp_path):
+    from PIL import Image
+
+    proc = run_benchmark(tmp_path, "--make-corpus", 12, "--corpus", "real", "--keep-corpus", "--only", "conversion")
+    (kept,) = tmp_path.iterdir()
+    files = sorted((kept / "corpus").rglob("*.jpg"))
+    assert len(files) == 12
+    sizes = {Image.open(f).size for f in files}
+    assert len(sizes) == 12 and all(192 <= min(size) and max(size) <= 480 for size in sizes)  # the 12 corpus shapes
+    # a photo, not a generated pattern: crops of different photos differ, none is flat
+    arrays = [np.asarray(Image.open(f).convert("L"), np.float32) for f in files]
+    assert all(a.std() > 5 for a in arrays)
+    assert "12 crops of 9 real photos (scikit-image" in proc.stdout
+
+
+def test_real_corpus_needs_make_corpus(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCHMARK), "--path-images", str(tmp_path), "--corpus", "real"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--corpus real goes with --make-corpus N" in proc.stderr
+
+
+def test_list_collate_keeps_every_loading_row(tmp_path):
+    pytest.importorskip("torch")
+    proc = run_benchmark(tmp_path, "--make-corpus", 12, "--only", "loading", "--collate", "list", "--workers", 1,
+                         "--samples", 8, "--batch-size", 4, "--no-cold", "--json", tmp_path / "out.json")
+    rows = rows_of(json.loads((tmp_path / "out.json").read_text()), "loading")
+    assert {row["key"] for row in rows} == LOADERS
+    assert all(row["items"] == 8 for row in rows)
+    assert "centre-cropped" not in proc.stdout
 
 
 def test_machine_and_method_are_described(tiny):
