@@ -76,7 +76,8 @@ class Slots:
         self.free = list(range(count))
 
     def resolve(self, slot: int, items: list) -> list:
-        """Replace the :class:`Span` payloads of ``items`` by views of ``slot``."""
+        """Replace the :class:`Span` payloads of ``items`` by views of ``slot`` (raw bytes, as
+        ``uint8`` arrays: the writer reads them with the entry's dtype and shape)."""
         view = self._views[slot]
         out = []
         for item in items:
@@ -111,7 +112,15 @@ def share(items: list, slot_path: Optional[str], slot_size: int) -> list:
             m = _worker_maps[slot_path] = mmap.mmap(fh.fileno(), slot_size)
     pos, out = 0, []
     for item in items:
-        if isinstance(item, Packed) and isinstance(item.data, (bytes, bytearray)):
+        if (isinstance(item, Packed) and item.chunk_shape is None and isinstance(item.data, np.ndarray)
+                and item.data.dtype.kind in "biufc"):
+            arr = np.ascontiguousarray(item.data)  # a decoded row, for a layout that stores arrays as they come
+            n = arr.nbytes
+            if pos + n <= slot_size:
+                np.frombuffer(m, np.uint8, n, pos)[:] = arr.reshape(-1).view(np.uint8)
+                item = item._replace(data=Span(pos, n))
+                pos += n
+        elif isinstance(item, Packed) and isinstance(item.data, (bytes, bytearray)):
             n = len(item.data)
             if pos + n <= slot_size:
                 m[pos : pos + n] = item.data

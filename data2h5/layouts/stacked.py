@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import math
 import zlib
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
@@ -70,6 +71,25 @@ LABEL_DTYPE = np.dtype("<i8")  # what torch's cross-entropy wants, without a cas
 _REMEDY = "use --layout files, or a reader plugin that gives every sample one shape and dtype (e.g. plugins/resize_gray.py)"
 
 
+class RowRecord(NamedTuple):
+    """One row of a chunk, as journaled: what a resume checks its source against."""
+
+    key: str
+    size: int
+    crc32: int
+    mtime_ns: int
+
+
+class ChunkRecord(NamedTuple):
+    """Where one chunk of ``data`` lies in a part file, as journaled."""
+
+    start: int  # its first row
+    addr: int
+    size: int
+    mask: int  # HDF5 filter mask
+    crc: int  # CRC-32 of its stored bytes
+
+
 class StackedWriter:
     """Write samples of one shape and dtype as rows of ``/data`` in an open, writable file.
 
@@ -100,6 +120,9 @@ class StackedWriter:
         self._fill = 0  # rows in the buffer
         self._written = 0  # rows already written to the dataset
         self._closed = False
+        self._compressor: Optional[ThreadPoolExecutor] = None  # compresses full chunks off this thread
+        self._compressing: Optional[tuple] = None  # (start, rows, skipped, buffer, future) of the chunk in flight
+        self._spare: Optional[np.ndarray] = None  # a buffer free to fill
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -137,6 +160,7 @@ class StackedWriter:
 
     def checkpoint(self) -> None:
         """Journal every full chunk written since the last checkpoint, with its rows."""
+        self._drain()
         if self._pending:
             self._checkpoints.write(self._pending)
             self._pending = {}
@@ -148,10 +172,11 @@ class StackedWriter:
 
     def put_chunk(self, data: bytes, mask: int, crc: int, rows: Sequence[list], skipped: Sequence[list]) -> None:
         """Append a chunk as stored by an earlier run: ``rows`` of ``[key, size, crc32, mtime_ns]``."""
+        self._drain()
         start = self._written
         self._dset.id.write_direct_chunk((start,) + (0,) * (self._buf.ndim - 1), data, mask)
         self._record_chunk(start, data, mask, crc, rows, skipped)
-        for key, size, crc32, mtime_ns in rows:
+        for key, size, crc32, mtime_ns in map(RowRecord._make, rows):
             self.keys.append(key)
             self.sizes.append(size)
             self.crcs.append(crc32)
@@ -165,7 +190,7 @@ class StackedWriter:
         addr = self._dset.id.get_chunk_info_by_coord((start,) + (0,) * (self._buf.ndim - 1)).byte_offset
         if not self._pending:
             self._pending = {"stacked": self._layout(), "chunks": []}
-        self._pending["chunks"].append([[start, addr, len(data), mask, crc], rows, skipped])
+        self._pending["chunks"].append([ChunkRecord(start, addr, len(data), mask, crc), rows, skipped])
 
     def close(self) -> int:
         """Write the buffered rows, trim ``/data`` to the rows written, then write labels,
@@ -177,7 +202,10 @@ class StackedWriter:
             self._dset = self.f.create_dataset(STACKED_DATA, shape=(0,), dtype="u1", maxshape=(None,), chunks=(1,))
         else:
             self._flush()
+            self._drain()
             self._dset.resize(len(self.keys), axis=0)
+        if self._compressor is not None:
+            self._compressor.shutdown()
         count = len(self.keys)
         classes = sorted({class_of(k) for k in self.keys})
         lookup = {name: i for i, name in enumerate(classes)}
@@ -241,19 +269,36 @@ class StackedWriter:
             self._dset.resize(stop, axis=0)
         if self._fill < len(self._buf):  # HDF5 stores whole chunks: make the tail deterministic
             self._buf[self._fill :] = 0
-        offset = (start,) + (0,) * (self._buf.ndim - 1)
-        if self.codec.in_worker:
-            data, mask = self.codec.compress(self._buf.data)
-            self._dset.id.write_direct_chunk(offset, data, mask)
-        else:  # HDF5 compresses; read back what it stored
-            self._dset[start:stop] = self._buf[: self._fill]
+        rows = [RowRecord(self.keys[i], self.sizes[i], self.crcs[i], self.mtimes[i]) for i in range(start, stop)]
+        skipped, self._skipped = self._skipped, []
+        self._written, self._fill = stop, 0
+        if not self.codec.in_worker:  # HDF5 compresses; read back what it stored
+            offset = (start,) + (0,) * (self._buf.ndim - 1)
+            self._dset[start:stop] = self._buf[: stop - start]
             self._dset.id.flush()
             mask, data = self._dset.id.read_direct_chunk(offset)
-        rows = [[self.keys[i], self.sizes[i], self.crcs[i], self.mtimes[i]] for i in range(start, stop)]
-        self._record_chunk(start, data, mask, zlib.crc32(data), rows, self._skipped)
-        self._skipped = []
-        self._written, self._fill = stop, 0
+            self._record_chunk(start, data, mask, zlib.crc32(data), rows, skipped)
+            return
+        # The chunk is compressed by a helper thread while the next one fills; it is written
+        # (chunks reach the file in row order) when the next one is full, or on close.
+        self._drain()
+        if self._compressor is None:
+            self._compressor = ThreadPoolExecutor(1, thread_name_prefix="data2h5-stacked")
+        full = self._buf
+        self._compressing = (start, rows, skipped, full, self._compressor.submit(self.codec.compress, full.data))
+        self._buf = self._spare if self._spare is not None else np.empty_like(full)
+        self._spare = None
 
+    def _drain(self) -> None:
+        """Write the chunk being compressed, if any, and journal it at the next checkpoint."""
+        if self._compressing is None:
+            return
+        start, rows, skipped, buf, future = self._compressing
+        self._compressing = None
+        data, mask = future.result()
+        self._spare = buf
+        self._dset.id.write_direct_chunk((start,) + (0,) * (buf.ndim - 1), data, mask)
+        self._record_chunk(start, data, mask, zlib.crc32(data), rows, skipped)
 
 def _utf8_array(texts: Sequence[str]) -> np.ndarray:
     encoded = [t.encode("utf-8") for t in texts]
@@ -379,7 +424,8 @@ def _reuse_chunks(previous: InterruptedRun, files: List[SourceFile], writer: "St
     writer.start(dtype, shape, rows_per_chunk)
     pos = 0
     for gen, chunk, rows, skipped in previous.chunks:
-        start, addr, size, mask, crc = chunk
+        start, addr, size, mask, crc = ChunkRecord(*chunk)
+        rows = [RowRecord(*r) for r in rows]
         end = _match_rows(files, pos, rows, skipped)
         if start != len(writer) or end is None:
             break
@@ -392,16 +438,16 @@ def _reuse_chunks(previous: InterruptedRun, files: List[SourceFile], writer: "St
         writer.put_chunk(data, mask, crc, rows, skipped)
         reused.skipped.extend((key, reason) for key, reason in skipped)
         reused.entries += len(rows)
-        reused.bytes_in += sum(r[1] for r in rows)
+        reused.bytes_in += sum(r.size for r in rows)
         reused.bytes_decoded += len(rows) * int(np.prod(shape)) * np.dtype(dtype).itemsize
         pos = end
     return files[pos:]
 
 
-def _match_rows(files: List[SourceFile], pos: int, rows: list, skipped: list) -> Optional[int]:
+def _match_rows(files: List[SourceFile], pos: int, rows: List[RowRecord], skipped: list) -> Optional[int]:
     """Where ``files[pos:]`` ends after the chunk's rows and skipped files (interleaved in walk
     order), or None if they are not the next files or a row's source changed."""
-    want_rows = {r[0]: r for r in rows}
+    want_rows = {r.key: r for r in rows}
     want_skipped = {key for key, _ in skipped}
     left = len(rows) + len(skipped)
     while left:
@@ -410,7 +456,7 @@ def _match_rows(files: List[SourceFile], pos: int, rows: list, skipped: list) ->
         src = files[pos]
         row = want_rows.get(src.key)
         if row is not None:
-            if not unchanged(src.path, row[1], row[3]):
+            if not unchanged(src.path, row.size, row.mtime_ns):
                 return None
         elif src.key not in want_skipped:
             return None
@@ -429,8 +475,11 @@ class StackedEntries:
         return len(self.rows)
 
     def add(self, item: Packed) -> None:
+        value = item.data
+        if isinstance(value, np.ndarray) and (value.dtype.str != item.dtype or value.shape != tuple(item.shape)):
+            value = value.view(np.dtype(item.dtype)).reshape(item.shape)  # its bytes, from a shared slot
         # the stacked writer refuses what is not a decoded array, naming the remedy
-        self.rows.add(item.key, item.data, item.size, item.crc32, Kind(item.kind), item.mtime_ns)
+        self.rows.add(item.key, value, item.size, item.crc32, Kind(item.kind), item.mtime_ns)
 
     def skip(self, key: str, reason: str) -> None:
         self.rows.skip(key, reason)
