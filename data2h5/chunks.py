@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import h5py
 import numpy as np
 
-from .codecs import Decompress, decoder  # noqa: F401 - decoder: the loaders pick a chunk's decompressor here
+from .codecs import Decompress
 from .errors import ArchiveError, CorruptEntryError
 
 CONTIGUOUS_BLOCK = 1 << 20  # contiguous datasets are read in blocks of this size, like chunks

@@ -1,3 +1,3 @@
-"""Compatibility: the stacked layout lives in :mod:`data2h5.layouts.stacked`."""
+"""Compatibility: the stacked layout lives in :mod:`data2h5.layouts.stacked`, and a key's
+class in :mod:`data2h5.format`."""
 from .format import ROOT_CLASS, class_of  # noqa: F401
-from .layouts.stacked import StackedWriter  # noqa: F401

@@ -15,7 +15,7 @@ import pytest
 from data2h5.codecs import CODECS
 from data2h5.errors import ArchiveError, CorruptEntryError, PluginError
 from data2h5.loaders.batch_reader import THREAD_PREFIX, BatchReader
-from data2h5.stacked import StackedWriter
+from data2h5.layouts.stacked import StackedWriter
 
 pytestmark = pytest.mark.timeout(60)
 

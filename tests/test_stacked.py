@@ -15,7 +15,8 @@ from convert_helpers import index_group
 from data2h5.codecs import CODECS, FILTER_BLOSC, FILTER_LZF, FILTER_ZSTD, parse_compression
 from data2h5.errors import LayoutError
 from data2h5.format import Kind
-from data2h5.stacked import ROOT_CLASS, StackedWriter, class_of
+from data2h5.format import ROOT_CLASS, class_of
+from data2h5.layouts.stacked import StackedWriter
 
 from conftest import write_images
 

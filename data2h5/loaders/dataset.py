@@ -17,7 +17,7 @@ from ..errors import ArchiveError, ArchiveKeyError
 from ..index import ArchiveReader, PathLike
 from ..safety import MAX_ENTRY_BYTES
 from ..jpeg import check_decode_size
-from ..stacked import class_of
+from ..format import class_of
 
 try:  # torch is optional: subclass its Dataset when it is there, so isinstance checks pass.
     from torch.utils.data import Dataset as _Base

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 import h5py
 import numpy as np
 
-from ..chunks import ContiguousBlocks, Field, H5pyChunks, RawChunks, dataset_filters, decoder, require_filters
+from ..chunks import ContiguousBlocks, Field, H5pyChunks, RawChunks, dataset_filters, require_filters
+from ..codecs import decoder
 from .plan import runs_of_equal
 from .rows import H5pyRows, Rows
 
