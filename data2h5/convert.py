@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import h5py
+import numpy as np
 
 from . import format as fmt, layouts
 from ._version import __version__
@@ -38,7 +39,7 @@ from .plugins import Plugin, PluginSpec, load
 from .prune import normalize_extensions
 from .sources import check_folder, collect, load_prune
 from .readers import AUTO, BUILTIN_READERS, BuiltinReader, read_source
-from .transport import Slots, share
+from .transport import Slots, compress_in_slot, share
 from .walk import SourceFile
 from .encoding import Failed, Packed, pack
 
@@ -55,6 +56,7 @@ INFLIGHT_PER_WORKER = 4
 #: results keep flowing to the writer and its checkpoints, so a kill loses little.
 TASK_SECONDS = 0.25
 SLOT_BYTES = 2 * TASK_BYTES
+CHUNKS_IN_FLIGHT = 4  # a layout's chunks being compressed by workers at once
 #: Default cap on one file's value as read: a reader gone wrong must not take the machine.
 MAX_ENTRY_BYTES = 4 << 30
 
@@ -335,10 +337,12 @@ def _write(files: List[SourceFile], layout: layouts.Layout, job: WorkerConfig, p
     part = partial.part(gen)
     journal = Journal(partial.journal(gen), {"options": options, "pid": os.getpid()})
     f = writer = None
+    pool = _Workers(job, workers if files else 1, start_method)
+    finished = False
     try:
         f = create_part(part)
         writer = layout.open_writer(f, entries=len(files), codec=job.codec,
-                                    checkpoints=Checkpoints(f, journal, checkpoint_s))
+                                    checkpoints=Checkpoints(f, journal, checkpoint_s), compress=pool.compress)
         bar = progress_bar(len(files), progress)
         try:
             todo = files
@@ -351,7 +355,7 @@ def _write(files: List[SourceFile], layout: layouts.Layout, job: WorkerConfig, p
                 bar.update(len(files) - len(todo))
                 writer.checkpoint()
                 partial.discard(older)  # what they held is in this generation now
-            for item in _run(todo, job, workers, start_method) if todo else ():
+            for item in pool.results(todo) if todo else ():
                 if isinstance(item, Failed):
                     key, error = item
                     if on_error == "fail":
@@ -374,6 +378,7 @@ def _write(files: List[SourceFile], layout: layouts.Layout, job: WorkerConfig, p
                 raise SourceError(f"every matching file under {report.source} failed; nothing to write ({report.skipped[0][1]})")
             order = {src.key: i for i, src in enumerate(files)} if report.reused else None
             stored = writer.close(order)
+            finished = True
         finally:
             bar.close()
         _write_attrs(f, report, options, stored)
@@ -392,6 +397,7 @@ def _write(files: List[SourceFile], layout: layouts.Layout, job: WorkerConfig, p
                 raise Interrupted(kept) from exc
         raise exc
     finally:
+        pool.close(stop=not finished)
         journal.close()
     partial.discard()
 
@@ -444,20 +450,40 @@ def _report_of(dst: Path, report: Report, started: float) -> Report:
     return report
 
 
-def _run(files: List[SourceFile], job: WorkerConfig, workers: int, start_method: Optional[str]):
-    """Yield each file's result in walk order, with bounded work in flight."""
-    if workers == 1:
-        _init_worker(job, ignore_sigint=False)
-        for src in files:
-            yield from _process([src])
-        return
-    ctx = multiprocessing.get_context(start_method)
-    limit = workers * INFLIGHT_PER_WORKER
-    slots = Slots(limit, SLOT_BYTES)
-    others = set(multiprocessing.active_children())  # children not the pool's: never stopped here
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job,))
-    finished = False
-    try:
+class _Workers:
+    """The processes that read, decode and compress: a pool with shared slots for their
+    results (none with one worker: then this process does the work as it goes)."""
+
+    def __init__(self, job: WorkerConfig, workers: int, start_method: Optional[str]):
+        self.job, self.workers = job, workers
+        self.pool: Optional[ProcessPoolExecutor] = None
+        if workers == 1:
+            return
+        self.slots = Slots(workers * INFLIGHT_PER_WORKER, SLOT_BYTES)
+        self.chunk_slots = Slots(CHUNKS_IN_FLIGHT, SLOT_BYTES)  # a layout's chunks, to compress here
+        self._others = set(multiprocessing.active_children())  # children not the pool's: never stopped here
+        ctx = multiprocessing.get_context(start_method)
+        self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job,))
+
+    def compress(self, codec: Codec, chunk: np.ndarray) -> Optional["_CompressedChunk"]:
+        """Have a worker compress ``chunk`` (copied into a shared slot); None when there is no
+        pool, no free slot or the chunk does not fit one: the caller compresses it itself."""
+        if self.pool is None or not self.chunk_slots.free or chunk.nbytes > self.chunk_slots.size:
+            return None
+        slot = self.chunk_slots.free.pop()
+        self.chunk_slots.view(slot)[: chunk.nbytes] = chunk.reshape(-1).view(np.uint8)
+        future = self.pool.submit(compress_in_slot, self.chunk_slots.paths[slot], self.chunk_slots.size, chunk.nbytes,
+                                  codec)
+        return _CompressedChunk(self.chunk_slots, slot, future)
+
+    def results(self, files: List[SourceFile]) -> Iterator[Union[Packed, Failed]]:
+        """Yield each file's result in walk order, with bounded work in flight."""
+        if self.pool is None:
+            _init_worker(self.job, ignore_sigint=False)
+            for src in files:
+                yield from _process([src])
+            return
+        slots, pool, workers = self.slots, self.pool, self.workers
         pending: deque = deque()
         batch = 4  # grows once the size of results is known
         pos, done_files, done_bytes = 0, 0, 0
@@ -472,10 +498,7 @@ def _run(files: List[SourceFile], job: WorkerConfig, workers: int, start_method:
             try:
                 results = future.result()
             except BrokenProcessPool as exc:
-                raise WorkerError(
-                    "a worker process died (out of memory, or a crash in a decoder); "
-                    "rerun with --workers 1 to see which file"
-                ) from exc
+                raise _worker_died() from exc
             for item in slots.resolve(slot, results):
                 done_files += 1
                 done_bytes += item.nbytes if isinstance(item, Packed) else 0
@@ -485,12 +508,40 @@ def _run(files: List[SourceFile], job: WorkerConfig, workers: int, start_method:
             seconds_per_file = (time.monotonic() - began) * workers / max(done_files, 1)
             batch = int(min(MAX_TASK_FILES, TASK_BYTES // per_file, TASK_SECONDS / max(seconds_per_file, 1e-6)))
             batch = max(1, batch)
-        finished = True
-    finally:
-        if not finished:  # stop now: do not let workers finish the queue
-            _stop_workers([p for p in multiprocessing.active_children() if p not in others])
-        pool.shutdown(wait=True, cancel_futures=True)
-        slots.close()
+
+    def close(self, stop: bool) -> None:
+        """Shut the pool down; ``stop``: end the workers now, without letting them finish the queue."""
+        if self.pool is None:
+            return
+        if stop:
+            _stop_workers([p for p in multiprocessing.active_children() if p not in self._others])
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.slots.close()
+        self.chunk_slots.close()
+
+
+class _CompressedChunk:
+    """A chunk a worker is compressing in a shared slot: ``result()`` is ``(stored bytes, mask)``."""
+
+    def __init__(self, slots: Slots, slot: int, future):
+        self._slots, self._slot, self._future = slots, slot, future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> Tuple[bytes, int]:
+        try:
+            length, mask, inline = self._future.result()
+            return (inline if inline is not None else bytes(self._slots.view(self._slot)[:length])), mask
+        except BrokenProcessPool as exc:
+            raise _worker_died() from exc
+        finally:
+            self._slots.free.append(self._slot)
+
+
+def _worker_died() -> WorkerError:
+    return WorkerError("a worker process died (out of memory, or a crash in a decoder); "
+                       "rerun with --workers 1 to see which file")
 
 
 def _stop_workers(procs: List[multiprocessing.Process]) -> None:

@@ -14,7 +14,7 @@ import mmap
 import os
 import shutil
 import tempfile
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -88,6 +88,10 @@ class Slots:
             out.append(item)
         return out
 
+    def view(self, slot: int) -> np.ndarray:
+        """The bytes of ``slot``, writable."""
+        return self._views[slot]
+
     def close(self) -> None:
         self._views.clear()
         for m in self._maps:
@@ -102,14 +106,31 @@ class Slots:
 _worker_maps: Dict[str, mmap.mmap] = {}
 
 
-def share(items: list, slot_path: Optional[str], slot_size: int) -> list:
-    """Worker side: copy payloads into the task's slot while they fit; the rest stay inline."""
-    if slot_path is None:
-        return items
+def _worker_map(slot_path: str, slot_size: int) -> mmap.mmap:
     m = _worker_maps.get(slot_path)
     if m is None:
         with open(slot_path, "r+b") as fh:
             m = _worker_maps[slot_path] = mmap.mmap(fh.fileno(), slot_size)
+    return m
+
+
+def compress_in_slot(slot_path: str, slot_size: int, nbytes: int, codec) -> Tuple[int, int, Optional[bytes]]:
+    """Worker side: compress the first ``nbytes`` of a slot with ``codec`` (a
+    :class:`~data2h5.codecs.Codec`) and put the result back at its start; returns ``(length,
+    filter mask, None)``, or the bytes themselves in place of None when they do not fit."""
+    m = _worker_map(slot_path, slot_size)
+    data, mask = codec.compress(m[:nbytes])
+    if len(data) > slot_size:
+        return len(data), mask, data
+    m[: len(data)] = data
+    return len(data), mask, None
+
+
+def share(items: list, slot_path: Optional[str], slot_size: int) -> list:
+    """Worker side: copy payloads into the task's slot while they fit; the rest stay inline."""
+    if slot_path is None:
+        return items
+    m = _worker_map(slot_path, slot_size)
     pos, out = 0, []
     for item in items:
         if (isinstance(item, Packed) and item.chunk_shape is None and isinstance(item.data, np.ndarray)

@@ -37,6 +37,11 @@ LAYOUTS: Mapping[str, str] = types.MappingProxyType({
 VerifyTask = Callable[[], Tuple[list, int, int]]
 
 
+#: ``compress(codec, chunk)``: a future-like object (``done()``, ``result()`` → ``(stored bytes,
+#: filter mask)``) for a chunk compressed elsewhere (the conversion's workers), or None.
+Compressor = Callable[[Any, Any], Optional[Any]]
+
+
 class EntryWriter(Protocol):
     """What a conversion writes entries through, whatever the layout."""
 
@@ -97,7 +102,9 @@ class Layout:
         raise NotImplementedError
 
     def open_writer(self, f: "h5py.File", *, entries: int, codec: Optional["Codec"],
-                    checkpoints: Optional["Checkpoints"]) -> EntryWriter:
+                    checkpoints: Optional["Checkpoints"] = None, compress: Optional[Compressor] = None) -> EntryWriter:
+        """A writer of ``entries`` (at most) into ``f``. ``compress``: where a layout that
+        compresses its own chunks may have the conversion's workers do it."""
         raise LayoutError(f"the {self.name} layout cannot be written")
 
     def reuse(self, run: "InterruptedRun", files: List["SourceFile"], writer: EntryWriter, blocks: "BlockReader",

@@ -295,7 +295,9 @@ class FilesLayout(Layout):
                 raise ValueError(f"index field {name!r} has {len(arr)} rows for {n} keys")
         return Index(path=f.filename, layout=self.name, keys=keys, attrs=attrs, **arrays)
 
-    def open_writer(self, f: h5py.File, *, entries: int, codec: Optional[Codec], checkpoints=None) -> FilesWriter:
+    def open_writer(self, f: h5py.File, *, entries: int, codec: Optional[Codec], checkpoints=None,
+                    compress=None) -> FilesWriter:
+        """Workers compress each entry already: ``compress`` is not needed."""
         return FilesWriter(f, checkpoints=checkpoints)
 
     def reuse(self, run: InterruptedRun, files: List[SourceFile], writer: FilesWriter, blocks: BlockReader,

@@ -27,7 +27,7 @@ class PlainLayout(FilesLayout):
     def read_index(self, f: h5py.File, attrs: dict, limit: int) -> Index:
         return _walk(f, attrs)
 
-    def open_writer(self, f, *, entries, codec, checkpoints=None):
+    def open_writer(self, f, *, entries, codec, checkpoints=None, compress=None):
         return Layout.open_writer(self, f, entries=entries, codec=codec, checkpoints=checkpoints)
 
     def verify_tasks(self, checker, batch):

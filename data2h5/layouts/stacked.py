@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 import math
 import zlib
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Deque, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
@@ -90,6 +91,16 @@ class ChunkRecord(NamedTuple):
     crc: int  # CRC-32 of its stored bytes
 
 
+class _InFlight(NamedTuple):
+    start: int
+    rows: List[RowRecord]
+    skipped: list
+    future: object  # result(): (stored bytes, filter mask)
+
+
+MAX_IN_FLIGHT = 8  # chunks being compressed at once; past it the writer waits for the oldest
+
+
 class StackedWriter:
     """Write samples of one shape and dtype as rows of ``/data`` in an open, writable file.
 
@@ -100,7 +111,7 @@ class StackedWriter:
     """
 
     def __init__(self, f: h5py.File, n: int, codec: Optional[Codec], chunk_bytes: int = 1 << 20,
-                 checkpoints=None):
+                 checkpoints=None, compress=None):
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         self.f = f
@@ -120,9 +131,9 @@ class StackedWriter:
         self._fill = 0  # rows in the buffer
         self._written = 0  # rows already written to the dataset
         self._closed = False
-        self._compressor: Optional[ThreadPoolExecutor] = None  # compresses full chunks off this thread
-        self._compressing: Optional[tuple] = None  # (start, rows, skipped, buffer, future) of the chunk in flight
-        self._spare: Optional[np.ndarray] = None  # a buffer free to fill
+        self._compress = compress  # has the conversion's workers compress a chunk (None: a thread here)
+        self._thread: Optional[ThreadPoolExecutor] = None  # compresses chunks off the writer's thread
+        self._inflight: Deque[_InFlight] = deque()  # chunks being compressed, in row order
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -159,8 +170,9 @@ class StackedWriter:
         self._skipped.append([key, reason])
 
     def checkpoint(self) -> None:
-        """Journal every full chunk written since the last checkpoint, with its rows."""
-        self._drain()
+        """Journal every full chunk written since the last checkpoint, with its rows (chunks
+        still being compressed are journaled at a later checkpoint)."""
+        self._write_ready()
         if self._pending:
             self._checkpoints.write(self._pending)
             self._pending = {}
@@ -172,7 +184,7 @@ class StackedWriter:
 
     def put_chunk(self, data: bytes, mask: int, crc: int, rows: Sequence[list], skipped: Sequence[list]) -> None:
         """Append a chunk as stored by an earlier run: ``rows`` of ``[key, size, crc32, mtime_ns]``."""
-        self._drain()
+        self._write_ready(keep=0)
         start = self._written
         self._dset.id.write_direct_chunk((start,) + (0,) * (self._buf.ndim - 1), data, mask)
         self._record_chunk(start, data, mask, crc, rows, skipped)
@@ -202,10 +214,10 @@ class StackedWriter:
             self._dset = self.f.create_dataset(STACKED_DATA, shape=(0,), dtype="u1", maxshape=(None,), chunks=(1,))
         else:
             self._flush()
-            self._drain()
+            self._write_ready(keep=0)
             self._dset.resize(len(self.keys), axis=0)
-        if self._compressor is not None:
-            self._compressor.shutdown()
+        if self._thread is not None:
+            self._thread.shutdown()
         count = len(self.keys)
         classes = sorted({class_of(k) for k in self.keys})
         lookup = {name: i for i, name in enumerate(classes)}
@@ -279,26 +291,27 @@ class StackedWriter:
             mask, data = self._dset.id.read_direct_chunk(offset)
             self._record_chunk(start, data, mask, zlib.crc32(data), rows, skipped)
             return
-        # The chunk is compressed by a helper thread while the next one fills; it is written
-        # (chunks reach the file in row order) when the next one is full, or on close.
-        self._drain()
-        if self._compressor is None:
-            self._compressor = ThreadPoolExecutor(1, thread_name_prefix="data2h5-stacked")
-        full = self._buf
-        self._compressing = (start, rows, skipped, full, self._compressor.submit(self.codec.compress, full.data))
-        self._buf = self._spare if self._spare is not None else np.empty_like(full)
-        self._spare = None
+        # Compressed elsewhere (the conversion's workers, or a thread) while the next chunks
+        # fill; written in row order as they come back.
+        full, self._buf = self._buf, np.empty_like(self._buf)
+        future = self._compress(self.codec, full) if self._compress is not None else None
+        if future is None:
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix="data2h5-stacked")
+            future = self._thread.submit(self.codec.compress, full.data)
+        self._inflight.append(_InFlight(start, rows, skipped, future))
+        self._write_ready(keep=MAX_IN_FLIGHT)
 
-    def _drain(self) -> None:
-        """Write the chunk being compressed, if any, and journal it at the next checkpoint."""
-        if self._compressing is None:
-            return
-        start, rows, skipped, buf, future = self._compressing
-        self._compressing = None
-        data, mask = future.result()
-        self._spare = buf
-        self._dset.id.write_direct_chunk((start,) + (0,) * (buf.ndim - 1), data, mask)
-        self._record_chunk(start, data, mask, zlib.crc32(data), rows, skipped)
+    def _write_ready(self, keep: Optional[int] = None) -> None:
+        """Write the chunks whose compression is done, in row order, waiting for the oldest
+        while more than ``keep`` are in flight (None: never wait)."""
+        while self._inflight and ((keep is not None and len(self._inflight) > keep)
+                                  or self._inflight[0].future.done()):
+            start, rows, skipped, future = self._inflight.popleft()
+            data, mask = future.result()
+            self._dset.id.write_direct_chunk((start,) + (0,) * (self._buf.ndim - 1), data, mask)
+            self._record_chunk(start, data, mask, zlib.crc32(data), rows, skipped)
+
 
 def _utf8_array(texts: Sequence[str]) -> np.ndarray:
     encoded = [t.encode("utf-8") for t in texts]
@@ -502,8 +515,9 @@ class StackedLayout(Layout):
     def read_index(self, f: h5py.File, attrs: dict, limit: int) -> Index:
         return _read_index(f, attrs, limit)
 
-    def open_writer(self, f: h5py.File, *, entries: int, codec: Optional[Codec], checkpoints=None) -> StackedEntries:
-        return StackedEntries(StackedWriter(f, entries, codec, checkpoints=checkpoints))
+    def open_writer(self, f: h5py.File, *, entries: int, codec: Optional[Codec], checkpoints=None,
+                    compress=None) -> StackedEntries:
+        return StackedEntries(StackedWriter(f, entries, codec, checkpoints=checkpoints, compress=compress))
 
     def reuse(self, run: InterruptedRun, files: List[SourceFile], writer: StackedEntries, blocks: BlockReader,
               reused: Reused) -> List[SourceFile]:
