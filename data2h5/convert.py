@@ -30,7 +30,7 @@ from .codecs import Codec, choose_codec, parse_compression
 from .display import decimal_size, progress_bar
 from .errors import Data2H5Error, Interrupted, LayoutError, OutputError, PluginError, ReadError, SourceError, WorkerError
 from .format import Kind
-from .index import open_h5
+from .archive import open_h5
 from .jpeg import check_decode_size
 from .partial import (CHECKPOINT_SECONDS, Checkpoints, InterruptedRun, Journal, OutputLock, Partial, check_output,
                       create_part, load_previous, publish)

@@ -38,7 +38,7 @@ from . import layouts, safety
 from .display import decimal_size, progress_bar
 from .errors import ArchiveError, ArchiveKeyError, Data2H5Error, OutputError, SizeLimitError, UnsafeKeyError
 from .format import Kind
-from .index import Index, PathLike, read_index
+from .archive import Index, PathLike, read_index
 
 log = logging.getLogger(__name__)
 

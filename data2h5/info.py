@@ -6,7 +6,7 @@ import os
 from typing import Dict, List
 
 from . import format as fmt, safety
-from .index import PathLike, read_index
+from .archive import PathLike, read_index
 
 
 def list_keys(path: PathLike, *, max_entry_bytes: int = safety.MAX_ENTRY_BYTES) -> List[str]:

@@ -38,7 +38,7 @@ from .display import one_line, progress_bar
 from .errors import ArchiveError, CorruptEntryError, SourceError, UnsafeArchiveError
 from .format import Kind
 from .chunks import unpack_chunk
-from .index import ArchiveReader, Index, PathLike, read_index
+from .archive import ArchiveReader, Index, PathLike, read_index
 from .prune import normalize_extensions
 from .sources import check_folder, collect, load_prune
 from .encoding import iter_chunk_offsets

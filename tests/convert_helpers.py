@@ -18,7 +18,7 @@ import pytest
 from images import photo_like
 from data2h5 import format as fmt
 from data2h5.format import Kind
-from data2h5.index import read_index
+from data2h5.archive import read_index
 
 REPO = Path(__file__).resolve().parent.parent
 #: The installed console script of the interpreter running the tests.

@@ -17,7 +17,7 @@ from conftest import photo_like
 from convert_helpers import error_line, permissions_apply, run_cli, run_unprivileged
 from data2h5.loaders import H5Dataset
 from data2h5.errors import ArchiveError
-from data2h5.index import ArchiveReader
+from data2h5.archive import ArchiveReader
 from data2h5.loaders import BatchReader
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"

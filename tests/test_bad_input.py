@@ -27,7 +27,7 @@ from data2h5 import format as fmt
 from data2h5.partial import Partial
 from convert_helpers import entry_kind, error_line, index, permissions_apply, run_cli, run_unprivileged
 from data2h5.format import Kind
-from data2h5.index import ArchiveReader
+from data2h5.archive import ArchiveReader
 
 
 def published(folder) -> list:

@@ -17,7 +17,7 @@ import data2h5
 from conftest import photo_like, write_images
 from data2h5.loaders import H5Dataset
 from data2h5.errors import ArchiveError, ArchiveKeyError, CorruptEntryError
-from data2h5.index import read_index
+from data2h5.archive import read_index
 from test_index import corrupt, write_plain
 
 TREE_KEYS = ["a/b/c/img_002.png", "a/b/img_001.png", "a/img_000.png", "cat/img_003.png", "dog/img_004.png", "dog/img_005.png"]

@@ -21,7 +21,7 @@ from data2h5 import format as fmt
 from data2h5.cli import main
 from data2h5.errors import ArchiveKeyError, CorruptEntryError, OutputError
 from data2h5.extract import PART_SUFFIX, UnsafeKeyError, extract
-from data2h5.index import ArchiveReader, read_index
+from data2h5.archive import ArchiveReader, read_index
 
 EXTS = ["png", "jpg", "npy", "txt", "bin", "dat"]
 

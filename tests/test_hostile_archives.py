@@ -33,7 +33,7 @@ import contextlib, io, json, sys
 import numpy as np
 import data2h5
 from data2h5.cli import main
-from data2h5.index import ArchiveReader
+from data2h5.archive import ArchiveReader
 from data2h5.loaders import BatchReader
 
 path, layout, commands = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -371,7 +371,7 @@ def test_escaped_keys_are_listed_one_a_line(goods, ctx):
     shutil.copy(goods["bytes"], path)
     escape_keys(path, ctx)
     listed = _run(["-m", "data2h5.cli", "ls", str(path)], ctx.tmp).stdout.decode()
-    assert len(listed.splitlines()) == len(data2h5.index.read_index(path))
+    assert len(listed.splitlines()) == len(data2h5.archive.read_index(path))
     assert "\\x1b]0;owned\\x07\\x1b[2J\\x0dfake line\\x0asecond.png" in listed.splitlines()
 
 

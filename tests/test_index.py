@@ -18,7 +18,7 @@ from data2h5 import codecs
 from data2h5 import format as fmt
 from data2h5.errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError
 from data2h5.format import Kind
-from data2h5.index import LAYOUT_PLAIN, STORED_CRC32, ArchiveReader, Index, decode_value, read_index
+from data2h5.archive import LAYOUT_PLAIN, STORED_CRC32, ArchiveReader, Index, decode_value, read_index
 
 Value = Union[np.ndarray, bytes, str]
 H5_COMPRESSION = {"none": None, "lzf": "lzf", "gzip": "gzip"}

@@ -6,7 +6,7 @@ import pytest
 
 import data2h5
 from data2h5.errors import CorruptEntryError
-from data2h5.index import read_index
+from data2h5.archive import read_index
 
 
 @pytest.mark.parametrize("compression", ["lzf", "none", "gzip"])

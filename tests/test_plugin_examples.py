@@ -14,7 +14,7 @@ from PIL import Image
 
 import data2h5
 from data2h5.format import Kind
-from data2h5.index import read_index
+from data2h5.archive import read_index
 from conftest import photo_like
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ import pytest
 import data2h5
 from data2h5 import format as fmt
 from data2h5.errors import ArchiveError, OutputError
-from data2h5.index import ArchiveReader, open_h5, read_index
+from data2h5.archive import ArchiveReader, open_h5, read_index
 from data2h5.partial import Partial
 
 from conftest import write_images

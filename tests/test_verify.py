@@ -21,7 +21,7 @@ from convert_helpers import error_line, run_cli, index_group
 from data2h5 import format as fmt
 from data2h5.cli import main
 from data2h5.errors import ArchiveError, PluginError, SourceError
-from data2h5.index import read_index
+from data2h5.archive import read_index
 from data2h5.verify import compare_source, verify
 from data2h5.encoding import SINGLE_CHUNK_MAX
 

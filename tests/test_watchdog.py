@@ -107,7 +107,7 @@ def test_without_the_watchdog_the_loop_never_ends(tmp_path, looping):
 
 def damaged_entry(path: Path, out: Path) -> Path:
     """A copy of ``path`` with one byte of its first entry's stored bytes flipped."""
-    from data2h5.index import read_index
+    from data2h5.archive import read_index
 
     index = read_index(path)
     offset = int(index.offset[0]) or int(index.offset[np.nonzero(index.offset)[0][0]])

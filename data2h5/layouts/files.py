@@ -21,7 +21,7 @@ from .. import format as fmt
 from ..codecs import NONE, Codec, codec_by_id
 from ..encoding import Packed, iter_chunk_offsets
 from ..format import Kind
-from ..index import ArchiveReader, Index, create_index_group, decode_keys, index_field, read_keys
+from ..archive import ArchiveReader, Index, create_index_group, decode_keys, index_field, read_keys
 from ..partial import BlockReader, InterruptedRun, Writeback, unchanged
 from ..resume import Reused
 from .. import safety

@@ -9,7 +9,7 @@ from typing import Dict, Optional
 import h5py
 
 from .. import codecs, format as fmt
-from ..index import Index, blank_index
+from ..archive import Index, blank_index
 from . import PLAIN as NAME, Layout
 from .files import FilesLayout
 

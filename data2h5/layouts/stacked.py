@@ -56,7 +56,7 @@ from ..format import (
     Kind,
     class_of,
 )
-from ..index import Index, open_h5, blank_index, check_labels, create_index_group, decode_keys, index_field, read_keys
+from ..archive import Index, open_h5, blank_index, check_labels, create_index_group, decode_keys, index_field, read_keys
 from ..partial import BlockReader, InterruptedRun, unchanged
 from ..resume import Reused
 from ..walk import SourceFile

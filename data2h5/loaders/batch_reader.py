@@ -22,7 +22,7 @@ from .. import safety
 from ..chunks import Field
 from ..errors import ArchiveError, CorruptEntryError, UnsafeArchiveError
 from ..format import STACKED_CLASSES, STACKED_LABELS
-from ..index import check_labels, open_h5
+from ..archive import check_labels, open_h5
 from ..safety import MAX_ENTRY_BYTES
 from .device import deliver, torch_options
 from .plan import PLAN_FIELDS, DecodeAhead, EpochPlan, ReaderState, rank_bounds

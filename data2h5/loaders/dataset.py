@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import format as fmt
 from ..errors import ArchiveError, ArchiveKeyError
-from ..index import ArchiveReader, PathLike
+from ..archive import ArchiveReader, PathLike
 from ..safety import MAX_ENTRY_BYTES
 from ..jpeg import check_decode_size
 from ..format import class_of
