@@ -331,9 +331,14 @@ class FilesLayout(Layout):
 
     def extract_values(self, archive: str, index: Index, todo: Sequence[Tuple[int, str]]
                        ) -> Iterator[Tuple[str, np.ndarray, bool]]:
-        with ArchiveReader(archive, index, verify=True) as reader:
-            for pos, rel in todo:
-                yield rel, reader.read_stored(pos), int(index.kind[pos]) == Kind.ARRAY
+        return read_entries(archive, index, todo)
+
+
+def read_entries(archive: str, index: Index, todo: Sequence[Tuple[int, str]]) -> Iterator[Tuple[str, np.ndarray, bool]]:
+    """Each planned entry read (and checked) on its own, as stored; decoded arrays go to .npy."""
+    with ArchiveReader(archive, index, verify=True) as reader:
+        for pos, rel in todo:
+            yield rel, reader.read_stored(pos), int(index.kind[pos]) == Kind.ARRAY
 
 
 FILES = FilesLayout()

@@ -4,35 +4,32 @@ script), read by walking it; every dataset is an entry, sorted by path. It canno
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import h5py
+import numpy as np
 
 from .. import codecs, format as fmt
 from ..archive import Index, blank_index
 from . import PLAIN as NAME, Layout
-from .files import FilesLayout
+from .files import read_entries
 
 log = logging.getLogger(__name__)
 
 
-class PlainLayout(FilesLayout):
+class PlainLayout(Layout):
     """Every dataset of the file is an entry; nothing is recorded about them beyond HDF5's own."""
 
     name = NAME
     writable = False
-    indexed_datasets = False
     records_source = False
 
     def read_index(self, f: h5py.File, attrs: dict, limit: int) -> Index:
         return _walk(f, attrs)
 
-    def open_writer(self, f, *, entries, codec, checkpoints=None, compress=None):
-        return Layout.open_writer(self, f, entries=entries, codec=codec, checkpoints=checkpoints)
-
-    def verify_tasks(self, checker, batch):
-        return Layout.verify_tasks(self, checker, batch)
-
+    def extract_values(self, archive: str, index: Index, todo: Sequence[Tuple[int, str]]
+                       ) -> Iterator[Tuple[str, np.ndarray, bool]]:
+        return read_entries(archive, index, todo)
 
 
 def _walk(f: h5py.File, attrs: dict) -> Index:
