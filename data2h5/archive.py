@@ -196,7 +196,7 @@ def _read_index(f: h5py.File, limit: int) -> Index:
     try:
         attrs = safety.read_attrs(f)
         name = attrs.get(fmt.ATTR_LAYOUT)
-        layout = layouts.get(name if isinstance(name, str) and name in layouts.writable() else fmt.LAYOUT_FILES)
+        layout = layouts.get(name if isinstance(name, str) and name in layouts.recorded() else fmt.LAYOUT_FILES)
         index = layout.read_index(f, attrs, limit)
         if index is None:  # no index and no data2h5 mark: an HDF5 file data2h5 did not write
             index = layouts.get(layouts.PLAIN).read_index(f, attrs, limit)
@@ -350,6 +350,7 @@ class ArchiveReader:
         # Rows of a files archive whose block has been proven to be their dataset's own
         # storage (safety.check_storage), once per row and process, on first read.
         self._proven: Optional[np.ndarray] = None
+        self._entries = self.layout.entry_reader(self)  # e.g. one reader per shard; None: this one
         self._reset_handles()
 
     def _reset_handles(self) -> None:
@@ -406,6 +407,8 @@ class ArchiveReader:
         self._fd = self._h5 = None
         self._members = {}
         self._groups = {}
+        if getattr(self, "_entries", None) is not None:
+            self._entries.close()
 
     def _close_handles(self) -> None:
         fd, h5 = getattr(self, "_fd", None), getattr(self, "_h5", None)
@@ -464,6 +467,8 @@ class ArchiveReader:
         Raises :class:`CorruptEntryError` naming archive and entry when the stored bytes do
         not decompress to the recorded size or fail their checksum.
         """
+        if self._entries is not None:
+            return self._entries.read_stored(pos)
         index = self.index
         offset = int(index.offset[pos])
         codec_id = int(index.codec[pos])
@@ -532,6 +537,8 @@ class ArchiveReader:
     def dataset(self, pos: int) -> h5py.Dataset:
         """The HDF5 dataset of entry ``pos`` of a ``files`` or plain archive, reached without
         leaving the file and checked against the index's shape and dtype."""
+        if self._entries is not None:
+            return self._entries.dataset(pos)
         return h5py.Dataset(self._dataset_id(pos)[0])
 
     def _dataset_id(self, pos: int):
@@ -558,6 +565,8 @@ class ArchiveReader:
 
     def attr(self, pos: int, name: str) -> Any:
         """HDF5 attribute ``name`` of entry ``pos``'s dataset; :class:`ArchiveError` if missing."""
+        if self._entries is not None:
+            return self._entries.attr(pos, name)
         key = self.index.keys[pos]
         if not self.layout.entry_datasets:
             raise ArchiveError(f"{self.path}: a {self.index.layout} archive has no per-entry attributes (asked {name!r} "

@@ -19,7 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import h5py
 import numpy as np
@@ -247,6 +247,10 @@ def convert(
     checkpoint_seconds: float = CHECKPOINT_SECONDS,
     progress: Optional[bool] = False,
     start_method: Optional[str] = None,
+    shard_size: Optional[str] = None,
+    scheduler: Optional[str] = None,
+    dask_workers: Optional[int] = None,
+    client: Optional[object] = None,
 ) -> Report:
     """Convert every file under ``src`` that ``prune`` keeps into the HDF5 archive ``dst``.
 
@@ -268,6 +272,12 @@ def convert(
     lives in part files beside it (:mod:`data2h5.partial`); an interrupted run keeps them,
     and ``resume=True`` continues from them, reading again only what they do not hold
     safely or what changed since. Only one conversion may write ``dst`` at a time.
+
+    ``shard_size`` (``"2G"`` of source bytes, ``"50000files"``): write shard archives beside
+    ``dst``, each a contiguous range of the sorted keys, in parallel (``workers`` local
+    processes, or a Dask cluster: ``scheduler`` address, a ``client``, or ``dask_workers``
+    local Dask processes), and ``dst`` as the master that reads them as one archive (see
+    :mod:`data2h5.sharding`). ``resume`` then reuses the shards already done.
     """
     started = time.perf_counter()
     src, dst = Path(src), Path(dst).absolute()
@@ -277,6 +287,13 @@ def convert(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
     kept_as = layouts.get(layout)
+    if shard_size is None and (scheduler, dask_workers, client) != (None, None, None):
+        raise ValueError("scheduler, dask_workers and client write shards: give shard_size too")
+    shards = None
+    if shard_size is not None:
+        from .shard_plan import parse_shard_size
+
+        shards = parse_shard_size(shard_size)
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
     check_folder(src, "give the folder holding your files")
@@ -298,6 +315,8 @@ def convert(
         "source": report.source, "extensions": list(exts), "prune": prune_plugin.spec, "reader": report.reader,
         "compression": report.compression, "layout": layout, "follow_symlinks": bool(follow_symlinks),
     }
+    if shards is not None:
+        options["shard_size"] = list(shards)
     partial = Partial(dst)
     with OutputLock(partial):
         previous = previous_work(partial, options, resume, overwrite)
@@ -319,6 +338,15 @@ def convert(
             raise SourceError(f"no file under {src} matched {what}; check the extension or the prune plugin")
         report.skipped.extend(bad_names)
         job = WorkerConfig(reader, codec, kept_as.packed_by_workers, timeout, max_entry_bytes, decode_size)
+        if shards is not None:
+            from .sharding import Engines, write_sharded
+
+            write_sharded(files, dst, shards, layout=layout, job=job, options=options, report=report, resume=resume,
+                          on_error=on_error, progress=progress,
+                          engines=Engines(workers, start_method, scheduler, dask_workers, client))
+            report.elapsed = time.perf_counter() - started
+            log.info("%s", report.summary())
+            return report
         log.info("converting %d files from %s with %d workers", len(files), src, workers)
         _write(files, kept_as, job, previous, partial, gen, options, report, workers, start_method, progress,
                on_error, checkpoint_seconds)
@@ -328,9 +356,21 @@ def convert(
     return report
 
 
+def convert_files(files: List[SourceFile], dst: Path, *, layout: str, job: WorkerConfig, options: dict,
+                  report: Report, on_error: str = "fail", on_file: Optional[Callable[[int], None]] = None) -> Report:
+    """Convert ``files`` (part of a walk, in key order) into the complete archive ``dst``, in this
+    process (no pool: it may run where processes cannot have children, e.g. a Dask worker).
+    ``on_file(n)`` is called as files are done. Used to write each shard of a sharded archive."""
+    partial = Partial(Path(dst))
+    _write(files, layouts.get(layout), job, None, partial, partial.next_generation(), options, report, 1, None, False,
+           on_error, CHECKPOINT_SECONDS, on_file=on_file)
+    report.bytes_out = Path(dst).stat().st_size
+    return report
+
+
 def _write(files: List[SourceFile], layout: layouts.Layout, job: WorkerConfig, previous: Optional[InterruptedRun], partial: Partial, gen: int, options: dict,
            report: Report, workers: int, start_method: Optional[str], progress: Optional[bool], on_error: str,
-           checkpoint_s: float) -> None:
+           checkpoint_s: float, on_file: Optional[Callable[[int], None]] = None) -> None:
     """Build the archive in part ``gen``, reusing ``previous`` work, and publish it."""
     dst = partial.dst
     older = partial.generations()
@@ -372,6 +412,8 @@ def _write(files: List[SourceFile], layout: layouts.Layout, job: WorkerConfig, p
                     report.bytes_in += item.size
                     report.bytes_decoded += item.nbytes
                 bar.update(1)
+                if on_file is not None:
+                    on_file(1)
                 if not bar.disable and bar.n % 64 == 0:
                     bar.set_postfix_str(f"{report.bytes_in / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s", refresh=False)
             if report.entries == 0:

@@ -128,6 +128,18 @@ class UnsafeArchiveError(ArchiveError):
         return type(self), (self.path, self.key, self.reason)
 
 
+class ShardError(ArchiveError):
+    """A shard of a sharded archive is missing, truncated, replaced or damaged: ``master`` is
+    the archive that lists it, ``shard`` its file name, ``reason`` what is wrong."""
+
+    def __init__(self, master: str, shard: str, reason: str):
+        self.master, self.shard, self.reason = master, shard, reason
+        super().__init__(f"{master}: shard {shard} {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.master, self.shard, self.reason)
+
+
 class SizeLimitError(ArchiveError):
     """Something in an archive (an entry, a row, a chunk, an extraction's total) declares more
     bytes than the read limit allows. ``size`` is None when the declared size overflows."""

@@ -163,11 +163,12 @@ def attempt_path(final: Union[str, os.PathLike]) -> Path:
 
 
 def attempt_files(final: Union[str, os.PathLike]) -> List[Path]:
-    """The temporary files that attempts at ``final`` left (those of killed attempts stay)."""
+    """The temporary files that attempts at ``final`` left (those of killed attempts stay),
+    with the part files of the archives written under an attempt's name (``.`` + its name)."""
     final = Path(final)
     head = f".{final.name}{ATTEMPT_TAG}"
     try:
         names = os.listdir(final.parent)
     except FileNotFoundError:
         return []
-    return sorted(final.parent / n for n in names if n.startswith(head))
+    return sorted(final.parent / n for n in names if n.startswith(head) or n.startswith("." + head))

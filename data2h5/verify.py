@@ -133,6 +133,7 @@ def verify(
     workers: Optional[int] = None,
     progress: Optional[bool] = False,
     max_entry_bytes: int = safety.MAX_ENTRY_BYTES,
+    scheduler: Optional[str] = None,
 ) -> VerifyReport:
     """Check every entry of ``archive`` against the checksums it stores and, given ``source``,
     every file selected under that folder against the archive.
@@ -144,6 +145,8 @@ def verify(
     was made with one). ``workers``: threads reading and checksumming (default: up to 8).
     ``progress``: a tqdm bar on stderr (``None``: only on a terminal).
     ``max_entry_bytes``: the most one entry may declare (see :mod:`data2h5.safety`).
+    A sharded archive's shards are verified in parallel: ``workers`` local processes, or the
+    Dask cluster at ``scheduler`` (``tcp://HOST:8786``).
 
     Problems are returned, not raised. Raises :class:`ArchiveError` when the archive cannot be
     opened or its index cannot be read, :class:`SourceError` or :class:`PluginError` when the
@@ -152,6 +155,10 @@ def verify(
     started = time.perf_counter()
     archive = os.fspath(archive)
     index = read_index(archive, max_entry_bytes=max_entry_bytes)
+    own = layouts.get(index.layout).verify_archive
+    if own is not None:  # e.g. shard by shard
+        return own(archive, index, source=source, ext=ext, prune=prune, follow_symlinks=follow_symlinks,
+                   workers=workers, progress=progress, max_entry_bytes=max_entry_bytes, scheduler=scheduler)
     report = VerifyReport(os.path.abspath(archive), index.layout, len(index))
     workers = max(1, workers or min(8, os.cpu_count() or 1))
 

@@ -25,11 +25,13 @@ from ..errors import LayoutError
 
 
 PLAIN = "plain"
+SHARDED = "sharded"  # a master archive over shard archives: written with a shard size, not named
 
 LAYOUTS: Mapping[str, str] = types.MappingProxyType({
     fmt.LAYOUT_FILES: "data2h5.layouts.files:FILES",
     fmt.LAYOUT_STACKED: "data2h5.layouts.stacked:STACKED",
     PLAIN: "data2h5.layouts.plain:PLAIN",
+    SHARDED: "data2h5.layouts.sharded:SHARDED",
 })
 """Every layout by name, as ``"module:attribute"`` of the :class:`Layout` implementing it."""
 
@@ -113,6 +115,14 @@ class Layout:
         return files
 
 
+    def entry_reader(self, reader: "ArchiveReader") -> Optional[Any]:
+        """What reads this layout's entries in place of ``reader`` itself (its ``read_stored``,
+        ``dataset`` and ``attr`` by row), e.g. a reader per shard; None: ``reader`` reads them."""
+        return None
+
+    #: ``verify_archive(archive, index, **options)``: a verify of its own (e.g. shard by shard), or None.
+    verify_archive: Optional[Callable[..., Any]] = None
+
     def read_h5(self, reader: "ArchiveReader", pos: int) -> "np.ndarray":
         """Entry ``pos`` read through h5py (HDF5 decodes it)."""
         return reader.dataset(pos)[()]
@@ -142,5 +152,10 @@ def get(name: str) -> Layout:
 
 
 def writable() -> Tuple[str, ...]:
-    """The layouts a conversion can write."""
+    """The layouts a conversion can be asked for by name."""
+    return tuple(name for name in LAYOUTS if name not in (PLAIN, SHARDED))
+
+
+def recorded() -> Tuple[str, ...]:
+    """The layouts an archive data2h5 wrote may record."""
     return tuple(name for name in LAYOUTS if name != PLAIN)
