@@ -21,7 +21,8 @@ import numpy as np
 from .. import safety
 from ..chunks import Field
 from ..errors import ArchiveError, CorruptEntryError, UnsafeArchiveError
-from ..format import STACKED_CLASSES, STACKED_LABELS
+from ..format import ATTR_LAYOUT, STACKED_CLASSES, STACKED_LABELS
+from ..layouts import SHARDED
 from ..archive import check_labels, open_h5
 from ..safety import MAX_ENTRY_BYTES
 from .device import deliver, torch_options
@@ -232,6 +233,9 @@ class BatchReader:
     def _open(self, data_field, labels_field, file_layout, layout, shuffle_window, direct) -> None:
         path = self.path
         self._res.h5 = h5 = open_h5(path)
+        if h5.attrs.get(ATTR_LAYOUT) in (SHARDED, SHARDED.encode()):
+            raise ArchiveError(f"{path}: a sharded archive; BatchReader reads one stacked archive: give it each shard "
+                               "on its own, or read the sharded archive with H5Dataset")
         try:
             self._res.fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
