@@ -49,6 +49,8 @@ Decompress = Callable[[bytes, int], bytes]
 class Codec:
     """One compression choice: its number in the index, its HDF5 filter and its level.
 
+    Codecs travel to worker processes: their functions are module-level, so they pickle.
+
     ``levels``: the levels it takes (empty: none), ``level`` the one chosen (``None``: none
     taken). ``max_ratio``: the most one stored byte can decompress to, checked before
     decompressing (``None``: the format declares its size, checked instead). ``needs``: the
@@ -187,6 +189,14 @@ def _zstd_decompress(data: bytes, nbytes: int) -> bytes:
     return _zstd_decompressor().decompress(data, max_output_size=nbytes)
 
 
+def _gzip_options(level: Optional[int]) -> Tuple[int, ...]:
+    return (4 if level is None else level,)
+
+
+def _zstd_options(level: Optional[int]) -> Tuple[int, ...]:
+    return (3 if level is None else level,)
+
+
 def _blosc_options(level: Optional[int]) -> Tuple[int, ...]:
     import hdf5plugin
 
@@ -201,11 +211,10 @@ CODECS: Mapping[str, Codec] = types.MappingProxyType({
                  compressor=_lzf_compress, decompressor=_lzf_decompress),
     # deflate: 258 bytes per 1-bit code, about 1032:1 in practice
     "gzip": Codec("gzip", GZIP, FILTER_DEFLATE, range(0, 10), 4, max_ratio=1040.0,
-                  compressor=_gzip_compress, decompressor=_gzip_decompress,
-                  filter_options=lambda level: (4 if level is None else level,)),
+                  compressor=_gzip_compress, decompressor=_gzip_decompress, filter_options=_gzip_options),
     "zstd": Codec("zstd", ZSTD, FILTER_ZSTD, range(1, 23), 3, needs=("zstandard",), hdf5_needs="hdf5plugin",
                   install=INSTALL_COMPRESS, compressor=_zstd_compress, decompressor=_zstd_decompress,
-                  filter_options=lambda level: (3 if level is None else level,)),
+                  filter_options=_zstd_options),
     "blosc-lz4": Codec("blosc-lz4", BLOSC_LZ4, FILTER_BLOSC, range(0, 10), 5, hdf5_needs="hdf5plugin",
                        install=INSTALL_COMPRESS, filter_options=_blosc_options),
 })
