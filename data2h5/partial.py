@@ -345,23 +345,32 @@ class OutputLock:
 
 
 class InterruptedRun:
-    """What the journals of earlier generations say is stored, newest generation first."""
+    """What the journals of earlier generations hold: the first run's header, and the records
+    of each generation made with its options, newest first. The run's layout (see
+    :mod:`data2h5.layouts`) reads what its records mean."""
 
     def __init__(self) -> None:
         self.header: Optional[dict] = None
-        self.entries: Dict[str, Tuple[int, list]] = {}  # files layout: key -> (generation, row)
-        self.stacked: Optional[list] = None  # stacked layout: [dtype, sample shape, rows per chunk]
-        # stacked: (generation, [start, addr, size, mask, crc], rows, skipped), in order
-        self.chunks: List[Tuple[int, list, list, list]] = []
+        self.generations: List[Tuple[int, List[dict]]] = []  # (generation, records), newest first
+
+    @property
+    def layout(self) -> Optional[str]:
+        """The layout the interrupted run wrote (None: no header)."""
+        layout = None if self.header is None else _options(self.header)["layout"]
+        return layout if isinstance(layout, str) else None
 
     def __len__(self) -> int:
         """Entries a resume could reuse."""
-        return len(self.entries) + sum(len(rows) for _, _, rows, _ in self.chunks)
+        from . import layouts
+
+        if self.layout not in layouts.LAYOUTS:  # no header, or a layout this version does not know
+            return 0
+        return layouts.get(self.layout).kept(self)
 
 
 def load_previous(partial: Partial) -> InterruptedRun:
-    """Read every generation's journal. For ``files``, an entry from a newer generation wins;
-    for ``stacked``, the generation holding the longest run of chunks is used."""
+    """Read every generation's journal that has its part file, keeping those made with the
+    newest one's options."""
     prev = InterruptedRun()
     for gen in reversed(partial.generations()):
         if not partial.part(gen).exists():
@@ -373,17 +382,7 @@ def load_previous(partial: Partial) -> InterruptedRun:
             prev.header = header
         elif _options(header) != _options(prev.header):
             continue  # an older generation made with other options is of no use
-        chunks = []
-        stacked = None
-        for record in records:
-            for row in record.get("entries", ()):
-                prev.entries.setdefault(row[0], (gen, row))
-            if "stacked" in record:
-                stacked = record["stacked"]
-            for chunk, rows, skipped in record.get("chunks", ()):
-                chunks.append((gen, chunk, rows, skipped))
-        if stacked is not None and len(chunks) > len(prev.chunks):
-            prev.stacked, prev.chunks = stacked, chunks
+        prev.generations.append((gen, records))
     return prev
 
 

@@ -259,6 +259,7 @@ def _journalable(n: int, chunk_rows: Optional[int]) -> int:
 def _kill_moment(rng: random.Random, proc: subprocess.Popen, partial: Partial, n: int):
     """A moment to kill ``proc`` at, chosen at random among events that happen whatever the
     machine's speed: its label, and a function that says (polled) whether it has come."""
+    from data2h5.layouts.stacked import journaled_chunks
     from data2h5.partial import load_previous
 
     previous = load_previous(partial)
@@ -269,7 +270,8 @@ def _kill_moment(rng: random.Random, proc: subprocess.Popen, partial: Partial, n
     if pick < 0.25:  # in start-up: imports, the walk, the lock, discarding stale journals
         delay = rng.uniform(0, 0.5)
         return f"start-up, {safe} safe", lambda: time.monotonic() >= started + delay
-    if previous.stacked and safe >= _journalable(n, previous.stacked[2]):
+    chunking = journaled_chunks(previous)[0] if previous.layout == "stacked" else None
+    if chunking and safe >= _journalable(n, chunking[2]):
         pick = 0.25  # no full chunk is left to journal: no progress to wait for
     delay, share = rng.uniform(0, 0.1), rng.uniform(0, 0.6)
     since: List[float] = []

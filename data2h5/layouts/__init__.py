@@ -123,6 +123,10 @@ class Layout:
     #: ``verify_archive(archive, index, **options)``: a verify of its own (e.g. shard by shard), or None.
     verify_archive: Optional[Callable[..., Any]] = None
 
+    def kept(self, run: "InterruptedRun") -> int:
+        """Entries of an interrupted run of this layout that a resume could reuse."""
+        return 0
+
     def read_h5(self, reader: "ArchiveReader", pos: int) -> "np.ndarray":
         """Entry ``pos`` read through h5py (HDF5 decodes it)."""
         return reader.dataset(pos)[()]

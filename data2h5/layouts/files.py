@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import zlib
 from array import array
-from typing import Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
@@ -304,8 +304,9 @@ class FilesLayout(Layout):
               reused: Reused) -> List[SourceFile]:
         """Reuse every journaled entry whose source is unchanged and whose stored bytes check out."""
         todo = []
+        journaled = journaled_entries(run)
         for src in files:
-            hit = run.entries.get(src.key)
+            hit = journaled.get(src.key)
             packed = None
             if hit is not None:
                 gen, row = hit
@@ -324,6 +325,8 @@ class FilesLayout(Layout):
             reused.bytes_decoded += packed.nbytes
         return todo
 
+    def kept(self, run: InterruptedRun) -> int:
+        return len(journaled_entries(run))
 
     def verify_tasks(self, checker: Checker, batch: int) -> Iterator[VerifyTask]:
         checker.walk_tree()  # keys without their dataset, datasets the index does not list
@@ -332,6 +335,17 @@ class FilesLayout(Layout):
     def extract_values(self, archive: str, index: Index, todo: Sequence[Tuple[int, str]]
                        ) -> Iterator[Tuple[str, np.ndarray, bool]]:
         return read_entries(archive, index, todo)
+
+
+def journaled_entries(run: InterruptedRun) -> Dict[str, Tuple[int, list]]:
+    """``{key: (generation, journal row)}`` of every entry the run journaled; an entry of a
+    newer generation wins."""
+    entries: Dict[str, Tuple[int, list]] = {}
+    for gen, records in run.generations:
+        for record in records:
+            for row in record.get("entries", ()):
+                entries.setdefault(row[0], (gen, row))
+    return entries
 
 
 def read_entries(archive: str, index: Index, todo: Sequence[Tuple[int, str]]) -> Iterator[Tuple[str, np.ndarray, bool]]:

@@ -170,9 +170,9 @@ class StackedWriter:
         self._skipped.append([key, reason])
 
     def checkpoint(self) -> None:
-        """Journal every full chunk written since the last checkpoint, with its rows (chunks
-        still being compressed are journaled at a later checkpoint)."""
-        self._write_ready()
+        """Journal every full chunk since the last checkpoint, with its rows (waiting for
+        those still being compressed)."""
+        self._write_ready(keep=0)
         if self._pending:
             self._checkpoints.write(self._pending)
             self._pending = {}
@@ -431,12 +431,13 @@ def _reuse_chunks(previous: InterruptedRun, files: List[SourceFile], writer: "St
                   reused: Reused) -> List[SourceFile]:
     """Stacked: reuse the longest run of chunks whose rows are still the first files, in
     order and unchanged (rows are positional, so reuse stops at the first difference)."""
-    if previous.stacked is None:
+    chunking, chunks = journaled_chunks(previous)
+    if chunking is None:
         return files
-    dtype, shape, rows_per_chunk = previous.stacked
+    dtype, shape, rows_per_chunk = chunking
     writer.start(dtype, shape, rows_per_chunk)
     pos = 0
-    for gen, chunk, rows, skipped in previous.chunks:
+    for gen, chunk, rows, skipped in chunks:
         start, addr, size, mask, crc = ChunkRecord(*chunk)
         rows = [RowRecord(*r) for r in rows]
         end = _match_rows(files, pos, rows, skipped)
@@ -455,6 +456,23 @@ def _reuse_chunks(previous: InterruptedRun, files: List[SourceFile], writer: "St
         reused.bytes_decoded += len(rows) * int(np.prod(shape)) * np.dtype(dtype).itemsize
         pos = end
     return files[pos:]
+
+
+def journaled_chunks(run: InterruptedRun) -> Tuple[Optional[list], List[Tuple[int, list, list, list]]]:
+    """``(chunking, chunks)`` of the generation that journaled the longest run of chunks:
+    chunking is ``[dtype, sample shape, rows per chunk]`` (None: no chunk journaled), each
+    chunk ``(generation, ChunkRecord fields, rows, skipped)``, in row order."""
+    best: Tuple[Optional[list], List[Tuple[int, list, list, list]]] = (None, [])
+    for gen, records in run.generations:
+        chunking, chunks = None, []
+        for record in records:
+            if "stacked" in record:
+                chunking = record["stacked"]
+            for chunk, rows, skipped in record.get("chunks", ()):
+                chunks.append((gen, chunk, rows, skipped))
+        if chunking is not None and len(chunks) > len(best[1]):
+            best = (chunking, chunks)
+    return best
 
 
 def _match_rows(files: List[SourceFile], pos: int, rows: List[RowRecord], skipped: list) -> Optional[int]:
@@ -523,6 +541,9 @@ class StackedLayout(Layout):
               reused: Reused) -> List[SourceFile]:
         return _reuse_chunks(run, files, writer.rows, blocks, reused)
 
+
+    def kept(self, run: InterruptedRun) -> int:
+        return sum(len(rows) for _, _, rows, _ in journaled_chunks(run)[1])
 
     def read_h5(self, reader, pos: int) -> np.ndarray:
         return reader.member(STACKED_DATA)[pos]
