@@ -345,7 +345,7 @@ def convert(
             from .sharding import Engines, write_sharded
 
             write_sharded(files, dst, shards, layout=layout, job=job, options=options, report=report, resume=resume,
-                          on_error=on_error, progress=progress, links=shard_links,
+                          on_error=on_error, progress=progress, links=shard_links, overwrite=overwrite,
                           engines=Engines(workers, start_method, scheduler, dask_workers, client))
             report.elapsed = time.perf_counter() - started
             log.info("%s", report.summary())

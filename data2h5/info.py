@@ -22,12 +22,13 @@ def describe(path: PathLike, *, max_entry_bytes: int = safety.MAX_ENTRY_BYTES) -
     """
     index = read_index(path, max_entry_bytes=max_entry_bytes)
     attrs = index.attrs
-    size = os.path.getsize(path)
+    size = os.path.getsize(path) + sum(s.size for s in getattr(index, "shards", ()))  # a master: its shards too
     bytes_in = safety.attr_int(attrs, fmt.ATTR_BYTES_IN, 0)
     text = functools.partial(safety.attr_text, attrs)
     return {
         "archive": os.path.abspath(path),
         "layout": index.layout if fmt.ATTR_FORMAT in attrs else "plain HDF5 (not written by data2h5)",
+        **({"shards": len(index.shards)} if getattr(index, "shards", None) else {}),
         "entries": len(index),
         "skipped": safety.attr_json_list(attrs, fmt.ATTR_SKIPPED, safety.is_text_pair, index.path),  # [path, reason]
         "bytes in": bytes_in,

@@ -242,9 +242,10 @@ def own_files(dst: Path) -> callable:
 
 def write_sharded(files: List[SourceFile], dst: Path, size: ShardSize, *, layout: str, job: Any, options: dict,
                   report: Any, resume: bool, on_error: str, progress: Optional[bool], engines: Engines,
-                  links: bool = False) -> None:
+                  links: bool = False, overwrite: bool = False) -> None:
     """Write ``files`` as shards of at most ``size`` beside ``dst`` on ``engines``, then
-    ``dst`` as their master; fills ``report``. The caller holds ``dst``'s output lock."""
+    ``dst`` as their master; fills ``report``. The caller holds ``dst``'s output lock. An
+    interrupted run's journal is resumed (``resume``), dropped (``overwrite``), or refused."""
     own = own_files(dst)
     files = [f for f in files if not own(f.path)]
     if not files:
@@ -252,6 +253,9 @@ def write_sharded(files: List[SourceFile], dst: Path, size: ShardSize, *, layout
     entries = [SourceEntry(f.key, os.stat(f.path).st_size if size.unit == BYTES else 0) for f in files]
     plan = plan_shards(entries, size, dst)
     journal = ShardJournal(dst)
+    if journal.path.exists() and not (resume or overwrite):
+        raise OutputError(f"an interrupted sharded conversion into {dst} was found ({journal.path.name}); rerun "
+                          "with --resume to reuse its finished shards, or with --overwrite to start over")
     done = journal.done(options, plan) if resume else {}
     if not resume:
         journal.discard()

@@ -215,6 +215,8 @@ def test_a_resume_after_a_crash_reuses_the_shards_done(tmp_path, monkeypatch):
     stale.write_bytes(b"left by a killed attempt")
 
     marker.unlink()
+    with pytest.raises(data2h5.errors.OutputError, match="--resume"):  # never passed over silently
+        data2h5.convert(src, master, **options)
     report = data2h5.convert(src, master, resume=True, **options)
     assert report.reused == 6 and report.entries == 9
     assert {n: (out / n).stat().st_ino for n in done} == done  # the same files: not written again
