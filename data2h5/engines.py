@@ -31,58 +31,15 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 
 from ._version import __version__
 from .display import one_line
-from .errors import Data2H5Error, WorkerError
+from .errors import (DASK_INSTALL_HINT as INSTALL_HINT, ClusterError, DaskMissingError, Data2H5Error, SharedFolderError,
+                     TaskError, WorkerError)
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'data2h5[dask]'"
 PROGRESS_SECONDS = 0.5  # a running task sends its count at most this often
 CONNECT_SECONDS = 30  # to reach a scheduler
 WORKERS_SECONDS = 60  # for a cluster's first worker to join before the folder check
 _POLL_SECONDS = 0.5
-
-
-class DaskMissingError(Data2H5Error, ImportError):
-    """Running on Dask was asked for, but ``distributed`` is not installed."""
-
-    def __init__(self, what: str = "running on a Dask cluster"):
-        self.what = what
-        super().__init__(f"{what} needs the distributed package: {INSTALL_HINT}")
-
-    def __reduce__(self):
-        return type(self), (self.what,)
-
-
-class ClusterError(Data2H5Error):
-    """The cluster cannot be reached, has no workers, or a worker cannot run data2h5 tasks."""
-
-
-class SharedFolderError(ClusterError):
-    """A worker does not see a folder the tasks read or write: sources and output must be on a
-    file system every worker mounts at the same path."""
-
-    def __init__(self, worker: str, label: str, folder: str, reason: str):
-        self.worker, self.label, self.folder, self.reason = worker, label, folder, reason
-        if not worker:  # the caller's own machine
-            super().__init__(f"cannot use the {label} {folder}: {reason}")
-        else:
-            super().__init__(f"worker {worker} cannot see the {label} {folder}: {reason} there; sources and output "
-                             "must be on a file system every worker mounts at the same path")
-
-    def __reduce__(self):
-        return type(self), (self.worker, self.label, self.folder, self.reason)
-
-
-class TaskError(Data2H5Error):
-    """A task raised an exception that is not a data2h5 error (a bug, or an unexpected
-    failure); ``reason`` is its type and message."""
-
-    def __init__(self, task: str, reason: str):
-        self.task, self.reason = task, reason
-        super().__init__(f"{task} failed: {reason}")
-
-    def __reduce__(self):
-        return type(self), (self.task, self.reason)
 
 
 class Task(NamedTuple):

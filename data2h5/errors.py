@@ -161,3 +161,60 @@ def binary_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+DASK_INSTALL_HINT = "pip install 'data2h5[dask]'"
+
+
+class ShardSizeError(Data2H5Error, ValueError):
+    """A shard size option that is not a size in bytes or a count of files."""
+
+    def __init__(self, text: str, reason: str, option: str = "--shard-size"):
+        self.text, self.reason, self.option = text, reason, option
+        super().__init__(f"{option} {text!r}: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.text, self.reason, self.option)
+
+
+class DaskMissingError(Data2H5Error, ImportError):
+    """Running on Dask was asked for, but ``distributed`` is not installed."""
+
+    def __init__(self, what: str = "running on a Dask cluster"):
+        self.what = what
+        super().__init__(f"{what} needs the distributed package: {DASK_INSTALL_HINT}")
+
+    def __reduce__(self):
+        return type(self), (self.what,)
+
+
+class ClusterError(Data2H5Error):
+    """The cluster cannot be reached, has no workers, or a worker cannot run data2h5 tasks."""
+
+
+class SharedFolderError(ClusterError):
+    """A worker does not see a folder the tasks read or write: sources and output must be on a
+    file system every worker mounts at the same path."""
+
+    def __init__(self, worker: str, label: str, folder: str, reason: str):
+        self.worker, self.label, self.folder, self.reason = worker, label, folder, reason
+        if not worker:  # the caller's own machine
+            super().__init__(f"cannot use the {label} {folder}: {reason}")
+        else:
+            super().__init__(f"worker {worker} cannot see the {label} {folder}: {reason} there; sources and output "
+                             "must be on a file system every worker mounts at the same path")
+
+    def __reduce__(self):
+        return type(self), (self.worker, self.label, self.folder, self.reason)
+
+
+class TaskError(Data2H5Error):
+    """A task raised an exception that is not a data2h5 error (a bug, or an unexpected
+    failure); ``reason`` is its type and message."""
+
+    def __init__(self, task: str, reason: str):
+        self.task, self.reason = task, reason
+        super().__init__(f"{task} failed: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.task, self.reason)

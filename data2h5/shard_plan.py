@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import List, NamedTuple, Pattern, Sequence, Union
 
-from .errors import Data2H5Error
+from .errors import ShardSizeError
 
 BYTES = "bytes"
 FILES = "files"
@@ -24,17 +24,6 @@ ATTEMPT_TAG = ".data2h5-attempt-"
 _BINARY = {"": None, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DECIMAL = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<prefix>[KMGT]?)\s*(?P<unit>I?B|FILES?)?", re.IGNORECASE)
-
-
-class ShardSizeError(Data2H5Error, ValueError):
-    """A shard size option that is not a size in bytes or a count of files."""
-
-    def __init__(self, text: str, reason: str, option: str = "--shard-size"):
-        self.text, self.reason, self.option = text, reason, option
-        super().__init__(f"{option} {text!r}: {reason}")
-
-    def __reduce__(self):
-        return type(self), (self.text, self.reason, self.option)
 
 
 class ShardSize(NamedTuple):
