@@ -31,8 +31,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 
 from ._version import __version__
 from .display import one_line
-from .errors import (DASK_INSTALL_HINT as INSTALL_HINT, ClusterError, DaskMissingError, Data2H5Error, SharedFolderError,
-                     TaskError, WorkerError)
+from .errors import ClusterError, DaskMissingError, Data2H5Error, SharedFolderError, TaskError, WorkerError
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import format as fmt, layouts
 from ._version import __version__
-from .archive import create_index_group, read_index
+from .archive import read_index
 from .display import progress_bar
 from .engines import Task, open_engine, report_progress
 from .errors import OutputError, SourceError
@@ -319,7 +319,8 @@ def write_master(dst: Path, records: Sequence[ShardRecord], *, layout: str, opti
     """Write the master archive ``dst`` over the finished shards ``records`` (in key order):
     each shard's index read back (and checked), concatenated, with the shard table; written
     in a part file, synced and renamed like every archive. ``links``: an external link per key
-    to its shard, so that plain h5py finds ``f[key]``."""
+    to its shard, so that plain h5py finds ``f[key]``. The files skipped are ``report``'s (those
+    the walk could not store) and the shards'."""
     from .layouts.files import IndexColumns, IndexRow, write_index
 
     folder = dst.parent
@@ -374,7 +375,8 @@ def write_master(dst: Path, records: Sequence[ShardRecord], *, layout: str, opti
         attrs[fmt.ATTR_CREATED] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         attrs[fmt.ATTR_COMPRESSION] = report.compression
         attrs[fmt.ATTR_ENTRIES] = sum(r.entries for r in records)
-        attrs[fmt.ATTR_SKIPPED] = json.dumps([s for r in records for s in r.skipped])
+        skipped = [list(s) for s in report.skipped] + [s for r in records for s in r.skipped]
+        attrs[fmt.ATTR_SKIPPED] = json.dumps(skipped)
         attrs[fmt.ATTR_BYTES_IN] = sum(r.bytes_in for r in records)
         attrs[fmt.ATTR_BYTES_OUT] = sum(r.size for r in records)
         attrs[SHARD_LINKS] = bool(links)

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from .. import format as fmt, safety
-from ..archive import ArchiveReader, Index, decode_keys, index_field, read_index, read_keys
+from ..archive import ArchiveReader, Index, decode_keys, index_field, read_keys
 from ..errors import ArchiveError, ShardError
 from . import SHARDED as NAME, Layout, get
 
