@@ -27,7 +27,7 @@ import numpy as np
 
 from . import format as fmt, layouts
 from ._version import __version__
-from .archive import read_index
+from .archive import create_index_group, read_index
 from .display import progress_bar
 from .engines import Task, open_engine, report_progress
 from .errors import OutputError, SourceError
@@ -321,29 +321,38 @@ def write_master(dst: Path, records: Sequence[ShardRecord], *, layout: str, opti
     in a part file, synced and renamed like every archive. ``links``: an external link per key
     to its shard, so that plain h5py finds ``f[key]``. The files skipped are ``report``'s (those
     the walk could not store) and the shards'."""
-    from .layouts.files import IndexColumns, IndexRow, write_index
-
     folder = dst.parent
-    columns = IndexColumns()
-    shard_of, row_of = [], []
+    parts: Dict[str, list] = {name: [] for name in (*fmt.INDEX_FIELDS, SHARD, ROW)}
     for number, record in enumerate(records):
         index = read_index(folder / record.name)
         if len(index) != record.entries or (index.keys and (index.keys[0], index.keys[-1]) !=
                                             (record.first_key, record.last_key)):
             raise OutputError(f"{folder / record.name}: holds {len(index)} entries, not the {record.entries} its "
                               "task reported; convert again with --overwrite")
-        for pos, key in enumerate(index.keys):
-            columns.append(IndexRow(
-                key=key, size=int(index.size[pos]), crc32=int(index.crc32[pos]), kind=int(index.kind[pos]),
-                codec=int(index.codec[pos]), offset=int(index.offset[pos]), stored=int(index.stored[pos]),
-                dtype=index.dtype[pos].decode("ascii"), shape=index.entry_shape(pos),
-                stored_crc32=0 if index.stored_crc32 is None else int(index.stored_crc32[pos]),
-                verbatim=index.is_verbatim(pos)))
-        shard_of.append(np.full(len(index), number, np.uint32))
-        row_of.append(np.arange(len(index), dtype=np.uint64))
-    data = columns.columns()
-    data[SHARD] = np.concatenate(shard_of) if shard_of else np.zeros(0, np.uint32)
-    data[ROW] = np.concatenate(row_of) if row_of else np.zeros(0, np.uint64)
+        n = len(index)
+        for name in fmt.INDEX_FIELDS:
+            if name == "keys":
+                values = np.array([k.encode("utf-8") for k in index.keys] or [b""], dtype=bytes)[:n]
+            elif name == fmt.STORED_CRC32 and index.stored_crc32 is None:
+                values = np.zeros(n, np.uint32)
+            elif name == fmt.VERBATIM:
+                values = np.fromiter((index.is_verbatim(i) for i in range(n)), dtype=np.uint8, count=n)
+            else:
+                values = getattr(index, name)
+            parts[name].append(values)
+        parts[SHARD].append(np.full(n, number, np.uint32))
+        parts[ROW].append(np.arange(n, dtype=np.uint64))
+    data: Dict[str, np.ndarray] = {}
+    for name, values in parts.items():
+        dtype = fmt.INDEX_FIELDS.get(name)
+        joined = np.concatenate(values) if values else np.zeros((0,) + ((fmt.MAX_NDIM,) if name == "shape" else ()))
+        if name == "keys":
+            joined = joined.astype(f"S{max(joined.dtype.itemsize, 1)}")
+        elif dtype is not None:
+            joined = joined.astype(dtype)
+        else:
+            joined = joined.astype(np.uint32 if name == SHARD else np.uint64)
+        data[name] = joined
     for column, fieldname in TABLE.items():
         values = [getattr(r, fieldname) for r in records]
         if fieldname in ("name", "first_key", "last_key"):
@@ -356,7 +365,10 @@ def write_master(dst: Path, records: Sequence[ShardRecord], *, layout: str, opti
     part = partial.part(partial.next_generation())
     f = create_part(part)
     try:
-        write_index(f, data)
+        group = create_index_group(f)
+        for name, values in data.items():
+            group.create_dataset(name, data=values, compression="gzip" if len(values) else None,
+                                 chunks=True if len(values) else None)
         if links:
             names = [r.name for r in records]
             for raw, number in zip(data["keys"].tolist(), data[SHARD].tolist()):
