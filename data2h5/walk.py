@@ -20,13 +20,18 @@ _NOT_REGULAR = {  # what a path named like a data file may be instead
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a million of them in a large run: no __dict__ each
 class SourceFile:
     """A file found under the source folder."""
 
-    path: str  # the path to open
+    root: str  # the source folder, ending in a separator (one string shared by every file)
     key: str  # path relative to the source folder, '/'-separated: the entry's name in the archive
     problem: Optional[str] = None  # found by the walk: why the file cannot be read, and what to do
+
+    @property
+    def path(self) -> str:
+        """The path to open."""
+        return self.root + self.key
 
     @property
     def name(self) -> str:
@@ -70,13 +75,14 @@ def walk(root: str, *, follow_symlinks: bool = False, exclude: Iterable[str] = (
     :class:`ReadError` naming it: its files would otherwise be missing unnoticed.
     """
     root = os.path.abspath(root)
+    base = os.path.join(root, "")
     excluded = {os.path.realpath(p) for p in exclude}
     names = {os.path.basename(p) for p in excluded}
-    yield from _walk_dir(root, "", follow_symlinks, excluded, names, (), _path_max(root))
+    yield from _walk_dir(root, base, "", follow_symlinks, excluded, names, (), _path_max(root))
 
 
 def _walk_dir(
-    path: str, prefix: str, follow: bool, excluded: set, names: set, ancestors: Tuple[Tuple[int, int], ...],
+    path: str, base: str, prefix: str, follow: bool, excluded: set, names: set, ancestors: Tuple[Tuple[int, int], ...],
     path_max: int,
 ) -> Iterator[SourceFile]:
     try:
@@ -98,9 +104,9 @@ def _walk_dir(
             if entry.is_symlink() and not follow:
                 log.debug("skipping symlinked folder %s (follow_symlinks is off)", entry.path)
                 continue
-            yield from _walk_dir(entry.path, key + "/", follow, excluded, names, ancestors, path_max)
+            yield from _walk_dir(entry.path, base, key + "/", follow, excluded, names, ancestors, path_max)
         elif not _is_excluded(entry, excluded, names):
-            yield SourceFile(entry.path, key, _file_problem(entry, path_max))
+            yield SourceFile(base, key, _file_problem(entry, path_max))
 
 
 def _path_max(root: str) -> int:

@@ -49,45 +49,110 @@ class IndexRow(NamedTuple):
     verbatim: bool
 
 
+class KeyColumn:
+    """Keys as they are added, in fixed-width byte blocks (about a key's length an entry,
+    not a Python object each); a block is widened when a longer key arrives."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self) -> None:
+        self._blocks: List[np.ndarray] = []
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def append(self, key: bytes) -> None:
+        i = self._n % self.BLOCK
+        if i == 0:
+            self._blocks.append(np.zeros(self.BLOCK, dtype=f"S{max(len(key), 1)}"))
+        block = self._blocks[-1]
+        if len(key) > block.dtype.itemsize:
+            block = self._blocks[-1] = block.astype(f"S{len(key)}")
+        block[i] = key
+        self._n += 1
+
+    def array(self) -> np.ndarray:
+        """Every key, as one ``S<longest>`` array."""
+        width = max((b.dtype.itemsize for b in self._blocks), default=1)
+        out = np.zeros(self._n, dtype=f"S{width}")
+        for j, block in enumerate(self._blocks):
+            lo = j * self.BLOCK
+            out[lo : lo + self.BLOCK] = block[: self._n - lo]
+        return out
+
+
 class IndexColumns:
     """The rows of a ``files`` index as they are added, held column by column in typed
     arrays (a few dozen bytes an entry, not a Python object per row)."""
 
-    _NUMERIC = ("size", "crc32", "kind", "codec", "offset", "stored", "stored_crc32", "verbatim")
+    #: Each numeric column and the typecode of the array holding it while rows are added.
+    _NUMERIC = {"size": "Q", "crc32": "I", "kind": "B", "codec": "B", "offset": "Q", "stored": "Q",
+                "stored_crc32": "I", "verbatim": "B"}
 
     def __init__(self) -> None:
-        self.keys: List[bytes] = []
-        self.dtypes: List[bytes] = []
-        self._columns = {name: array("Q") for name in self._NUMERIC}
-        self._shapes = array("q")
+        self.keys = KeyColumn()
+        self._dtype_ids: dict = {}  # a handful of distinct dtypes: each row holds its number
+        self._dtypes = array("B")
+        self._columns = {name: array(code) for name, code in self._NUMERIC.items()}
+        self._ndims = array("B")
+        self._dims = array("q")  # each row's dimensions, one after the other
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def append(self, row: IndexRow) -> None:
         self.keys.append(row.key.encode("utf-8"))
-        self.dtypes.append(row.dtype.encode())
+        dtype_id = self._dtype_ids.get(row.dtype)
+        if dtype_id is None:
+            dtype_id = self._dtype_ids[row.dtype] = len(self._dtype_ids)
+            if dtype_id > 255:
+                raise ValueError("more than 256 distinct dtypes in one archive")
+        self._dtypes.append(dtype_id)
         for name in self._NUMERIC:
             self._columns[name].append(int(getattr(row, name)))
-        dims = list(row.shape[: fmt.MAX_NDIM])
-        self._shapes.extend(dims + [-1] * (fmt.MAX_NDIM - len(dims)))
+        dims = row.shape[: fmt.MAX_NDIM]
+        self._ndims.append(len(dims))
+        self._dims.extend(dims)
         if len(row.shape) > fmt.MAX_NDIM:
             self._columns["offset"][-1] = 0  # too many dims to describe here: read through h5py
 
-    def columns(self, order: Optional[Sequence[int]] = None) -> dict:
-        """The index's datasets by name, rows in ``order`` (positions) when given."""
-        n = len(self.keys)
-        take = (lambda a: a) if order is None else (lambda a: a[np.asarray(order, dtype=np.int64)])
-        width = max((len(k) for k in self.keys), default=1) or 1
-        out = {"keys": take(np.array(self.keys, dtype=f"S{width}"))}
-        for name in self._NUMERIC:
-            if name == "stored_crc32":  # the datasets in the order archives have always had
-                out["dtype"] = take(np.array(self.dtypes, dtype=fmt.INDEX_FIELDS["dtype"]))
-            values = np.frombuffer(self._columns[name], dtype=np.uint64) if n else np.zeros(0, np.uint64)
-            out[name] = take(values.astype(fmt.INDEX_FIELDS[name]))
-        shapes = np.frombuffer(self._shapes, dtype=np.int64) if n else np.zeros(0, np.int64)
-        out["shape"] = take(shapes.reshape(n, fmt.MAX_NDIM).astype(fmt.INDEX_FIELDS["shape"]))
+    def _shapes(self) -> np.ndarray:
+        """The ``(rows, MAX_NDIM)`` shape column, padded with -1."""
+        n = len(self._ndims)
+        out = np.full((n, fmt.MAX_NDIM), -1, dtype=np.int64)
+        if n:
+            ndims = np.frombuffer(self._ndims, dtype=np.uint8).astype(np.int64)
+            dims = np.frombuffer(self._dims, dtype=np.int64) if len(self._dims) else np.zeros(0, np.int64)
+            rows = np.repeat(np.arange(n), ndims)
+            starts = np.cumsum(ndims) - ndims
+            out[rows, np.arange(len(dims)) - np.repeat(starts, ndims)] = dims
         return out
+
+    def columns(self, order: Optional[np.ndarray] = None) -> dict:
+        """The index's datasets by name, rows in ``order`` (positions) when given."""
+        return dict(self.iter_columns(order))
+
+    def iter_columns(self, order: Optional[np.ndarray] = None) -> Iterator[Tuple[str, np.ndarray]]:
+        """The index's datasets, ``(name, values)`` one at a time (so that only one column is
+        built at once), rows in ``order`` (positions) when given."""
+        n = len(self.keys)
+        take = (lambda a: a) if order is None else (lambda a: a[order])
+        yield "keys", take(self.keys.array())
+        names = sorted(self._dtype_ids, key=self._dtype_ids.get)
+        dtypes = np.array([d.encode() for d in names] or [b""], dtype=fmt.INDEX_FIELDS["dtype"])
+        for name, code in self._NUMERIC.items():
+            if name == "stored_crc32":  # the datasets in the order archives have always had
+                yield "dtype", take(dtypes[np.frombuffer(self._dtypes, dtype=np.uint8) if n else np.zeros(0, np.uint8)])
+            values = np.frombuffer(self._columns[name], dtype=code) if n else np.zeros(0, code)
+            yield name, take(values.astype(fmt.INDEX_FIELDS[name], copy=False))
+        yield "shape", take(self._shapes().astype(fmt.INDEX_FIELDS["shape"], copy=False))
+
+    def order_by(self, order: dict) -> np.ndarray:
+        """Positions of the rows sorted by ``order[key]``."""
+        keys = self.keys.array()
+        rank = np.fromiter((order[k.decode("utf-8")] for k in keys.tolist()), dtype=np.int64, count=len(keys))
+        return np.argsort(rank, kind="stable")
 
 
 class JournalEntry(NamedTuple):
@@ -213,11 +278,8 @@ class FilesWriter:
     def close(self, order: Optional[dict] = None) -> int:
         """Write the index of every entry added, sorted by ``order[key]`` when given (a resume
         adds reused entries first); returns the bytes of entry data stored."""
-        positions = None
-        if order is not None:
-            keys = self._rows.keys
-            positions = sorted(range(len(keys)), key=lambda i: order[keys[i].decode("utf-8")])
-        write_index(self._f, self._rows.columns(positions))
+        positions = None if order is None else self._rows.order_by(order)
+        write_index(self._f, self._rows.iter_columns(positions))
         self._writeback.close()
         return self.bytes_stored
 
@@ -265,11 +327,13 @@ def unjournal(entry: JournalEntry, read) -> Optional[Packed]:
                   level=entry.level)
 
 
-def write_index(f: h5py.File, columns: dict) -> None:
-    """Store the index group (see :mod:`data2h5.format`) with ``columns`` by name."""
+def write_index(f: h5py.File, columns: Union[dict, Iterable[Tuple[str, np.ndarray]]]) -> None:
+    """Store the index group (see :mod:`data2h5.format`) with ``columns``: by name, or
+    ``(name, values)`` pairs, keys first."""
     group = create_index_group(f)
-    n = len(columns["keys"])
-    for name, values in columns.items():
+    n = None
+    for name, values in (columns.items() if isinstance(columns, dict) else columns):
+        n = len(values) if n is None else n
         group.create_dataset(name, data=values, compression="gzip" if n else None, chunks=True if n else None)
 
 
