@@ -464,6 +464,12 @@ def convert_data2h5(src: Path, keys: Sequence[str], out: Path, exts: Sequence[st
     data2h5.convert(src, out, ext=exts, **options)
 
 
+def convert_data2h5_sharded(src: Path, keys: Sequence[str], out: Path, exts: Sequence[str], **options: Any) -> None:
+    """data2h5 with --shard-size: the shards and their master in the folder ``out``."""
+    out.mkdir()
+    convert_data2h5(src, keys, out / "all.h5", exts, **options)
+
+
 def convert_data2h5_pillow(src: Path, keys: Sequence[str], out: Path, exts: Sequence[str], **options: Any) -> None:
     """data2h5 with its JPEG fast path off: Pillow decodes, as without simplejpeg installed."""
     from data2h5 import jpeg
@@ -519,7 +525,12 @@ CONVERTERS: Dict[str, Callable[..., None]] = {
     "data2h5_pillow": convert_data2h5_pillow,
     "bytes": convert_data2h5,
     "stacked": convert_data2h5,
+    "sharded": convert_data2h5_sharded,
+    "sharded_dask": convert_data2h5_sharded,
 }
+
+
+SHARDS_PER_CORE = 2  # the sharded rows cut the files into this many shards per core
 
 
 @dataclass
@@ -559,6 +570,18 @@ def plan_conversions(source: Source, notes: List[str], timed: bool) -> List[Conv
         notes.append("simplejpeg is not installed: data2h5 decodes JPEGs with Pillow, and the rows comparing the two "
                      "are left out (pip install 'data2h5[jpeg]')")
     plan.append(Conversion("bytes", "data2h5 --reader bytes", {"reader": "bytes"}, output="bytes.h5"))
+    shards = SHARDS_PER_CORE * (os.cpu_count() or 1)
+    shard_size = f"{max(1, -(-len(source.keys) // shards))}files"
+    plan.append(Conversion("sharded", f"data2h5 --reader bytes --shard-size {shard_size} (local pool, one writer "
+                           "per shard)", {"reader": "bytes", "shard_size": shard_size}, output="sharded"))
+    if installed("distributed"):
+        workers = os.cpu_count() or 1
+        plan.append(Conversion("sharded_dask", f"data2h5 --reader bytes --shard-size {shard_size} --dask-workers "
+                               f"{workers} (cluster start included)",
+                               {"reader": "bytes", "shard_size": shard_size, "dask_workers": workers},
+                               output="sharded_dask"))
+    elif timed:
+        notes.append("distributed is not installed: the Dask row is left out (pip install 'data2h5[dask]')")
     if source.one_shape or not source.images:
         plan.append(Conversion("stacked", "data2h5 --layout stacked", {"layout": "stacked"}, output="stacked.h5"))
     else:
