@@ -337,6 +337,10 @@ def write_master(dst: Path, records: Sequence[ShardRecord], *, layout: str, opti
                 values = np.zeros(n, np.uint32)
             elif name == fmt.VERBATIM:
                 values = np.fromiter((index.is_verbatim(i) for i in range(n)), dtype=np.uint8, count=n)
+            elif name == "shape":  # padded to MAX_NDIM with -1, whatever width the shard keeps
+                values = np.full((n, fmt.MAX_NDIM), -1, np.int64)
+                width = min(index.shape.shape[1] if index.shape.ndim == 2 else 0, fmt.MAX_NDIM)
+                values[:, :width] = index.shape[:, :width]
             else:
                 values = getattr(index, name)
             parts[name].append(values)

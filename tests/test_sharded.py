@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import threading
+import subprocess
+import sys
 from pathlib import Path
 from typing import List, Tuple
 
@@ -268,16 +269,12 @@ def test_a_worker_killed_mid_shard_is_replaced_and_the_result_equals_an_uninterr
     (hold / "hold").touch()
     for old in hold.glob("started-*"):
         old.unlink()
-    box = {}
-
-    def run() -> None:
-        try:
-            box["report"] = data2h5.convert(src, out / "m.h5", scheduler=address, **options)
-        except BaseException as exc:  # noqa: BLE001 - shown by the test's thread
-            box["error"] = exc
-
-    runner = threading.Thread(target=run)
-    runner.start()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    with open(tmp_path / "convert.log", "wb") as log:
+        convert = subprocess.Popen([sys.executable, "-m", "data2h5.cli", "convert", "--path-images", str(src),
+                                    "--path-output", str(out / "m.h5"), "--ext", "bin", "--reader", options["reader"],
+                                    "--shard-size", options["shard_size"], "--scheduler", address, "-q"],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         first = engine_helpers.wait_for(lambda: sorted(hold.glob("started-*")), "shard 0 to reach hold.bin")
         killed = int(first[0].name.rsplit("-", 1)[1])
@@ -287,11 +284,16 @@ def test_a_worker_killed_mid_shard_is_replaced_and_the_result_equals_an_uninterr
         assert int(again[0].name.rsplit("-", 1)[1]) != killed
     finally:
         (hold / "hold").unlink()
-        runner.join(engine_helpers.WAIT_SECONDS)
-    assert not runner.is_alive()
-    assert "error" not in box, box.get("error")
-    assert box["report"].entries == 10
+        try:
+            convert.wait(engine_helpers.WAIT_SECONDS)
+        finally:
+            if convert.poll() is None:
+                convert.kill()
+    assert convert.returncode == 0, (tmp_path / "convert.log").read_text()
     data2h5.convert(src, tmp_path / "one.h5", workers=1, **options)
     assert pairs(out / "m.h5") == pairs(tmp_path / "one.h5")
     assert leftovers(out) == []  # the killed attempt's files were cleaned up
-    assert data2h5.verify(out / "m.h5", scheduler=address).ok
+    verify = subprocess.run([sys.executable, "-m", "data2h5.cli", "verify", str(out / "m.h5"), "--scheduler", address],
+                            capture_output=True, text=True, env=env, timeout=engine_helpers.WAIT_SECONDS)
+    assert verify.returncode == 0, verify.stderr
+    assert "verified on the Dask cluster at " + address in verify.stderr
