@@ -21,7 +21,7 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import h5py
 import numpy as np
@@ -46,6 +46,110 @@ LAYOUT_PLAIN = layouts.PLAIN
 """Layout of an HDF5 file not written by data2h5: every dataset is an entry."""
 
 
+class Keys(Sequence[str]):
+    """An archive's keys as one fixed-width byte array (about a key's length an entry, not
+    a Python string each), decoded on access: ``keys[i]``, iteration and ``len`` work as on
+    a list of str. :meth:`position` finds a key by binary search, the sort order computed
+    once when the keys are not sorted already (an archive's keys are, as the walk is)."""
+
+    __slots__ = ("raw", "_order", "_ordered")
+    BLOCK = 1 << 14  # keys decoded at a time when iterating
+
+    def __init__(self, raw: np.ndarray):
+        self.raw = raw
+        self._order: Optional[np.ndarray] = None  # rows in key order (None: not known yet, or sorted)
+        self._ordered: Optional[np.ndarray] = None  # the keys in order, once looked for
+
+    @classmethod
+    def of(cls, keys: Union["Keys", Sequence[str], np.ndarray]) -> "Keys":
+        """``keys`` as :class:`Keys` (given str, bytes or a bytes array)."""
+        if isinstance(keys, Keys):
+            return keys
+        if isinstance(keys, np.ndarray) and keys.dtype.kind == "S":
+            return cls(keys)
+        encoded = [k if isinstance(k, bytes) else str(k).encode("utf-8", "surrogateescape") for k in keys]
+        return cls(np.array(encoded, dtype=f"S{max(map(len, encoded), default=1) or 1}"))
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Keys(self.raw[i])
+        return self.raw[i].decode("utf-8", "surrogateescape")
+
+    def __iter__(self) -> Iterator[str]:
+        for lo in range(0, len(self.raw), self.BLOCK):
+            for k in self.raw[lo : lo + self.BLOCK].tolist():
+                yield k.decode("utf-8", "surrogateescape")
+
+    def tolist(self) -> List[str]:
+        return list(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Keys):
+            return len(self) == len(other) and bool((self.raw == other.raw).all())
+        if isinstance(other, (list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        shown = ", ".join(repr(k) for k in self[:3]) + (", ..." if len(self) > 3 else "")
+        return f"Keys([{shown}]; {len(self)} keys)"
+
+    def __getstate__(self) -> dict:
+        return {"raw": self.raw}  # the sort order is found again where it is needed
+
+    def __setstate__(self, state: dict) -> None:
+        self.raw, self._order, self._ordered = state["raw"], None, None
+
+    def _sorted(self) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """The keys in sorted order and the rows they come from (None: the keys are sorted)."""
+        if self._ordered is None:
+            raw = self.raw
+            in_order = len(raw) < 2 or bool((raw[1:] >= raw[:-1]).all())
+            self._order = None if in_order else np.argsort(raw, kind="stable")
+            self._ordered = raw if in_order else raw[self._order]
+        return self._ordered, self._order
+
+    def position(self, key: str) -> int:
+        """The row of ``key``, or -1 when there is none."""
+        want = key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key
+        if not isinstance(want, bytes) or len(want) > self.raw.dtype.itemsize or b"\0" in want:
+            return -1
+        ordered, order = self._sorted()
+        at = int(np.searchsorted(ordered, want))
+        if at >= len(ordered) or ordered[at] != want:
+            return -1
+        return at if order is None else int(order[at])
+
+    def prefixed(self, prefix: str) -> np.ndarray:
+        """Rows of the keys starting with ``prefix``, in row order (a binary search over the
+        sorted keys)."""
+        want = prefix.encode("utf-8", "surrogateescape")
+        if not want:
+            return np.arange(len(self.raw))
+        if len(want) > self.raw.dtype.itemsize:
+            return np.zeros(0, np.int64)
+        ordered, order = self._sorted()
+        lo = int(np.searchsorted(ordered, want, side="left"))
+        hi = lo + int(np.sum(np.strings.startswith(ordered[lo : lo + 1], want)))
+        if hi > lo:  # the matches run on from lo: find where they end
+            hi = int(np.searchsorted(ordered, _after_prefix(want)[: self.raw.dtype.itemsize], side="left"))
+        return np.arange(lo, hi) if order is None else np.sort(order[lo:hi])
+
+
+def _after_prefix(prefix: bytes) -> bytes:
+    """The least byte string above every string starting with ``prefix`` (its last byte below
+    0xff raised by one); keys hold no NUL, so this bounds the prefix's range."""
+    head = prefix.rstrip(b"\xff")
+    if not head:
+        return b"\xff" * 4096
+    return head[:-1] + bytes([head[-1] + 1])
+
+
 @dataclass
 class Index:
     """One archive's entries: ``keys`` plus per-entry arrays aligned with them.
@@ -57,7 +161,7 @@ class Index:
 
     path: str
     layout: str
-    keys: List[str]
+    keys: Keys  # given a list of str, held as Keys
     size: np.ndarray  # uint64; 0 where unknown
     crc32: np.ndarray  # uint32; 0 where unknown
     kind: np.ndarray  # uint8, a Kind
@@ -72,7 +176,9 @@ class Index:
     labels: Optional[np.ndarray] = None  # stacked: class index of each entry
     classes: Optional[List[str]] = None  # stacked: class names
     max_entry_bytes: int = safety.MAX_ENTRY_BYTES  # the read limit the rows were checked against
-    _positions: Optional[Dict[str, int]] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.keys = Keys.of(self.keys)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -86,26 +192,18 @@ class Index:
 
     def position(self, key: str) -> int:
         """The row of ``key``; raises :class:`ArchiveKeyError` naming key and archive."""
-        if self._positions is None:
-            self._positions = {k: i for i, k in enumerate(self.keys)}
-        try:
-            return self._positions[key]
-        except KeyError:
-            raise ArchiveKeyError(f"no entry {key!r} in archive {self.path}") from None
+        pos = self.keys.position(key)
+        if pos < 0:
+            raise ArchiveKeyError(f"no entry {key!r} in archive {self.path}")
+        return pos
 
     def __contains__(self, key: object) -> bool:
-        if self._positions is None:
-            self._positions = {k: i for i, k in enumerate(self.keys)}
-        return key in self._positions
+        return isinstance(key, str) and self.keys.position(key) >= 0
 
     def entry_shape(self, pos: int) -> tuple:
         """The stored array's shape of entry ``pos``."""
         return tuple(d for d in self.shape[pos].tolist() if d >= 0)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_positions"] = None  # rebuilt on demand; not worth pickling to workers
-        return state
 
 
 def open_h5(path: PathLike, **kwargs: Any) -> h5py.File:

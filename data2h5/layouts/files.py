@@ -21,7 +21,7 @@ from .. import format as fmt
 from ..codecs import NONE, Codec, codec_by_id
 from ..encoding import Packed, iter_chunk_offsets
 from ..format import Kind
-from ..archive import ArchiveReader, Index, create_index_group, decode_keys, index_field, read_keys
+from ..archive import ArchiveReader, Index, Keys, create_index_group, decode_keys, index_field, read_keys
 from ..partial import BlockReader, InterruptedRun, Writeback, unchanged
 from ..resume import Reused
 from .. import safety
@@ -337,6 +337,16 @@ def write_index(f: h5py.File, columns: Union[dict, Iterable[Tuple[str, np.ndarra
         group.create_dataset(name, data=values, compression="gzip" if n else None, chunks=True if n else None)
 
 
+def used_axes(shape: np.ndarray) -> np.ndarray:
+    """The shape column without the trailing axes no row uses (each row is padded with -1
+    after its dimensions): a million 1-D entries hold 8 MB of shapes, not 64 MB."""
+    if not len(shape) or shape.shape[1] <= 1:
+        return shape
+    used = np.flatnonzero((shape != -1).any(axis=0))
+    k = max(int(used[-1]) + 1 if len(used) else 1, 1)
+    return shape if k == shape.shape[1] else np.ascontiguousarray(shape[:, :k])
+
+
 class FilesLayout(Layout):
     """One HDF5 dataset per entry, found by its key; an index of every entry's location."""
 
@@ -349,7 +359,8 @@ class FilesLayout(Layout):
             if fmt.ATTR_FORMAT in attrs:
                 raise ArchiveError(f"{f.filename}: data2h5 archive without its index; convert the source again")
             return None
-        keys = decode_keys(read_keys(f, open_child(f, group, "keys"), "index/keys", limit))
+        raw = read_keys(f, open_child(f, group, "keys"), "index/keys", limit)
+        keys = Keys(raw) if raw.dtype.kind == "S" else Keys.of(decode_keys(raw))
         n = len(keys)
         optional = {fmt.STORED_CRC32, fmt.VERBATIM}  # absent from archives written before they were recorded
         arrays = {name: index_field(f, group, name, limit, dtype) for name, dtype in fmt.INDEX_FIELDS.items()
@@ -357,6 +368,7 @@ class FilesLayout(Layout):
         for name, arr in arrays.items():
             if len(arr) != n:
                 raise ValueError(f"index field {name!r} has {len(arr)} rows for {n} keys")
+        arrays["shape"] = used_axes(arrays["shape"])
         return Index(path=f.filename, layout=self.name, keys=keys, attrs=attrs, **arrays)
 
     def open_writer(self, f: h5py.File, *, entries: int, codec: Optional[Codec], checkpoints=None,
