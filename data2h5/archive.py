@@ -442,7 +442,12 @@ class ArchiveReader:
     def __init__(self, path: PathLike, index: Optional[Index] = None, *, verify: bool = True,
                  max_entry_bytes: int = safety.MAX_ENTRY_BYTES):
         self.path = os.fspath(path)
-        self.index = read_index(self.path, max_entry_bytes=max_entry_bytes) if index is None else index
+        self.max_entry_bytes = max_entry_bytes
+        # An index this reader read itself is not pickled: each process reads (and checks) it
+        # again on first use, so a spawned worker gets a path, not a copy of a million rows.
+        self._own_index = index is None
+        self._index: Optional[Index] = read_index(self.path, max_entry_bytes=max_entry_bytes) if index is None else index
+        self._rows_at_open = len(self._index)
         self.verify = verify
         self.layout = layouts.get(self.index.layout)
         # Rows of a files archive whose block has been proven to be their dataset's own
@@ -450,6 +455,20 @@ class ArchiveReader:
         self._proven: Optional[np.ndarray] = None
         self._entries = self.layout.entry_reader(self)  # e.g. one reader per shard; None: this one
         self._reset_handles()
+
+    @property
+    def index(self) -> Index:
+        """The archive's :class:`Index` (read again, once, in a process this reader was
+        pickled to)."""
+        if self._index is None:
+            with _FORK_LOCK:
+                if self._index is None:
+                    index = read_index(self.path, max_entry_bytes=self.max_entry_bytes)
+                    if len(index) != self._rows_at_open:
+                        raise ArchiveError(f"{self.path}: holds {len(index)} entries, not the {self._rows_at_open} "
+                                           "it held when it was opened; it was replaced meanwhile: open it again")
+                    self._index = index
+        return self._index
 
     def _reset_handles(self) -> None:
         self._pid = os.getpid()
@@ -540,6 +559,8 @@ class ArchiveReader:
         for name in ("_pid", "_lock", "_fd", "_h5", "_members", "_groups"):
             state.pop(name, None)
         state["_proven"] = None  # proven again, once per row, by each process that reads
+        if self._own_index:
+            state["_index"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:

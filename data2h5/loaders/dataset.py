@@ -8,16 +8,16 @@ torch is installed and a plain sequence otherwise.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .. import format as fmt
 from ..errors import ArchiveError, ArchiveKeyError
-from ..archive import ArchiveReader, PathLike
+from ..archive import ArchiveReader, Keys, PathLike
 from ..safety import MAX_ENTRY_BYTES
 from ..jpeg import check_decode_size
-from ..format import class_of
+from ..format import ROOT_CLASS
 
 try:  # torch is optional: subclass its Dataset when it is there, so isinstance checks pass.
     from torch.utils.data import Dataset as _Base
@@ -113,9 +113,10 @@ class H5Dataset(_Base):
         archives, rows = [], []
         for a, reader in enumerate(self.readers):
             if self.prefixes is None:
-                selected = range(len(reader.index))
+                selected = np.arange(len(reader.index), dtype=np.int64)
             else:
-                selected = [i for i, k in enumerate(reader.index.keys) if k.startswith(self.prefixes)]
+                found = [reader.index.keys.prefixed(p) for p in self.prefixes]
+                selected = found[0] if len(found) == 1 else np.unique(np.concatenate(found))
             archives.append(np.full(len(selected), a, np.int32))
             rows.append(np.asarray(selected, np.int64))
         return np.concatenate(archives), np.concatenate(rows)
@@ -124,8 +125,9 @@ class H5Dataset(_Base):
         archives, rows = np.empty(len(keys), np.int32), np.empty(len(keys), np.int64)
         for i, key in enumerate(keys):
             for a, reader in enumerate(self.readers):
-                if key in reader.index:
-                    archives[i], rows[i] = a, reader.index.position(key)
+                pos = reader.index.keys.position(key) if isinstance(key, str) else -1
+                if pos >= 0:
+                    archives[i], rows[i] = a, pos
                     break
             else:
                 where = self.readers[0].path if len(self.readers) == 1 else f"any of {len(self.readers)} archives"
@@ -149,23 +151,38 @@ class H5Dataset(_Base):
             raise ValueError(f"unknown target {target!r}: use None, 'folder', 'attr:NAME' or a callable")
 
     def _setup_folder(self) -> None:
-        names = [self._folder_class(i) for i in range(len(self))]
-        self.classes = sorted(set(names))
+        """Class names and indices from numpy columns: each key's first path component (or
+        a stacked archive's labels), made distinct once per archive, not once per sample."""
+        names, inverses = [], []
+        for a, reader in enumerate(self.readers):
+            rows = self._row[self._archive == a]
+            found, inverse = self._folder_classes(reader, rows)
+            names.append(found)
+            inverses.append((a, inverse))
+        self.classes = sorted(set().union(*names)) if names else []
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self._targets = np.array([self.class_to_idx[c] for c in names], np.int64)
+        targets = np.empty(len(self._row), np.int64)
+        for (a, inverse), found in zip(inverses, names):
+            lookup = np.array([self.class_to_idx[c] for c in found], np.int64)
+            targets[self._archive == a] = lookup[inverse] if len(inverse) else inverse
+        self._targets = targets
 
-    def _folder_class(self, i: int) -> str:
-        reader = self.readers[self._archive[i]]
-        row = int(self._row[i])
+    @staticmethod
+    def _folder_classes(reader: ArchiveReader, rows: np.ndarray) -> Tuple[List[str], np.ndarray]:
+        """The distinct classes of ``rows`` and each row's number among them."""
         index = reader.index
         if index.layout == fmt.LAYOUT_STACKED:
             if index.labels is None:
                 raise ArchiveError(
                     f"{reader.path}: stacked archive without {fmt.STACKED_LABELS!r}, so no folder targets"
                 )
-            label = int(index.labels[row])
-            return index.classes[label] if index.classes is not None else str(label)
-        return class_of(index.keys[row])
+            labels, inverse = np.unique(np.asarray(index.labels)[rows], return_inverse=True)
+            named = [index.classes[int(l)] if index.classes is not None else str(int(l)) for l in labels.tolist()]
+            return named, inverse.reshape(-1)
+        head, sep, _ = np.strings.partition(index.keys.raw[rows], b"/")
+        heads = np.where(sep == b"/", head, np.bytes_(ROOT_CLASS.encode()))
+        distinct, inverse = np.unique(heads, return_inverse=True)
+        return [h.decode("utf-8", "surrogateescape") for h in distinct.tolist()], inverse.reshape(-1)
 
     @property
     def targets(self) -> Optional[List[int]]:
@@ -190,9 +207,16 @@ class H5Dataset(_Base):
         return self.readers[self._archive[i]].index.keys[self._row[i]]
 
     @property
-    def keys(self) -> List[str]:
-        """The key of every sample, in order."""
-        return [self.readers[a].index.keys[r] for a, r in zip(self._archive.tolist(), self._row.tolist())]
+    def keys(self) -> Keys:
+        """The key of every sample, in order (a sequence of str, decoded on access)."""
+        if len(self.readers) == 1:
+            return Keys(self.readers[0].index.keys.raw[self._row])
+        width = max(r.index.keys.raw.dtype.itemsize for r in self.readers)
+        raw = np.zeros(len(self._row), dtype=f"S{width}")
+        for a, reader in enumerate(self.readers):
+            mine = self._archive == a
+            raw[mine] = reader.index.keys.raw[self._row[mine]]
+        return Keys(raw)
 
     def _check(self, i: int) -> int:
         n = len(self._row)
@@ -236,6 +260,22 @@ class H5Dataset(_Base):
         dataset order (counts differ by at most one): gathered outputs concatenate in order."""
         return self.sampler(shuffle=False, drop_last=False, rank=rank, world_size=world_size)
 
+    # -- pickling --------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        """Paths and options, and the selection as runs: a worker gets a few kilobytes, not a
+        copy of the index (each reader reads its index again, once, in the worker)."""
+        state = self.__dict__.copy()
+        for name in ("_archive", "_row", "_targets"):
+            state[name] = _Runs.of(state[name])
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for name in ("_archive", "_row", "_targets"):
+            if isinstance(state.get(name), _Runs):
+                state[name] = state[name].array()
+        self.__dict__.update(state)
+
     # -- handles ---------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -259,3 +299,42 @@ class H5Dataset(_Base):
         paths = ", ".join(r.path for r in self.readers)
         return f"H5Dataset({paths}; {len(self)} samples)"
 
+
+
+class _Runs(NamedTuple):
+    """An integer array as runs of steady steps (``start``, ``step``, ``length`` each):
+    ``arange`` rows and repeated archive or class numbers take a few runs, whatever their
+    length. Arrays that do not run are kept whole."""
+
+    starts: np.ndarray
+    steps: np.ndarray
+    lengths: np.ndarray
+    dtype: str
+    whole: Optional[np.ndarray] = None
+
+    @classmethod
+    def of(cls, values: Optional[np.ndarray]) -> Optional["_Runs"]:
+        if values is None:
+            return None
+        values = np.asarray(values)
+        n = len(values)
+        if n < 3:
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), values.dtype.str, values)
+        diff = np.diff(values.astype(np.int64))
+        breaks = np.flatnonzero(diff[1:] != diff[:-1]) + 1  # a new step starts at diff[b]
+        if len(breaks) * 3 > n // 4:
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), values.dtype.str, values)
+        # runs cover values[lo:hi]: each run starts at its first value and holds its steps
+        edges = np.concatenate(([0], breaks + 1, [n]))
+        starts = values[edges[:-1]].astype(np.int64)
+        lengths = np.diff(edges)
+        steps = np.concatenate((diff[edges[:-2]], [diff[-1]])) if len(edges) > 2 else diff[:1]
+        return cls(starts, steps.astype(np.int64), lengths.astype(np.int64), values.dtype.str)
+
+    def array(self) -> np.ndarray:
+        if self.whole is not None:
+            return self.whole
+        n = int(self.lengths.sum())
+        first = np.repeat(np.cumsum(self.lengths) - self.lengths, self.lengths)
+        out = np.repeat(self.starts, self.lengths) + (np.arange(n) - first) * np.repeat(self.steps, self.lengths)
+        return out.astype(self.dtype)
