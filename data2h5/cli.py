@@ -167,17 +167,18 @@ def ls(archive: str, prefix: str, max_entry_size: str) -> None:
     """List the archive's entry keys, optionally only those under PREFIX.
 
     Control characters in keys are shown escaped (\\x1b), one key a line."""
-    from .info import list_keys
+    from .info import listing
 
     limit = _parse_size(max_entry_size, "--max-entry-size")
     try:
-        keys = list_keys(archive, max_entry_bytes=limit)
+        blocks = listing(archive, prefix, max_entry_bytes=limit)
+        first = next(blocks, "")
     except Data2H5Error as exc:
         _fail(exc)
     out = sys.stdout
-    for key in keys:
-        if key.startswith(prefix):
-            out.write(printable(key) + "\n")
+    out.write(first)
+    for block in blocks:
+        out.write(block)
 
 
 VERIFY_EXAMPLE = """\b

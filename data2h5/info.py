@@ -3,15 +3,37 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 from . import format as fmt, safety
-from .archive import PathLike, read_index
+from .archive import Keys, PathLike, read_index
 
 
-def list_keys(path: PathLike, *, max_entry_bytes: int = safety.MAX_ENTRY_BYTES) -> List[str]:
-    """Every entry key in index order (for plain HDF5 files, every dataset path, sorted)."""
+#: Keys written at a time by :func:`listing`.
+LISTING_BLOCK = 1 << 16
+_ESCAPE_BUT_NEWLINE = {c: e for c, e in safety._ESCAPE_TABLE.items() if c != ord("\n")}
+
+
+def list_keys(path: PathLike, *, max_entry_bytes: int = safety.MAX_ENTRY_BYTES) -> Keys:
+    """Every entry key in index order (for plain HDF5 files, every dataset path, sorted): a
+    sequence of str, decoded on access."""
     return read_index(path, max_entry_bytes=max_entry_bytes).keys
+
+
+def listing(path: PathLike, prefix: str = "", *, max_entry_bytes: int = safety.MAX_ENTRY_BYTES) -> Iterator[str]:
+    """The keys starting with ``prefix`` (found by binary search), in index order, as blocks
+    of text: one key a line, control characters escaped (:func:`safety.printable`); a block
+    is decoded and escaped at once, not key by key."""
+    keys = list_keys(path, max_entry_bytes=max_entry_bytes)
+    rows = keys.prefixed(prefix) if prefix else None
+    n = len(keys) if rows is None else len(rows)
+    for lo in range(0, n, LISTING_BLOCK):
+        raw = keys.raw[lo : lo + LISTING_BLOCK] if rows is None else keys.raw[rows[lo : lo + LISTING_BLOCK]]
+        joined = b"\n".join(raw.tolist())
+        if joined.count(b"\n") == len(raw) - 1:  # no key holds a line break: escape the block at once
+            yield joined.decode("utf-8", "surrogateescape").translate(_ESCAPE_BUT_NEWLINE) + "\n"
+        else:
+            yield "".join(safety.printable(k.decode("utf-8", "surrogateescape")) + "\n" for k in raw.tolist())
 
 
 def describe(path: PathLike, *, max_entry_bytes: int = safety.MAX_ENTRY_BYTES) -> Dict[str, object]:
