@@ -30,6 +30,7 @@ SHARDED = "sharded"  # a master archive over shard archives: written with a shar
 LAYOUTS: Mapping[str, str] = types.MappingProxyType({
     fmt.LAYOUT_FILES: "data2h5.layouts.files:FILES",
     fmt.LAYOUT_STACKED: "data2h5.layouts.stacked:STACKED",
+    "packed": "data2h5.layouts.packed:PACKED",
     PLAIN: "data2h5.layouts.plain:PLAIN",
     SHARDED: "data2h5.layouts.sharded:SHARDED",
 })
