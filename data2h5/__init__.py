@@ -6,6 +6,7 @@
 >>> reader = data2h5.BatchReader("stacked.h5", batch_size=64, shuffle=True)
 >>> data2h5.verify("images.h5", "images/").ok               # intact, and matches the source
 >>> data2h5.extract("images.h5", "restored/")              # entries back as files
+>>> data2h5.open("images.h5")["cats/0001.jpg"]              # any layout, key → decoded value
 """
 from ._version import __version__
 from .convert import Report, convert
@@ -24,6 +25,7 @@ from .errors import (
     WorkerError,
 )
 from .extract import ExtractReport, extract
+from .mapping import ArchiveView, open
 from .verify import VerifyReport, verify
 
 # The loaders import torch when it is installed; importing them only on first use keeps
@@ -49,6 +51,8 @@ __all__ = [
     "VerifyReport",
     "extract",
     "ExtractReport",
+    "open",
+    "ArchiveView",
     "H5Dataset",
     "BatchReader",
     "Data2H5Error",
