@@ -87,7 +87,7 @@ def main(verbose: bool) -> None:
               help="With --shard-size: write the shards on a local Dask cluster of N processes.")
 @click.option("--shard-links", "shard_links", is_flag=True,
               help="With --shard-size: an HDF5 external link per key in the master, so h5py.File(OUT)[key] works "
-                   "(about 75 us and 85 bytes a key).")
+                   "(2 s and 7 MB more for 100,000 keys, 76 s and 83 MB for a million).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def convert(src: str, dst: str, exts: Tuple[str, ...], reader: Optional[str], prune: Optional[str],
             workers: Optional[int], single_process: bool, compression: str, no_compress: bool, layout: str,
