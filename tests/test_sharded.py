@@ -84,7 +84,8 @@ def local_cluster():
         cluster.close()
 
 
-@pytest.mark.parametrize("engine,layout", [("local", "files"), ("local", "stacked"), ("dask-local", "files")])
+@pytest.mark.parametrize("engine,layout", [("local", "files"), ("local", "stacked"), ("local", "packed"),
+                                           ("dask-local", "files")])
 def test_a_sharded_conversion_reads_as_the_unsharded_archive(tmp_path, request, engine, layout):
     src = photos(tmp_path / "src")
     out = tmp_path / "out"
