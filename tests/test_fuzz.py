@@ -41,7 +41,8 @@ from data2h5.watchdog import ENV_SECONDS  # noqa: E402
 pytestmark = pytest.mark.fuzz
 
 RUNNER = Path(__file__).with_name("fuzz_runner.py")
-LAYOUTS = {"files": {}, "bytes": {"reader": "bytes"}, "stacked": {"layout": "stacked"}}
+LAYOUTS = {"files": {}, "bytes": {"reader": "bytes"}, "stacked": {"layout": "stacked"},
+           "packed": {"reader": "bytes", "layout": "packed"}}
 COMMANDS = ("info", "ls", "verify", "extract", "H5Dataset")
 SEEDS = int(os.environ.get("DATA2H5_FUZZ_SEEDS", "32"))  # variants per layout
 FIRST = int(os.environ.get("DATA2H5_FUZZ_FIRST", "0"))

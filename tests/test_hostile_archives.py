@@ -95,6 +95,8 @@ def goods(tmp_path_factory) -> Dict[str, Path]:
         "files": data2h5.convert(src, base / "files.h5", ext="png", workers=1).output,
         "bytes": data2h5.convert(src, base / "bytes.h5", ext="png", reader="bytes", workers=1).output,
         "stacked": data2h5.convert(same, base / "stacked.h5", ext="png", layout="stacked", workers=1).output,
+        "packed": data2h5.convert(src, base / "packed.h5", ext="png", reader="bytes", layout="packed",
+                                  workers=1).output,
         "src": src,
     }
 
@@ -182,6 +184,27 @@ def hidden_block(path: Path, ctx: Ctx) -> None:
         real = f[key]
         hidden = index.create_dataset("hidden", data=np.full(real.shape, 66, real.dtype))  # contiguous, raw
         _set_row(f, 0, offset=hidden.id.get_offset(), stored=hidden.id.get_storage_size(), codec=0, stored_crc32=0)
+
+
+def packed_hidden_block(path: Path, ctx: Ctx) -> None:
+    """Row 0 of a packed archive points at a block of the attacker's, outside the packed blocks."""
+    with h5py.File(path, "r+") as f:
+        n = int(index_group(f)["stored"][0])
+        hidden = index_group(f).create_dataset("hidden", data=np.full(n, 66, np.uint8))
+        _set_row(f, 0, offset=hidden.id.get_offset(), stored=n, codec=0, stored_crc32=0)
+
+
+def packed_chunked_block(path: Path, ctx: Ctx) -> None:
+    """The first packed block replaced by a compressed one: its rows no longer lie in raw storage."""
+    with h5py.File(path, "r+") as f:
+        data = f["packed/000000"][()]
+        del f["packed/000000"]
+        f.create_dataset("packed/000000", data=data, chunks=(64,), compression="gzip")
+
+
+def packed_block_number(path: Path, ctx: Ctx) -> None:
+    with h5py.File(path, "r+") as f:
+        _set_row(f, 0, block=7)
 
 
 def shared_block(path: Path, ctx: Ctx) -> None:
@@ -292,16 +315,19 @@ ATTACKS = {
     "virtual-dataset": (virtual_dataset, ("files",), ENTRY),
     "stacked-data-external-link": (stacked_data_external_link, ("stacked",), (*ALL, "BatchReader")),
     "index-hidden-block": (hidden_block, ("files", "bytes"), ENTRY),
-    "shared-block-bomb": (shared_block, ("files", "bytes"), ALL),
+    "packed-row-outside-its-block": (packed_hidden_block, ("packed",), ALL),
+    "packed-block-chunked": (packed_chunked_block, ("packed",), ALL),
+    "packed-block-missing": (packed_block_number, ("packed",), ALL),
+    "shared-block-bomb": (shared_block, ("files", "bytes", "packed"), ALL),
     "fill-value-bomb": (fill_value_bomb, ("files",), ALL),
-    "huge-shape-none": (huge_shape(0), ("bytes",), ALL),
+    "huge-shape-none": (huge_shape(0), ("bytes", "packed"), ALL),
     "huge-shape-lzf": (huge_shape(1), ("files",), ALL),
     "huge-shape-gzip": (huge_shape(2), ("files",), ALL),
     "huge-shape-zstd": (huge_shape(3), ("files",), ALL),
     "lzf-over-ratio": (over_ratio, ("files",), ALL),
-    "offset-overflow": (offset(2 ** 64 - 16), ("files",), ALL),
+    "offset-overflow": (offset(2 ** 64 - 16), ("files", "packed"), ALL),
     "offset-negative": (offset(-16, "<i8"), ("files",), ALL),
-    "unknown-dtype": (dtype(b"zz"), ("files",), ALL),
+    "unknown-dtype": (dtype(b"zz"), ("files", "packed"), ALL),
     "object-dtype": (dtype(b"|O"), ("bytes",), ALL),
     "malformed-attributes": (malformed_attrs, ("files", "stacked"), ()),
     "escape-sequences": (escape_keys, ("bytes",), ()),

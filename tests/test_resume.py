@@ -296,7 +296,7 @@ def _kill_moment(rng: random.Random, proc: subprocess.Popen, partial: Partial, n
     return f"progress, {safe} safe", lambda: after(progressed())
 
 
-@pytest.mark.parametrize("layout", ["files", "stacked"])
+@pytest.mark.parametrize("layout", ["files", "stacked", "packed"])
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, layout):
     """The acceptance test: kill -9 a real conversion at random moments (in start-up, while it
     reuses earlier work, while it reads files), resume each time, then let a last run finish;

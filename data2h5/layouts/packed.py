@@ -65,14 +65,14 @@ class PackedWriter:
     index on :meth:`close`. With ``checkpoints``, the entries of every written block are
     journaled so that a resume can reuse them."""
 
-    def __init__(self, f: h5py.File, checkpoints=None, block_bytes: int = BLOCK_BYTES):
+    def __init__(self, f: h5py.File, checkpoints=None, block_bytes: Optional[int] = None):
         self._f = f
         self._group = f.require_group(GROUP)
         self._rows = PackedColumns()
         self._buffer = bytearray()
         self._block_first = 0  # first row of the block being filled
         self._blocks = 0
-        self._block_bytes = block_bytes
+        self._block_bytes = block_bytes or BLOCK_BYTES
         self._journal_rows: List[Tuple[Packed, int, int, int]] = []  # (entry, offset in block, stored, codec)
         self._pending: List[JournalEntry] = []
         self._checkpoints = checkpoints
@@ -90,7 +90,7 @@ class PackedWriter:
             self._flush_block()
         where = len(self._buffer)
         self._buffer += data
-        self._rows.append(IndexRow(key=p.key, size=p.size, crc32=p.crc32, kind=p.kind, codec=codec_id, offset=where,
+        self._rows.append(IndexRow(key=p.key, size=p.size, crc32=p.crc32, kind=p.kind, codec=codec_id, offset=where if len(data) else 0,
                                    stored=len(data), dtype=p.dtype, shape=p.shape, stored_crc32=crc,
                                    verbatim=p.verbatim))
         self._rows.blocks.append(self._blocks)
