@@ -20,7 +20,7 @@ import os
 import zlib
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import h5py
 import numpy as np
@@ -225,7 +225,7 @@ class ShardJournal:
 
 # --- the conversion ----------------------------------------------------------------------------
 
-def own_files(dst: Path) -> callable:
+def own_files(dst: Path) -> Callable[[str], bool]:
     """Whether a walked path is one of the sharded output's own files (shards of any plan,
     attempts, the journal): a source folder holding the output must not convert them."""
     pattern, folder = shard_name_pattern(dst), dst.parent
