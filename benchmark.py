@@ -1393,7 +1393,7 @@ def write_plot(path: Path, rows: List[Row]) -> None:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--path-images", type=Path, metavar="DIR", help="your own folder (read, never changed)")
     src.add_argument("--make-corpus", type=int, metavar="N", help="generate N photo-like JPEGs in a temporary folder")
     p.add_argument("--corpus", choices=("generated", "real"), default="generated",
@@ -1417,9 +1417,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "(default), or lists of arrays pickled sample by sample")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-cache loading runs even as root")
     p.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable)")
+    p.add_argument("--scale", metavar="N[,N...]", help="only the scale table: generate trees of N tiny files (e.g. "
+                   "10000,100000,1000000) and measure files and packed archives of them, then remove them")
+    p.add_argument("--scale-trees", type=Path, metavar="DIR", help="with --scale: keep the trees (and reuse them) "
+                   "under DIR")
+    p.add_argument("--scale-compression", default="auto", help="with --scale: --compression of the conversions")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every figure to FILE")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="bar chart of the rates (needs matplotlib)")
     args = p.parse_args(argv)
+    if not args.scale and args.path_images is None and args.make_corpus is None:
+        p.error("one of the arguments --path-images --make-corpus (or --scale) is required")
     if args.make_corpus is not None and args.make_corpus < 1:
         p.error("--make-corpus needs at least 1 file")
     if min(args.repeat, args.batch_size, args.samples, args.batches) < 1 or args.workers < 0:
@@ -1487,11 +1494,195 @@ def planned_steps(args, plan: List[Conversion], loading: bool, cold: bool) -> in
     return steps + (5 * (1 + 2 * args.repeat * (2 if cold else 1)) if loading else 0)
 
 
+
+# -- scale: a million tiny files ---------------------------------------------------------------
+
+SCALE_FOLDER_FILES = 1000  # files per folder of a generated tiny-file tree
+SCALE_READS = 20000  # random single-sample reads timed in a fresh process
+
+#: Run in a fresh interpreter, so that each figure is its own process's (peak memory above all).
+SCALE_PROBE = r"""
+import json, os, pickle, subprocess, sys, time
+def rss():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmRSS:")][0].split()[1]) * 1024
+def hwm():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]) * 1024
+what, args = sys.argv[1], json.loads(sys.argv[2])
+out = {}
+if what == "convert":
+    import data2h5
+    t = time.perf_counter()
+    report = data2h5.convert(args["src"], args["dst"], ext="bin", reader="bytes", layout=args["layout"],
+                             workers=args["workers"], compression=args["compression"])
+    out = {"files_per_s": report.entries / (time.perf_counter() - t), "writer_peak": hwm()}
+elif what == "webdataset":
+    import webdataset as wds
+    t = time.perf_counter()
+    pattern = os.path.join(args["dst"], "shard-%06d.tar")
+    n = 0
+    with wds.ShardWriter(pattern, maxsize=1 << 30, verbose=0) as sink:
+        for folder in sorted(os.listdir(args["src"])):
+            for name in sorted(os.listdir(os.path.join(args["src"], folder))):
+                with open(os.path.join(args["src"], folder, name), "rb") as fh:
+                    sink.write({"__key__": f"{folder}/{name[:-4]}", "bin": fh.read()})
+                n += 1
+    out = {"files_per_s": n / (time.perf_counter() - t), "writer_peak": hwm()}
+elif what == "open":
+    from data2h5.loaders import H5Dataset
+    H5Dataset(args["dst"], decode=False, limit=1)  # imports and HDF5's first open out of the timing
+    t = time.perf_counter()
+    ds = H5Dataset(args["dst"], decode=False)
+    out["open_s"] = time.perf_counter() - t
+    out["pickled"] = len(pickle.dumps(ds))
+    t = time.perf_counter()
+    folder = H5Dataset(args["dst"], decode=False, target="folder")
+    out["open_folder_s"] = time.perf_counter() - t
+    out["pickled_folder"] = len(pickle.dumps(folder))
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "data2h5", "ls", args["dst"]], stdout=subprocess.PIPE, check=True)
+    out["ls_s"] = time.perf_counter() - t
+    out["ls_lines"] = done.stdout.count(b"\n")
+elif what == "worker":
+    import multiprocessing as mp
+    from data2h5.loaders import H5Dataset
+    sys.path.insert(0, args["here"])
+    from benchmark import scale_collate, scale_worker_probe
+    ds = H5Dataset(args["dst"], decode=False, target="folder")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=scale_worker_probe, args=(ds, q))
+    proc.start()
+    out.update(q.get())
+    proc.join()
+    import torch
+    from torch.utils.data import DataLoader
+    t = time.perf_counter()
+    loader = DataLoader(ds, batch_size=64, num_workers=2, shuffle=True, multiprocessing_context="spawn",
+                        collate_fn=scale_collate)
+    next(iter(loader))
+    out["first_batch_s"] = time.perf_counter() - t
+elif what == "reads":
+    import numpy as np
+    from data2h5.loaders import H5Dataset
+    ds = H5Dataset(args["dst"], decode=False)
+    order = np.random.default_rng(0).integers(0, len(ds), args["reads"]).tolist()
+    t = time.perf_counter()
+    for i in order:
+        ds[i]
+    out["reads_per_s"] = len(order) / (time.perf_counter() - t)
+print(json.dumps(out))
+"""
+
+
+def scale_worker_probe(ds: Any, queue: Any) -> None:
+    """In a spawned worker: the memory the dataset adds once it has read one sample (its
+    index read again here), over that of a worker with the same modules loaded."""
+    import data2h5.loaders  # noqa: F401 - what every worker loads anyway
+    import torch  # noqa: F401
+
+    def rss() -> int:
+        return int([ln for ln in open("/proc/self/status") if ln.startswith("VmRSS:")][0].split()[1]) * 1024
+
+    before = rss()
+    ds[0]
+    queue.put({"worker_added": rss() - before})
+
+
+def scale_collate(batch: list) -> list:
+    return batch
+
+
+def make_tiny_tree(root: Path, n: int) -> float:
+    """``n`` files of 64-512 random bytes in folders of SCALE_FOLDER_FILES; returns seconds taken."""
+    started = time.perf_counter()
+    rng = np.random.default_rng(0)
+    blob = rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    sizes = rng.integers(64, 513, n)
+    for d in range(-(-n // SCALE_FOLDER_FILES)):
+        folder = root / f"{d:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(min(SCALE_FOLDER_FILES, n - d * SCALE_FOLDER_FILES)):
+            j = d * SCALE_FOLDER_FILES + i
+            start = (j * 613) % (len(blob) - 600)
+            (folder / f"{i:04d}.bin").write_bytes(blob[start : start + int(sizes[j])])
+    return time.perf_counter() - started
+
+
+def _scale_probe(what: str, **args: Any) -> Dict[str, float]:
+    done = subprocess_run([sys.executable, "-c", SCALE_PROBE, what, json.dumps(args)])
+    return json.loads(done.splitlines()[-1])
+
+
+def subprocess_run(cmd: List[str]) -> str:
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+
+
+def run_scale(entries: Sequence[int], work_dir: Path, workers: int, compression: str, keep: Optional[Path]) -> str:
+    """The scale table: for each entry count, a generated tree of tiny files converted with
+    the files and packed layouts (and WebDataset's ShardWriter when installed), then the
+    archive opened, pickled, listed, loaded by spawn workers and read at random."""
+    here = str(Path(__file__).resolve().parent)
+    lines = [f"scale: tiny files (64-512 random bytes, {SCALE_FOLDER_FILES} a folder), --reader bytes, "
+             f"--compression {compression}, {workers} workers, {os.cpu_count()} cores",
+             "| entries | writer | files/s | writer peak | H5Dataset() | folder target | pickled | ls to a pipe "
+             "| worker adds | spawn, 2 workers, first batch | random reads/s |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    wds = installed("webdataset")
+    for n in entries:
+        base = (keep or work_dir) / f"tiny-{n}"
+        src = base / "src"
+        made = 0.0 if (src / "0000").exists() else make_tiny_tree(src, n)
+        print(f"scale: {n} files {'generated in %.1f s' % made if made else 'reused'} ({src})", file=sys.stderr)
+        try:
+            for layout in ("files", "packed"):
+                dst = base / f"{layout}.h5"
+                if dst.exists():
+                    dst.unlink()
+                conv = _scale_probe("convert", src=str(src), dst=str(dst), layout=layout, workers=workers,
+                                    compression=compression)
+                opened = _scale_probe("open", dst=str(dst))
+                worker = _scale_probe("worker", dst=str(dst), here=here)
+                reads = _scale_probe("reads", dst=str(dst), reads=SCALE_READS)
+                lines.append(f"| {n:,} | {layout} | {conv['files_per_s']:,.0f} | {conv['writer_peak'] / 1e6:,.0f} MB "
+                             f"| {opened['open_s']:.2f} s | {opened['open_folder_s']:.2f} s "
+                             f"| {opened['pickled'] / 1e3:,.1f} kB | {opened['ls_s']:.2f} s "
+                             f"| {worker['worker_added'] / 1e6:,.0f} MB | {worker['first_batch_s']:.2f} s "
+                             f"| {reads['reads_per_s']:,.0f} |")
+                print(lines[-1], file=sys.stderr)
+                dst.unlink()
+            if wds:
+                shards = base / "wds"
+                shards.mkdir(exist_ok=True)
+                conv = _scale_probe("webdataset", src=str(src), dst=str(shards))
+                lines.append(f"| {n:,} | WebDataset ShardWriter | {conv['files_per_s']:,.0f} "
+                             f"| {conv['writer_peak'] / 1e6:,.0f} MB | | | | | | | |")
+                remove(shards)
+        finally:
+            if keep is None:
+                remove(base)
+    if not wds:
+        lines.append("WebDataset is not installed: its row is left out (pip install webdataset)")
+    lines.append(f"generation of the trees is not included; {SCALE_READS:,} reads in a fresh process each")
+    return "\n".join(lines)
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from tqdm import tqdm
 
     args = parse_args(argv)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
+    if args.scale:
+        entries = [int(n) for n in args.scale.split(",")]
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="data2h5-scale-", dir=args.work_dir)).resolve()
+        try:
+            print(run_scale(entries, work, args.workers, args.scale_compression, args.scale_trees))
+        finally:
+            remove(work)
+        return 0
     if not installed("PIL"):
         print("benchmark.py: error: needs Pillow: pip install 'data2h5[bench]'", file=sys.stderr)
         return 2
