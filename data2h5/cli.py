@@ -63,7 +63,9 @@ def main(verbose: bool) -> None:
               help=f"{' or '.join(CHOICES.rsplit(', ', 1))}.")
 @click.option("--no_compress", "--no-compress", "no_compress", is_flag=True, help="Same as --compression none.")
 @click.option("--layout", type=click.Choice(list(writable_layouts())), default="files", show_default=True,
-              help="files: one dataset per file; stacked: one (N, ...) array `data` with labels.")
+              help="files: one dataset per file; stacked: one (N, ...) array `data` with labels; packed: "
+                   "every file's bytes appended to a few large blocks (millions of tiny files; read with "
+                   "data2h5.open, not h5py).")
 @click.option("--overwrite", is_flag=True, help="Replace the output if it exists (and start over, dropping an interrupted run's work).")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted conversion into the same output, reusing what it stored safely.")
