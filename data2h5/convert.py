@@ -41,6 +41,9 @@ from .sources import check_folder, collect, load_prune
 from .readers import AUTO, BUILTIN_READERS, BuiltinReader, read_source
 from .transport import Slots, compress_in_slot, share
 from .walk import SourceFile
+from .engines import report_progress
+from .shard_plan import attempt_path, parse_shard_size
+from .sharding import Engines, ShardJob, ShardRecord, file_crc32, file_identity, sync_folder, write_sharded
 from .encoding import Failed, Packed, pack
 
 log = logging.getLogger(__name__)
@@ -294,7 +297,6 @@ def convert(
         raise ValueError("scheduler, dask_workers and client write shards: give shard_size too")
     shards = None
     if shard_size is not None:
-        from .shard_plan import parse_shard_size
 
         shards = parse_shard_size(shard_size)
     if timeout is not None and not timeout > 0:
@@ -342,10 +344,9 @@ def convert(
         report.skipped.extend(bad_names)
         job = WorkerConfig(reader, codec, kept_as.packed_by_workers, timeout, max_entry_bytes, decode_size)
         if shards is not None:
-            from .sharding import Engines, write_sharded
-
-            write_sharded(files, dst, shards, layout=layout, job=job, options=options, report=report, resume=resume,
-                          on_error=on_error, progress=progress, links=shard_links, overwrite=overwrite,
+            write_sharded(files, dst, shards, task=convert_shard, layout=layout, job=job, options=options,
+                          report=report, resume=resume, on_error=on_error, progress=progress, links=shard_links,
+                          overwrite=overwrite,
                           engines=Engines(workers, start_method, scheduler, dask_workers, client))
             report.elapsed = time.perf_counter() - started
             log.info("%s", report.summary())
@@ -369,6 +370,24 @@ def convert_files(files: List[SourceFile], dst: Path, *, layout: str, job: Worke
            on_error, CHECKPOINT_SECONDS, on_file=on_file)
     report.bytes_out = Path(dst).stat().st_size
     return report
+
+
+def convert_shard(task: ShardJob) -> ShardRecord:
+    """Write one shard: its files converted in this process into an attempt file, synced,
+    checksummed and renamed onto the shard's name. Idempotent, so Dask may re-run it."""
+    final = Path(task.folder) / task.plan.name
+    attempt = attempt_path(final)
+    report = Report(task.source, str(final), task.layout, task.reader, task.compression)
+    convert_files(task.files, attempt, layout=task.layout, job=task.job, options=task.options, report=report,
+                  on_error=task.on_error, on_file=report_progress)  # synced and renamed onto ``attempt``
+    size = attempt.stat().st_size
+    crc, identity = file_crc32(attempt), file_identity(attempt, size)
+    os.replace(attempt, final)
+    sync_folder(final.parent)
+    skipped = {key for key, _ in report.skipped}
+    kept = [f.key for f in task.files if f.key not in skipped]
+    return ShardRecord(task.plan.name, size, crc, identity, report.entries, kept[0], kept[-1],
+                       [list(s) for s in report.skipped], report.bytes_in, report.bytes_decoded)
 
 
 def _write(files: List[SourceFile], layout: layouts.Layout, job: WorkerConfig, previous: Optional[InterruptedRun], partial: Partial, gen: int, options: dict,

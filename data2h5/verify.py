@@ -164,7 +164,7 @@ def verify(
 
     sources: Dict[str, str] = {}
     if source is not None:
-        sources = _walk_source(index, Path(source), ext, prune, follow_symlinks, archive, report)
+        sources = walk_source(index, Path(source), ext, prune, follow_symlinks, archive, report)
 
     reader = ArchiveReader(archive, index, verify=True)
     try:
@@ -205,7 +205,7 @@ def recorded_skips(index: Index) -> Dict[str, str]:
 # -- the source folder -------------------------------------------------------------------------
 
 
-def _walk_source(index: Index, source: Path, ext, prune: Optional[str], follow_symlinks: Optional[bool],
+def walk_source(index: Index, source: Path, ext, prune: Optional[str], follow_symlinks: Optional[bool],
                  archive: str, report: VerifyReport) -> Dict[str, str]:
     """``{key: path}`` of the files the archive's options select under ``source``; adds the
     names the walk cannot store, and files skipped at conversion, to ``report``."""

@@ -46,7 +46,7 @@ def test_layout_registry_is_read_only_and_every_layout_loads():
         layouts.LAYOUTS["new"] = "x:y"  # type: ignore[index]
     for name in layouts.LAYOUTS:
         assert layouts.get(name).name == name
-    assert set(layouts.writable()) == {"files", "stacked"}
+    assert set(layouts.writable()) == {"files", "stacked", "packed"}
     assert not layouts.get(layouts.PLAIN).writable
     with pytest.raises(LayoutError, match="unknown layout"):
         layouts.get("sharded-someday")

@@ -10,17 +10,28 @@ reader per shard, opened on first use, whose own index is checked against the ma
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
 
 from .. import format as fmt, safety
-from ..archive import ArchiveReader, Index, decode_keys, index_field, read_keys
-from ..errors import ArchiveError, ShardError
+from .._version import __version__
+from ..archive import ArchiveReader, Index, create_index_group, decode_keys, index_field, read_index, read_keys
+from ..display import progress_bar
+from ..engines import DaskEngine, LocalPool, Task
+from ..errors import ArchiveError, OutputError, ShardError
+from ..partial import Partial, create_part, publish
+from ..sharding import ShardRecord, file_crc32, file_identity, own_files
+from ..verify import (CHANGED, CORRUPT, EXTRA, MISSING, Problem, VerifyReport, compare_source, recorded_skips,
+                      verify, walk_source)
 from . import SHARDED as NAME, Layout, get
 
 REPLACE_HINT = "copy it back from where the archive was made, or convert again"
@@ -56,8 +67,6 @@ class ShardedIndex(Index):
 def check_shard(master: str, shard: Shard, folder: str) -> None:
     """Raise :class:`ShardError` unless ``shard`` lies in ``folder`` with its recorded size and
     identity."""
-    from ..sharding import file_identity
-
     path = os.path.join(folder, shard.name)
     try:
         st = os.stat(path)
@@ -153,8 +162,6 @@ class ShardedLayout(Layout):
     records_source = True
 
     def read_index(self, f: h5py.File, attrs: dict, limit: int) -> Optional[Index]:
-        from ..sharding import ROW, SHARD, SHARD_LAYOUT
-
         path = f.filename
         group = safety.open_index_group(f)
         if group is None:
@@ -232,9 +239,11 @@ class ShardedLayout(Layout):
 
     @property
     def verify_archive(self):
-        from ..sharding import verify_sharded
-
         return verify_sharded
+
+    def write_master(self, dst: Path, records: Sequence[ShardRecord], **options: Any) -> None:
+        """Write the master over finished shards (see :func:`write_master`)."""
+        write_master(dst, records, **options)
 
 
 def _inner_layouts() -> Tuple[str, ...]:
@@ -244,3 +253,187 @@ def _inner_layouts() -> Tuple[str, ...]:
 
 
 SHARDED = ShardedLayout()
+
+
+# --- the master --------------------------------------------------------------------------------
+
+#: Index columns the master holds beside every layout's own (see :mod:`data2h5.layouts.sharded`).
+SHARD = "shard"  # per row: its shard's number
+ROW = "row"  # per row: its row in that shard
+TABLE = {"shard_name": "name", "shard_size": "size", "shard_crc32": "crc32", "shard_identity": "identity",
+         "shard_entries": "entries", "shard_first_key": "first_key", "shard_last_key": "last_key"}
+
+
+def write_master(dst: Path, records: Sequence[ShardRecord], *, layout: str, options: dict, report: Any,
+                 links: bool = False) -> None:
+    """Write the master archive ``dst`` over the finished shards ``records`` (in key order):
+    each shard's index read back (and checked), concatenated, with the shard table; written
+    in a part file, synced and renamed like every archive. ``links``: an external link per key
+    to its shard, so that plain h5py finds ``f[key]``. The files skipped are ``report``'s (those
+    the walk could not store) and the shards'."""
+    folder = dst.parent
+    parts: Dict[str, list] = {name: [] for name in (*fmt.INDEX_FIELDS, SHARD, ROW)}
+    for number, record in enumerate(records):
+        index = read_index(folder / record.name)
+        if len(index) != record.entries or (index.keys and (index.keys[0], index.keys[-1]) !=
+                                            (record.first_key, record.last_key)):
+            raise OutputError(f"{folder / record.name}: holds {len(index)} entries, not the {record.entries} its "
+                              "task reported; convert again with --overwrite")
+        n = len(index)
+        for name in fmt.INDEX_FIELDS:
+            if name == "keys":
+                values = np.array([k.encode("utf-8") for k in index.keys] or [b""], dtype=bytes)[:n]
+            elif name == fmt.STORED_CRC32 and index.stored_crc32 is None:
+                values = np.zeros(n, np.uint32)
+            elif name == fmt.VERBATIM:
+                values = np.fromiter((index.is_verbatim(i) for i in range(n)), dtype=np.uint8, count=n)
+            elif name == "shape":  # padded to MAX_NDIM with -1, whatever width the shard keeps
+                values = np.full((n, fmt.MAX_NDIM), -1, np.int64)
+                width = min(index.shape.shape[1] if index.shape.ndim == 2 else 0, fmt.MAX_NDIM)
+                values[:, :width] = index.shape[:, :width]
+            else:
+                values = getattr(index, name)
+            parts[name].append(values)
+        parts[SHARD].append(np.full(n, number, np.uint32))
+        parts[ROW].append(np.arange(n, dtype=np.uint64))
+    data: Dict[str, np.ndarray] = {}
+    for name, values in parts.items():
+        dtype = fmt.INDEX_FIELDS.get(name)
+        joined = np.concatenate(values) if values else np.zeros((0,) + ((fmt.MAX_NDIM,) if name == "shape" else ()))
+        if name == "keys":
+            joined = joined.astype(f"S{max(joined.dtype.itemsize, 1)}")
+        elif dtype is not None:
+            joined = joined.astype(dtype)
+        else:
+            joined = joined.astype(np.uint32 if name == SHARD else np.uint64)
+        data[name] = joined
+    for column, fieldname in TABLE.items():
+        values = [getattr(r, fieldname) for r in records]
+        if fieldname in ("name", "first_key", "last_key"):
+            encoded = [v.encode("utf-8") for v in values]
+            data[column] = np.array(encoded, dtype=f"S{max(map(len, encoded), default=1) or 1}")
+        else:
+            data[column] = np.array(values, dtype=np.uint64)
+
+    partial = Partial(dst)
+    part = partial.part(partial.next_generation())
+    f = create_part(part)
+    try:
+        group = create_index_group(f)
+        for name, values in data.items():
+            group.create_dataset(name, data=values, compression="gzip" if len(values) else None,
+                                 chunks=True if len(values) else None)
+        if links:
+            names = [r.name for r in records]
+            for raw, number in zip(data["keys"].tolist(), data[SHARD].tolist()):
+                key = raw.decode("utf-8")
+                f[key] = h5py.ExternalLink(names[number], key)
+        attrs = f.attrs
+        attrs[fmt.ATTR_FORMAT] = fmt.FORMAT_VERSION
+        attrs[fmt.ATTR_VERSION] = __version__
+        attrs[fmt.ATTR_LAYOUT] = NAME
+        attrs[SHARD_LAYOUT] = layout
+        attrs[fmt.ATTR_READER] = report.reader
+        attrs[fmt.ATTR_PRUNE] = options["prune"]
+        attrs[fmt.ATTR_EXTENSIONS] = json.dumps(options["extensions"])
+        attrs[fmt.ATTR_FOLLOW_SYMLINKS] = options["follow_symlinks"]
+        attrs[fmt.ATTR_SOURCE] = report.source
+        attrs[fmt.ATTR_CREATED] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        attrs[fmt.ATTR_COMPRESSION] = report.compression
+        attrs[fmt.ATTR_ENTRIES] = sum(r.entries for r in records)
+        skipped = [list(s) for s in report.skipped] + [s for r in records for s in r.skipped]
+        attrs[fmt.ATTR_SKIPPED] = json.dumps(skipped)
+        attrs[fmt.ATTR_BYTES_IN] = sum(r.bytes_in for r in records)
+        attrs[fmt.ATTR_BYTES_OUT] = sum(r.size for r in records)
+        attrs[SHARD_LINKS] = bool(links)
+    except BaseException:
+        f.close()
+        part.unlink(missing_ok=True)
+        raise
+    publish(f, part, dst)
+
+
+SHARD_LAYOUT = "shard_layout"  # root attribute: the layout of every shard
+SHARD_LINKS = "shard_links"  # root attribute: whether each key is an external link to its shard
+
+
+
+# --- verify ------------------------------------------------------------------------------------
+
+class ShardCheck(NamedTuple):
+    """What verifying one shard found: its whole-file CRC-32 and its own verify report (or
+    why it could not be verified)."""
+
+    number: int
+    crc32: Optional[int]
+    report: Any  # verify.VerifyReport, or None
+    error: Optional[str]
+
+
+def verify_shard(number: int, path: str, max_entry_bytes: int, threads: int) -> ShardCheck:
+    """A task: verify one shard as an archive of its own and checksum the whole file."""
+    try:
+        crc = file_crc32(path)
+        report = verify(path, workers=threads, max_entry_bytes=max_entry_bytes)
+    except (ArchiveError, OSError) as exc:
+        return ShardCheck(number, None, None, str(exc))
+    return ShardCheck(number, crc, report, None)
+
+
+def verify_sharded(archive: str, index: Any, *, source: Optional[os.PathLike] = None, ext=None,
+                   prune: Optional[str] = None, follow_symlinks: Optional[bool] = None, workers: Optional[int] = None,
+                   progress: Optional[bool] = False, max_entry_bytes: int, scheduler: Optional[str] = None) -> Any:
+    """Verify a master: its shards in parallel (a local pool of ``workers`` processes, or the
+    Dask cluster at ``scheduler``), each against its own checksums and the master's table
+    (whole-file CRC-32, entries), then, given ``source``, the source folder against the
+    master's index. Problems name the shard."""
+    started = time.perf_counter()
+    report = VerifyReport(os.path.abspath(archive), index.layout, len(index))
+    folder = os.path.dirname(os.path.abspath(archive))
+    count = len(index.shards)
+    engine = DaskEngine.connect(scheduler) if scheduler else LocalPool(max(1, min(workers or os.cpu_count() or 1,
+                                                                                    count)))
+    threads = 2 if scheduler else max(1, (workers or os.cpu_count() or 1) // max(1, min(count, workers or 1)))
+    tasks = [Task(f"shard {s.name}", verify_shard, (n, os.path.join(folder, s.name), max_entry_bytes, threads))
+             for n, s in enumerate(index.shards)]
+    bar = progress_bar(len(index), progress, unit="entry")
+    try:
+        with engine:
+            engine.check_folders(folder, folder)
+            checks = engine.run(tasks, on_done=lambda i, c: bar.update(index.shards[i].entries))
+    finally:
+        bar.close()
+    for check in checks:
+        shard = index.shards[check.number]
+        if check.error is not None:
+            report.problems.append(Problem(CORRUPT, shard.name, f"shard cannot be verified: {check.error}"))
+            continue
+        for p in check.report.problems:
+            report.problems.append(Problem(p.kind, p.key, f"in shard {shard.name}: {p.reason}"))
+        report.unchecked += check.report.unchecked
+        if check.crc32 != shard.crc32:
+            report.problems.append(Problem(CORRUPT, shard.name, "shard file's CRC-32 differs from the master's table "
+                                                                "(damaged or replaced); copy or convert it again"))
+        if check.report.entries != shard.entries:
+            report.problems.append(Problem(CORRUPT, shard.name, f"shard holds {check.report.entries} entries, the "
+                                                                f"master's table {shard.entries}"))
+    if source is not None:
+        sources = walk_source(index, Path(source), ext, prune, follow_symlinks, archive, report)
+        own = own_files(Path(archive).absolute())
+        sources = {k: p for k, p in sources.items() if not own(p)}
+        report.source_files = len(sources)
+        skipped = recorded_skips(index)
+        for key, path in sources.items():
+            if key not in index:
+                if key not in skipped:
+                    report.problems.append(Problem(MISSING, key, "in the source folder, not in the archive"))
+                continue
+            pos = index.position(key)
+            reason = compare_source(path, int(index.size[pos]), int(index.crc32[pos]))
+            if reason is not None:
+                report.problems.append(Problem(CHANGED, key, reason))
+        report.problems.extend(Problem(EXTRA, key, "in the archive, not in the source folder")
+                               for key in index.keys if key not in sources)
+    report.notes.append(f"{count} shards verified on {engine.description}")
+    report.elapsed = time.perf_counter() - started
+    return report
