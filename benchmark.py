@@ -448,7 +448,7 @@ def convert_webdataset(src: Path, keys: Sequence[str], out: Path, exts: Sequence
     """The files' bytes into webdataset tar shards, one process, the usual way to ship loose files."""
     import webdataset as wds
 
-    from data2h5.stacked import class_of
+    from data2h5.format import class_of
 
     out.mkdir(parents=True)
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=10000, verbose=0) as sink:
@@ -746,7 +746,7 @@ class LazyH5:
 
 
 def class_indices(keys: Sequence[str]) -> List[int]:
-    from data2h5.stacked import class_of
+    from data2h5.format import class_of
 
     classes = {c: i for i, c in enumerate(sorted({class_of(k) for k in keys}))}
     return [classes[class_of(k)] for k in keys]
