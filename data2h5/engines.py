@@ -296,6 +296,7 @@ class LocalPool(Engine):
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
         relay = threading.Thread(target=_relay, args=(channel, events, stop), name="data2h5-progress", daemon=True)
+        others = set(multiprocessing.active_children())  # children not the pool's: never stopped here
         pool = ProcessPoolExecutor(min(self.workers, len(tasks)), mp_context=ctx, initializer=_init_local_worker,
                                    initargs=(channel,))
         finished = False
@@ -318,7 +319,7 @@ class LocalPool(Engine):
             return results
         finally:
             if not finished:  # stop now: do not let workers finish the queue
-                _stop_workers(pool)
+                _stop_workers([p for p in multiprocessing.active_children() if p not in others])
             pool.shutdown(wait=True, cancel_futures=True)
             stop.set()
             if relay.is_alive():
@@ -339,9 +340,8 @@ def _relay(channel: Any, events: "queue.Queue", stop: threading.Event) -> None:
             return
 
 
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """End every worker now (those that do not end on SIGTERM are killed) and join them."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())
+def _stop_workers(procs: List[multiprocessing.Process]) -> None:
+    """End ``procs`` now (those that do not end on SIGTERM are killed) and join them."""
     for proc in procs:
         proc.terminate()
     for proc in procs:
