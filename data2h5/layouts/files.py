@@ -82,6 +82,24 @@ class KeyColumn:
         return out
 
 
+class BlockColumn(NamedTuple):
+    """An index column too large to build at once: its shape and dtype, and ``blocks()``
+    yielding ``(first row, values)`` in order."""
+
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+    blocks: Any
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        for lo, values in self.blocks():
+            out[lo : lo + len(values)] = values
+        return out
+
+
 class IndexColumns:
     """The rows of a ``files`` index as they are added, held column by column in typed
     arrays (a few dozen bytes an entry, not a Python object per row)."""
@@ -117,21 +135,27 @@ class IndexColumns:
         if len(row.shape) > fmt.MAX_NDIM:
             self._columns["offset"][-1] = 0  # too many dims to describe here: read through h5py
 
-    def _shapes(self) -> np.ndarray:
-        """The ``(rows, MAX_NDIM)`` shape column, padded with -1."""
+    def _shapes(self, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        """The ``(rows, MAX_NDIM)`` shape column, padded with -1 (of ``rows`` only, when given)."""
         n = len(self._ndims)
-        out = np.full((n, fmt.MAX_NDIM), -1, dtype=np.int64)
-        if n:
-            ndims = np.frombuffer(self._ndims, dtype=np.uint8).astype(np.int64)
-            dims = np.frombuffer(self._dims, dtype=np.int64) if len(self._dims) else np.zeros(0, np.int64)
-            rows = np.repeat(np.arange(n), ndims)
-            starts = np.cumsum(ndims) - ndims
-            out[rows, np.arange(len(dims)) - np.repeat(starts, ndims)] = dims
+        ndims = np.frombuffer(self._ndims, dtype=np.uint8).astype(np.int64) if n else np.zeros(0, np.int64)
+        dims = np.frombuffer(self._dims, dtype=np.int64) if len(self._dims) else np.zeros(0, np.int64)
+        starts = np.cumsum(ndims) - ndims
+        if rows is None:
+            rows = np.arange(n)
+        out = np.full((len(rows), fmt.MAX_NDIM), -1, dtype=np.int64)
+        for axis in range(int(ndims.max()) if n else 0):
+            has = ndims[rows] > axis
+            out[has, axis] = dims[starts[rows[has]] + axis]
         return out
 
-    def columns(self, order: Optional[np.ndarray] = None) -> dict:
-        """The index's datasets by name, rows in ``order`` (positions) when given."""
-        return dict(self.iter_columns(order))
+    def shape_blocks(self, order: Optional[np.ndarray] = None, rows: int = 1 << 16) -> "BlockColumn":
+        """The shape column built a block of rows at a time (a million rows' full column
+        would be 64 MB at once)."""
+        n = len(self._ndims)
+        picked = np.arange(n) if order is None else np.asarray(order)
+        return BlockColumn((n, fmt.MAX_NDIM), fmt.INDEX_FIELDS["shape"],
+                           lambda: ((lo, self._shapes(picked[lo : lo + rows])) for lo in range(0, n, rows)))
 
     def iter_columns(self, order: Optional[np.ndarray] = None) -> Iterator[Tuple[str, np.ndarray]]:
         """The index's datasets, ``(name, values)`` one at a time (so that only one column is
@@ -146,7 +170,7 @@ class IndexColumns:
                 yield "dtype", take(dtypes[np.frombuffer(self._dtypes, dtype=np.uint8) if n else np.zeros(0, np.uint8)])
             values = np.frombuffer(self._columns[name], dtype=code) if n else np.zeros(0, code)
             yield name, take(values.astype(fmt.INDEX_FIELDS[name], copy=False))
-        yield "shape", take(self._shapes().astype(fmt.INDEX_FIELDS["shape"], copy=False))
+        yield "shape", self.shape_blocks(order)
 
     def order_by(self, order: dict) -> np.ndarray:
         """Positions of the rows sorted by ``order[key]``."""
@@ -334,6 +358,12 @@ def write_index(f: h5py.File, columns: Union[dict, Iterable[Tuple[str, np.ndarra
     n = None
     for name, values in (columns.items() if isinstance(columns, dict) else columns):
         n = len(values) if n is None else n
+        if isinstance(values, BlockColumn):
+            dset = group.create_dataset(name, shape=values.shape, dtype=values.dtype,
+                                        compression="gzip" if n else None, chunks=True if n else None)
+            for lo, block in values.blocks():
+                dset[lo : lo + len(block)] = block
+            continue
         group.create_dataset(name, data=values, compression="gzip" if n else None, chunks=True if n else None)
 
 
