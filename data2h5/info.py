@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator
 
 from . import format as fmt, safety
 from .archive import Keys, PathLike, read_index

@@ -9,7 +9,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
 import data2h5

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import zlib
 from array import array
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import h5py
 import numpy as np

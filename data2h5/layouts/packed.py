@@ -36,7 +36,7 @@ NAME = "packed"
 GROUP = "packed"  # the blocks: packed/000000, packed/000001, ...
 BLOCK_FIELD = "block"  # index column: the block each entry lies in
 #: A block is written once it holds this much (an entry larger than it has a block of its own).
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 4 << 20
 
 
 class PackedColumns(IndexColumns):
@@ -171,7 +171,7 @@ def _assemble(p: Packed, codec: Codec) -> np.ndarray:
     chunk = tuple(p.chunk_shape)
     out = np.empty(p.shape, dtype)
     chunk_bytes = int(np.prod(chunk)) * dtype.itemsize
-    for (offset, data, mask), (start, where) in zip(p.data, iter_chunk_offsets(p.shape, chunk)):
+    for (_, data, mask), (_, where) in zip(p.data, iter_chunk_offsets(p.shape, chunk)):
         raw = data if mask else codec.decompress(data, chunk_bytes)
         block = np.frombuffer(raw, dtype).reshape(chunk)
         out[where] = block[tuple(slice(0, s.stop - s.start) for s in where)] if out[where].shape != chunk else block
