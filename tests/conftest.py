@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from images import photo_like, write_images  # noqa: F401 - test modules import them from here too
+
+# A shell running the suite in the background ignores SIGINT in it, and every process it starts
+# inherits that: the Ctrl-C tests would then see conversions that cannot be interrupted.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
