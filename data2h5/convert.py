@@ -7,7 +7,6 @@ import multiprocessing
 import os
 import re
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -33,7 +32,7 @@ from .format import Kind
 from .archive import open_h5
 from .jpeg import check_decode_size
 from .partial import (CHECKPOINT_SECONDS, Checkpoints, InterruptedRun, Journal, OutputLock, Partial, check_output,
-                      create_part, load_previous, publish)
+                      create_part, load_previous, publish, sync_folder)
 from .resume import previous_work, reuse
 from .plugins import Plugin, PluginSpec, load
 from .prune import normalize_extensions
@@ -41,9 +40,9 @@ from .sources import check_folder, collect, load_prune
 from .readers import AUTO, BUILTIN_READERS, BuiltinReader, read_source
 from .transport import Slots, compress_in_slot, share
 from .walk import SourceFile
-from .engines import report_progress
+from .engines import exit_with_parent, report_progress, stop_processes
 from .shard_plan import attempt_path, parse_shard_size
-from .sharding import Engines, ShardJob, ShardRecord, file_crc32, file_identity, sync_folder, write_sharded
+from .sharding import Engines, ShardJob, ShardRecord, file_crc32, file_identity, write_sharded
 from .encoding import Failed, Packed, pack
 
 log = logging.getLogger(__name__)
@@ -129,27 +128,10 @@ def _init_worker(job: WorkerConfig, ignore_sigint: bool = True) -> None:
     if ignore_sigint:  # a pool worker (not the in-process path)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler inherited through fork
-        _exit_with_parent()
+        exit_with_parent()
     _worker_job = job
     _worker_reader = _resolve_reader(job.reader)
     _worker_builtin = _worker_reader is None or isinstance(_worker_reader.func, BuiltinReader)
-
-
-def _exit_with_parent() -> None:
-    """Linux: have the kernel kill this worker when the writer dies however it dies (SIGKILL,
-    out of memory). Forked pool workers would not notice: each holds the task pipe's write
-    end too, so they never read EOF and would wait as orphans forever."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
-        os._exit(1)
 
 
 def _resolve_reader(spec: Optional[PluginSpec]) -> Optional[Plugin]:
@@ -578,7 +560,7 @@ class _Workers:
         if self.pool is None:
             return
         if stop:
-            _stop_workers([p for p in multiprocessing.active_children() if p not in self._others])
+            stop_processes([p for p in multiprocessing.active_children() if p not in self._others])
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.slots.close()
         self.chunk_slots.close()
@@ -606,20 +588,6 @@ class _CompressedChunk:
 def _worker_died() -> WorkerError:
     return WorkerError("a worker process died (out of memory, or a crash in a decoder); "
                        "rerun with --workers 1 to see which file")
-
-
-def _stop_workers(procs: List[multiprocessing.Process]) -> None:
-    """End the pool's workers now. A worker stopped while it held the result queue's lock
-    leaves its siblings blocked on it, so whoever does not end on SIGTERM is killed, and all
-    are joined here: the pool's shutdown then has no one left to wait for."""
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        proc.join(timeout=5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=5)
-
 
 
 def _spec_name(spec: Optional[PluginSpec]) -> str:

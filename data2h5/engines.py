@@ -133,12 +133,14 @@ def _init_local_worker(channel: Any) -> None:
     _local_queue = channel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller handles Ctrl-C and stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _exit_with_parent()
+    exit_with_parent()
 
 
-def _exit_with_parent() -> None:
-    """Linux: have the kernel end this worker when its parent dies however it dies. The
-    parent is the caller, or under forkserver the fork server, which ends with the caller."""
+def exit_with_parent() -> None:
+    """Linux: have the kernel end this pool worker when its parent dies however it dies (a
+    forked worker holds the task pipe's write end too, so it would never read EOF and would
+    wait as an orphan). The parent is the caller, or under forkserver the fork server, which
+    ends with the caller."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -319,7 +321,7 @@ class LocalPool(Engine):
             return results
         finally:
             if not finished:  # stop now: do not let workers finish the queue
-                _stop_workers([p for p in multiprocessing.active_children() if p not in others])
+                stop_processes([p for p in multiprocessing.active_children() if p not in others])
             pool.shutdown(wait=True, cancel_futures=True)
             stop.set()
             if relay.is_alive():
@@ -340,8 +342,10 @@ def _relay(channel: Any, events: "queue.Queue", stop: threading.Event) -> None:
             return
 
 
-def _stop_workers(procs: List[multiprocessing.Process]) -> None:
-    """End ``procs`` now (those that do not end on SIGTERM are killed) and join them."""
+def stop_processes(procs: List[multiprocessing.Process]) -> None:
+    """End a pool's workers now. A worker stopped while it held the result queue's lock
+    leaves its siblings blocked on it, so whoever does not end on SIGTERM is killed, and all
+    are joined here: the pool's shutdown then has no one left to wait for."""
     for proc in procs:
         proc.terminate()
     for proc in procs:

@@ -82,8 +82,13 @@ def publish(f: h5py.File, part: Path, dst: Path) -> None:
     finally:
         os.close(fd)
     os.replace(part, dst)
-    try:  # make the rename itself durable
-        fd = os.open(dst.parent, os.O_RDONLY)
+    sync_folder(dst.parent)  # make the rename itself durable
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so a rename in it survives a crash (where the system allows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
     try:

@@ -106,20 +106,6 @@ def file_identity(path: os.PathLike, size: int) -> int:
     return zlib.crc32(tail, zlib.crc32(head))
 
 
-def sync_folder(folder: Path) -> None:
-    """fsync a folder, so a rename in it survives a crash (where the system allows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # --- the journal of done shards ------------------------------------------------------------
 
 class ShardJournal:
