@@ -16,15 +16,12 @@ from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-import h5py
 import numpy as np
 
 from . import format as fmt, layouts
-from ._version import __version__
 from .codecs import Codec, choose_codec, parse_compression
 from .display import decimal_size, progress_bar
 from .errors import Data2H5Error, Interrupted, LayoutError, OutputError, PluginError, ReadError, SourceError, WorkerError
@@ -32,7 +29,7 @@ from .format import Kind
 from .archive import open_h5
 from .jpeg import check_decode_size
 from .partial import (CHECKPOINT_SECONDS, Checkpoints, InterruptedRun, Journal, OutputLock, Partial, check_output,
-                      create_part, load_previous, publish, sync_folder)
+                      create_part, load_previous, publish, sync_folder, write_root_attrs)
 from .resume import previous_work, reuse
 from .plugins import Plugin, PluginSpec, load
 from .prune import normalize_extensions
@@ -427,7 +424,8 @@ def _write(files: List[SourceFile], layout: layouts.Layout, job: WorkerConfig, p
             finished = True
         finally:
             bar.close()
-        _write_attrs(f, report, options, stored)
+        write_root_attrs(f, report, options, layout=report.layout, entries=report.entries, skipped=report.skipped,
+                         bytes_in=report.bytes_in, bytes_out=stored)
         publish(f, part, dst)
     except BaseException as exc:
         kept = _keep_partial(exc, f, writer, partial)
@@ -594,21 +592,3 @@ def _spec_name(spec: Optional[PluginSpec]) -> str:
     if spec is None:
         return AUTO
     return spec if isinstance(spec, str) else load(spec, "reader", {}).spec
-
-
-def _write_attrs(f: h5py.File, report: Report, options: dict, stored: int) -> None:
-    attrs = f.attrs
-    attrs[fmt.ATTR_FORMAT] = fmt.FORMAT_VERSION
-    attrs[fmt.ATTR_VERSION] = __version__
-    attrs[fmt.ATTR_LAYOUT] = report.layout
-    attrs[fmt.ATTR_READER] = report.reader
-    attrs[fmt.ATTR_PRUNE] = options["prune"]
-    attrs[fmt.ATTR_EXTENSIONS] = json.dumps(options["extensions"])
-    attrs[fmt.ATTR_FOLLOW_SYMLINKS] = options["follow_symlinks"]
-    attrs[fmt.ATTR_SOURCE] = report.source
-    attrs[fmt.ATTR_CREATED] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    attrs[fmt.ATTR_COMPRESSION] = report.compression
-    attrs[fmt.ATTR_ENTRIES] = report.entries
-    attrs[fmt.ATTR_SKIPPED] = json.dumps(report.skipped)
-    attrs[fmt.ATTR_BYTES_IN] = report.bytes_in
-    attrs[fmt.ATTR_BYTES_OUT] = stored

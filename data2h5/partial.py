@@ -26,11 +26,14 @@ import struct
 import sys
 import time
 import zlib
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import h5py
 
+from . import format as fmt
+from ._version import __version__
 from .errors import OutputError
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,28 @@ def publish(f: h5py.File, part: Path, dst: Path) -> None:
         os.close(fd)
     os.replace(part, dst)
     sync_folder(dst.parent)  # make the rename itself durable
+
+
+def write_root_attrs(f: h5py.File, report: Any, options: dict, *, layout: str, entries: int, skipped: list,
+                     bytes_in: int, bytes_out: int) -> None:
+    """The root attributes every archive carries (see :mod:`data2h5.format`): how it was made
+    (``report``: a :class:`data2h5.Report`; ``options``: the conversion's content options)
+    and what it holds."""
+    attrs = f.attrs
+    attrs[fmt.ATTR_FORMAT] = fmt.FORMAT_VERSION
+    attrs[fmt.ATTR_VERSION] = __version__
+    attrs[fmt.ATTR_LAYOUT] = layout
+    attrs[fmt.ATTR_READER] = report.reader
+    attrs[fmt.ATTR_PRUNE] = options["prune"]
+    attrs[fmt.ATTR_EXTENSIONS] = json.dumps(options["extensions"])
+    attrs[fmt.ATTR_FOLLOW_SYMLINKS] = options["follow_symlinks"]
+    attrs[fmt.ATTR_SOURCE] = report.source
+    attrs[fmt.ATTR_CREATED] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    attrs[fmt.ATTR_COMPRESSION] = report.compression
+    attrs[fmt.ATTR_ENTRIES] = entries
+    attrs[fmt.ATTR_SKIPPED] = json.dumps(skipped)
+    attrs[fmt.ATTR_BYTES_IN] = bytes_in
+    attrs[fmt.ATTR_BYTES_OUT] = bytes_out
 
 
 def sync_folder(folder: Path) -> None:

@@ -10,11 +10,9 @@ reader per shard, opened on first use, whose own index is checked against the ma
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -23,12 +21,11 @@ import h5py
 import numpy as np
 
 from .. import format as fmt, safety
-from .._version import __version__
 from ..archive import ArchiveReader, Index, create_index_group, decode_keys, index_field, read_index, read_keys
 from ..display import progress_bar
 from ..engines import DaskEngine, LocalPool, Task
 from ..errors import ArchiveError, OutputError, ShardError
-from ..partial import Partial, create_part, publish
+from ..partial import Partial, create_part, publish, write_root_attrs
 from ..sharding import ShardRecord, file_crc32, file_identity, own_files
 from ..verify import (CHANGED, CORRUPT, EXTRA, MISSING, Problem, VerifyReport, compare_source, recorded_skips,
                       verify, walk_source)
@@ -328,24 +325,11 @@ def write_master(dst: Path, records: Sequence[ShardRecord], *, layout: str, opti
             for raw, number in zip(data["keys"].tolist(), data[SHARD].tolist()):
                 key = raw.decode("utf-8")
                 f[key] = h5py.ExternalLink(names[number], key)
-        attrs = f.attrs
-        attrs[fmt.ATTR_FORMAT] = fmt.FORMAT_VERSION
-        attrs[fmt.ATTR_VERSION] = __version__
-        attrs[fmt.ATTR_LAYOUT] = NAME
-        attrs[SHARD_LAYOUT] = layout
-        attrs[fmt.ATTR_READER] = report.reader
-        attrs[fmt.ATTR_PRUNE] = options["prune"]
-        attrs[fmt.ATTR_EXTENSIONS] = json.dumps(options["extensions"])
-        attrs[fmt.ATTR_FOLLOW_SYMLINKS] = options["follow_symlinks"]
-        attrs[fmt.ATTR_SOURCE] = report.source
-        attrs[fmt.ATTR_CREATED] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        attrs[fmt.ATTR_COMPRESSION] = report.compression
-        attrs[fmt.ATTR_ENTRIES] = sum(r.entries for r in records)
         skipped = [list(s) for s in report.skipped] + [s for r in records for s in r.skipped]
-        attrs[fmt.ATTR_SKIPPED] = json.dumps(skipped)
-        attrs[fmt.ATTR_BYTES_IN] = sum(r.bytes_in for r in records)
-        attrs[fmt.ATTR_BYTES_OUT] = sum(r.size for r in records)
-        attrs[SHARD_LINKS] = bool(links)
+        write_root_attrs(f, report, options, layout=NAME, entries=sum(r.entries for r in records), skipped=skipped,
+                         bytes_in=sum(r.bytes_in for r in records), bytes_out=sum(r.size for r in records))
+        f.attrs[SHARD_LAYOUT] = layout
+        f.attrs[SHARD_LINKS] = bool(links)
     except BaseException:
         f.close()
         part.unlink(missing_ok=True)
