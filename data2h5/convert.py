@@ -34,7 +34,7 @@ from .resume import previous_work, reuse
 from .plugins import Plugin, PluginSpec, load
 from .prune import normalize_extensions
 from .sources import check_folder, collect, load_prune
-from .readers import AUTO, BUILTIN_READERS, BuiltinReader, read_source
+from .readers import AUTO, BUILTIN_READERS, BuiltinReader, read_source, reader_for_extension
 from .transport import Slots, compress_in_slot, share
 from .walk import SourceFile
 from .engines import exit_with_parent, report_progress, stop_processes
@@ -163,11 +163,15 @@ def _process_one(src: SourceFile) -> Packed:
         except OSError as exc:
             raise ReadError(src.path, f"cannot open: {exc.strerror or exc}") from exc
         ext = os.path.splitext(src.name)[1].lower()
-        with warnings.catch_warnings(record=True) as caught:  # a decoder's remarks on one file: -v shows them
-            warnings.simplefilter("always")
+        func = reader_for_extension(ext) if _worker_reader is None else _worker_reader.func
+        if not getattr(func, "warns", True):
             kind, arr = read_source(_worker_reader, src.path, raw, ext, job.max_bytes, job.decode_size)
-        for warning in caught:
-            log.info("%s: %s", src.path, " ".join(str(warning.message).split()))
+        else:
+            with warnings.catch_warnings(record=True) as caught:  # a decoder's remarks on one file: -v shows them
+                warnings.simplefilter("always")
+                kind, arr = read_source(_worker_reader, src.path, raw, ext, job.max_bytes, job.decode_size)
+            for warning in caught:
+                log.info("%s: %s", src.path, " ".join(str(warning.message).split()))
     crc = zlib.crc32(raw)
     if not job.pack:
         return Packed(key=src.key, kind=int(kind), dtype=arr.dtype.str, shape=arr.shape, codec=0, chunk_shape=None,
@@ -339,7 +343,7 @@ def convert(
     return report
 
 
-def convert_files(files: List[SourceFile], dst: Path, *, layout: str, job: WorkerConfig, options: dict,
+def convert_files(files: Sequence[SourceFile], dst: Path, *, layout: str, job: WorkerConfig, options: dict,
                   report: Report, on_error: str = "fail", on_file: Optional[Callable[[int], None]] = None) -> Report:
     """Convert ``files`` (part of a walk, in key order) into the complete archive ``dst``, in this
     process (no pool: it may run where processes cannot have children, e.g. a Dask worker).
@@ -369,7 +373,7 @@ def convert_shard(task: ShardJob) -> ShardRecord:
                        [list(s) for s in report.skipped], report.bytes_in, report.bytes_decoded)
 
 
-def _write(files: List[SourceFile], layout: layouts.Layout, job: WorkerConfig, previous: Optional[InterruptedRun], partial: Partial, gen: int, options: dict,
+def _write(files: Sequence[SourceFile], layout: layouts.Layout, job: WorkerConfig, previous: Optional[InterruptedRun], partial: Partial, gen: int, options: dict,
            report: Report, workers: int, start_method: Optional[str], progress: Optional[bool], on_error: str,
            checkpoint_s: float, on_file: Optional[Callable[[int], None]] = None) -> None:
     """Build the archive in part ``gen``, reusing ``previous`` work, and publish it."""
@@ -520,7 +524,7 @@ class _Workers:
                                   codec)
         return _CompressedChunk(self.chunk_slots, slot, future)
 
-    def results(self, files: List[SourceFile]) -> Iterator[Union[Packed, Failed]]:
+    def results(self, files: Sequence[SourceFile]) -> Iterator[Union[Packed, Failed]]:
         """Yield each file's result in walk order, with bounded work in flight."""
         if self.pool is None:
             _init_worker(self.job, ignore_sigint=False)

@@ -92,6 +92,14 @@ def pack(key: str, kind: int, arr: np.ndarray, codec: Codec, size: int, crc32: i
     chunk = chunk_shape_for(entry["shape"], arr.itemsize)
     if not codec.in_worker:
         return Packed(codec=codec.id, level=codec.level, chunk_shape=chunk, data=arr, **entry)
+    if chunk == entry["shape"]:  # one chunk, the whole array: no chunk grid to walk
+        raw = np.ascontiguousarray(arr).data.cast("B")
+        data, mask = codec.compress(raw)
+        if not mask and len(data) >= arr.nbytes:  # stored as it is rather than grown
+            raw = raw.tobytes()
+            return Packed(codec=NONE, chunk_shape=None, data=raw, stored_crc32=zlib.crc32(raw), **entry)
+        return Packed(codec=codec.id, level=codec.level, chunk_shape=chunk, data=[((0,) * arr.ndim, data, mask)],
+                      stored_crc32=zlib.crc32(data), **entry)
     chunks = [(offset, *codec.compress(block.data)) for offset, block in iter_chunks(arr, chunk)]
     stored_crc = 0
     for _, data, _ in chunks:

@@ -30,13 +30,13 @@ import shutil
 import stat
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import layouts, safety
 from .display import decimal_size, progress_bar
-from .errors import ArchiveError, ArchiveKeyError, Data2H5Error, OutputError, SizeLimitError, UnsafeKeyError
+from .errors import ArchiveKeyError, Data2H5Error, OutputError, SizeLimitError, UnsafeKeyError
 from .format import Kind
 from .archive import Index, PathLike, read_index
 

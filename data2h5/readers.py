@@ -32,9 +32,10 @@ class BuiltinReader:
     (decode a JPEG at the reduced DCT scale that still covers ``(height, width)``).
     """
 
-    def __init__(self, name: str, decode: Callable[..., object]):
+    def __init__(self, name: str, decode: Callable[..., object], *, warns: bool = True):
         self.name = name
         self._decode = decode
+        self.warns = warns  # its decoder may issue warnings worth logging (False: bytes and text)
 
     def from_bytes(self, raw: bytes, ext: str, *, max_bytes: Optional[int] = None,
                    decode_size: Optional[Tuple[int, int]] = None):
@@ -108,9 +109,9 @@ def _decode_bytes(raw: bytes, ext: str, **_options) -> bytes:
 
 BUILTIN_READERS = {
     "image": BuiltinReader("image", _decode_image),
-    "bytes": BuiltinReader("bytes", _decode_bytes),
+    "bytes": BuiltinReader("bytes", _decode_bytes, warns=False),
     "npy": BuiltinReader("npy", _decode_npy),
-    "text": BuiltinReader("text", _decode_text),
+    "text": BuiltinReader("text", _decode_text, warns=False),
 }
 AUTO = "auto"
 

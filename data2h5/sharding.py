@@ -19,7 +19,7 @@ import logging
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
 from . import layouts
 from .display import progress_bar
@@ -27,7 +27,7 @@ from .engines import Task, open_engine
 from .errors import OutputError, SourceError
 from .shard_plan import (ATTEMPT_TAG, BYTES, ShardPlan, ShardSize, SourceEntry, attempt_files,
                          plan_shards, shard_name_pattern)
-from .walk import SourceFile
+from .walk import SourceFiles
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ShardJob(NamedTuple):
     """Everything one shard task needs, picklable."""
 
     plan: ShardPlan
-    files: List[SourceFile]
+    files: SourceFiles
     folder: str  # where the shard goes (the master's folder)
     layout: str
     job: Any  # convert.WorkerConfig
@@ -198,7 +198,7 @@ def own_files(dst: Path) -> Callable[[str], bool]:
     return own
 
 
-def write_sharded(files: List[SourceFile], dst: Path, size: ShardSize, *, task: Callable[[ShardJob], ShardRecord],
+def write_sharded(files: SourceFiles, dst: Path, size: ShardSize, *, task: Callable[[ShardJob], ShardRecord],
                   layout: str, job: Any, options: dict, report: Any, resume: bool, on_error: str,
                   progress: Optional[bool], engines: Engines, links: bool = False, overwrite: bool = False) -> None:
     """Write ``files`` as shards of at most ``size`` beside ``dst`` on ``engines``, each by
@@ -206,7 +206,7 @@ def write_sharded(files: List[SourceFile], dst: Path, size: ShardSize, *, task: 
     their master (:meth:`data2h5.layouts.sharded.ShardedLayout.write_master`); fills ``report``. The caller holds ``dst``'s output lock. An
     interrupted run's journal is resumed (``resume``), dropped (``overwrite``), or refused."""
     own = own_files(dst)
-    files = [f for f in files if not own(f.path)]
+    files = files.where(lambda f: not own(f.path))
     if not files:
         raise SourceError(f"no file under {report.source} to convert besides the output's own shards")
     entries = [SourceEntry(f.key, os.stat(f.path).st_size if size.unit == BYTES else 0) for f in files]
