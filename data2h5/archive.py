@@ -317,7 +317,7 @@ def index_field(f: h5py.File, group: h5py.Group, name: str, limit: int, dtype: O
     where = f"index/{name}"
     arr = safety.read_small(safety.open_child(f, group, name), limit, f.filename, where)
     expected_ndim = 2 if name == "shape" else 1
-    if arr.ndim != expected_ndim or (name == "shape" and arr.shape[1] != fmt.MAX_NDIM):
+    if arr.ndim != expected_ndim or (name == "shape" and not 1 <= arr.shape[1] <= fmt.MAX_NDIM):
         raise ArchiveError(f"{f.filename}: index field {where!r} has shape {arr.shape}; the archive is damaged or crafted")
     if dtype is None:
         return arr

@@ -29,7 +29,8 @@ verbatim    uint8       1 when a BYTES or TEXT entry holds exactly the source fi
                         (what the built-in readers store); 0 when a reader plugin returned
                         other bytes or text, which the source's CRC-32 then does not describe
 dtype       S16         numpy dtype string of the stored array (``|u1``, ``<f4``)
-shape       int64 (8)   shape of the stored array, padded with -1
+shape       int64 (k)   shape of the stored array, padded with -1; k (1 to 8) is the
+                        most axes any entry has (earlier archives hold 8)
 ==========  ==========  ===============================================================
 
 A ``stacked`` archive holds ``data`` (N, ...), ``labels`` (N,), ``keys`` (N,) and
@@ -112,5 +113,5 @@ INDEX_FIELDS = {
     STORED_CRC32: np.dtype("<u4"),
     VERBATIM: np.dtype("u1"),
     "dtype": np.dtype("S16"),
-    "shape": np.dtype("<i8"),  # 2-D: (entries, MAX_NDIM)
+    "shape": np.dtype("<i8"),  # 2-D: (entries, 1 to MAX_NDIM)
 }

@@ -434,6 +434,15 @@ def _distinct(values: np.ndarray, few: int = 8) -> Tuple[np.ndarray, np.ndarray]
     return np.array(found, dtype=values.dtype), inverse
 
 
+def _one_of(values: np.ndarray, allowed: List[int]) -> np.ndarray:
+    """``np.isin(values, allowed)``, by table lookup for one-byte columns."""
+    if values.dtype == np.uint8:
+        table = np.zeros(256, bool)
+        table[[a for a in allowed if 0 <= a < 256]] = True
+        return table[values]
+    return np.isin(values, allowed)
+
+
 def check_rows(index: Any, file_size: int, limit: int, known_codecs: frozenset, ratios: Dict[int, float],
                *, strict_dtypes: bool = True) -> None:
     """Prove an index's rows before any is used (see the module's docstring); raises
@@ -452,8 +461,8 @@ def check_rows(index: Any, file_size: int, limit: int, known_codecs: frozenset, 
             first = int(np.argmax(bad))
             raise ArchiveError(f"{path}: entry {printable(repr(key(first)))} {why}; the archive is damaged or crafted")
 
-    refuse(~np.isin(index.kind, [int(k) for k in Kind]), "has an unknown kind")
-    refuse(~np.isin(index.codec, sorted(known_codecs)), "records an unknown codec")
+    refuse(~_one_of(index.kind, [int(k) for k in Kind]), "has an unknown kind")
+    refuse(~_one_of(index.codec, sorted(known_codecs)), "records an unknown codec")
     shape = index.shape
     if shape.min() < -1:
         refuse((shape < -1).any(axis=1), "records a negative dimension")
@@ -480,11 +489,16 @@ def check_rows(index: Any, file_size: int, limit: int, known_codecs: frozenset, 
         if ratio is not None:
             refuse(block & (index.codec == codec_id) & (nbytes > stored_f * ratio + 64),
                    "declares more data than its stored bytes can hold")
-    rows = np.flatnonzero(block & (stored > 0))
+    placed = block & (stored > 0)
+    every = bool(placed.all())
+    rows = np.arange(n) if every else np.flatnonzero(placed)
     if len(rows) > 1:
-        starts = offset[rows]
-        order = rows if (starts[1:] >= starts[:-1]).all() else rows[np.argsort(starts, kind="stable")]
-        starts, ends = offset[order], offset[order] + stored[order]
+        starts = offset if every else offset[rows]
+        if (starts[1:] >= starts[:-1]).all():  # as written: no reordering to pay for
+            order, ends = rows, starts + (stored if every else stored[rows])
+        else:
+            order = rows[np.argsort(starts, kind="stable")]
+            starts, ends = offset[order], offset[order] + stored[order]
         shared = starts[1:] < ends[:-1]
         if shared.any():
             j = int(np.argmax(shared))

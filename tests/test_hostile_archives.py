@@ -125,7 +125,10 @@ def _row(f: h5py.File, key_index: int = 0) -> str:
 
 def _set_row(f: h5py.File, row: int, **fields) -> None:
     for name, value in fields.items():
-        index_group(f)[name][row] = value
+        column = index_group(f)[name]
+        if name == "shape":  # the column is as wide as the archive's entries need
+            value = value[: column.shape[1]]
+        column[row] = value
 
 
 def _replace_entry(f: h5py.File, row: int, make: Callable[[h5py.Group, str], None], n: int) -> None:

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from .. import format as fmt, safety
-from ..archive import ArchiveReader, Index, create_index_group, decode_keys, index_field, read_index, read_keys
+from ..archive import ArchiveReader, Index, decode_keys, index_field, read_index, read_keys
 from ..display import progress_bar
 from ..engines import DaskEngine, LocalPool, Task
 from ..errors import ArchiveError, OutputError, ShardError
@@ -30,6 +30,7 @@ from ..sharding import ShardRecord, file_crc32, file_identity, own_files
 from ..verify import (CHANGED, CORRUPT, EXTRA, MISSING, Problem, VerifyReport, compare_source, recorded_skips,
                       verify, walk_source)
 from . import SHARDED as NAME, Layout, get
+from .files import used_axes, write_index
 
 REPLACE_HINT = "copy it back from where the archive was made, or convert again"
 
@@ -303,7 +304,7 @@ def write_master(dst: Path, records: Sequence[ShardRecord], *, layout: str, opti
             joined = joined.astype(dtype)
         else:
             joined = joined.astype(np.uint32 if name == SHARD else np.uint64)
-        data[name] = joined
+        data[name] = used_axes(joined) if name == "shape" else joined
     for column, fieldname in TABLE.items():
         values = [getattr(r, fieldname) for r in records]
         if fieldname in ("name", "first_key", "last_key"):
@@ -316,10 +317,7 @@ def write_master(dst: Path, records: Sequence[ShardRecord], *, layout: str, opti
     part = partial.part(partial.next_generation())
     f = create_part(part)
     try:
-        group = create_index_group(f)
-        for name, values in data.items():
-            group.create_dataset(name, data=values, compression="gzip" if len(values) else None,
-                                 chunks=True if len(values) else None)
+        write_index(f, data)
         if links:
             names = [r.name for r in records]
             for raw, number in zip(data["keys"].tolist(), data[SHARD].tolist()):
