@@ -16,6 +16,7 @@ from data2h5.archive import Keys
 from data2h5.errors import ArchiveError
 from data2h5.info import listing
 from data2h5.loaders import H5Dataset
+from data2h5.walk import SourceFile, SourceFiles
 
 
 def tiny_tree(root: Path, n: int, per_folder: int = 500) -> Path:
@@ -98,3 +99,43 @@ def test_listing_streams_blocks_and_escapes_keys(tmp_path, monkeypatch):
     assert len(blocks) == 2
     assert "".join(blocks).splitlines() == ["a/x\\x1b[31m.bin", "a/y\\x0a.bin", "a/z.bin", "b.bin"]
     assert "".join(listing(out, "a/")).splitlines() == ["a/x\\x1b[31m.bin", "a/y\\x0a.bin", "a/z.bin"]
+
+
+def test_source_files_are_one_buffer_that_acts_as_a_list(tmp_path):
+    """A walk's files as SourceFiles: what a list of SourceFile gives, from one buffer of
+    keys; a slice (a batch for a worker) pickles only its own keys."""
+    names = [f"{i // 100:02d}/caf\u00e9-{i:04d}.bin" for i in range(1000)]
+    files = SourceFiles.of(str(tmp_path) + "/", names)
+    listed = [SourceFile(str(tmp_path) + "/", name) for name in names]
+    assert len(files) == 1000 and list(files) == listed and list(files.keys()) == names
+    assert files[0] == listed[0] and files[-1] == listed[-1] and files[999].path == str(tmp_path) + "/" + names[-1]
+    with pytest.raises(IndexError):
+        files[1000]
+    for cut in (slice(0, 0), slice(5, 3), slice(0, 1), slice(990, 2000), slice(-10, None), slice(1, 20, 3)):
+        assert list(files[cut]) == listed[cut], cut
+    batch = files[100:110]
+    assert list(pickle.loads(pickle.dumps(batch))) == listed[100:110]
+    assert len(pickle.dumps(batch)) < len(pickle.dumps(files)) / 20
+    odd = files.where(lambda f: f.key.endswith(("1.bin", "3.bin")))
+    assert list(odd) == [f for f in listed if f.key.endswith(("1.bin", "3.bin"))] and len(odd) == 200
+
+
+@pytest.mark.parametrize("layout", ["files", "packed"])
+def test_shape_column_is_as_wide_as_the_entries_need(tmp_path, layout):
+    """One-dimensional entries need one column of shape, not eight: a million rows read
+    8 MB, not 64 MB. The widest entry sets the width."""
+    src = tmp_path / "src"
+    src.mkdir()
+    np.save(src / "a.npy", np.arange(6, dtype=np.int16))
+    (src / "b.bin").write_bytes(b"tiny")
+    one = data2h5.convert(src, tmp_path / "one.h5", ext=["npy", "bin"], layout=layout, workers=1).output
+    np.save(src / "c.npy", np.zeros((2, 3, 4), np.uint8))
+    three = data2h5.convert(src, tmp_path / "three.h5", ext=["npy", "bin"], layout=layout, workers=1).output
+    for path, width in ((one, 1), (three, 3)):
+        with h5py.File(path) as f:
+            assert index_group(f)["shape"].shape[1] == width
+        with data2h5.open(path) as archive:
+            assert archive["a.npy"].tolist() == list(range(6)) and np.asarray(archive["b.bin"]).tobytes() == b"tiny"
+            if width == 3:
+                assert archive["c.npy"].shape == (2, 3, 4)
+        assert data2h5.verify(path).ok
