@@ -1556,20 +1556,24 @@ elif what == "worker":
     proc.join()
     import torch
     from torch.utils.data import DataLoader
-    t = time.perf_counter()
-    loader = DataLoader(ds, batch_size=64, num_workers=2, shuffle=True, multiprocessing_context="spawn",
-                        collate_fn=scale_collate)
-    next(iter(loader))
-    out["first_batch_s"] = time.perf_counter() - t
+    from benchmark import ScaleBare
+    for key, dataset in (("bare_first_batch_s", ScaleBare(len(ds))), ("first_batch_s", ds)):
+        t = time.perf_counter()
+        loader = DataLoader(dataset, batch_size=64, num_workers=2, shuffle=True, multiprocessing_context="spawn",
+                            collate_fn=scale_collate)
+        next(iter(loader))
+        out[key] = time.perf_counter() - t
+        del loader
 elif what == "reads":
     import numpy as np
     from data2h5.loaders import H5Dataset
     ds = H5Dataset(args["dst"], decode=False)
     order = np.random.default_rng(0).integers(0, len(ds), args["reads"]).tolist()
-    t = time.perf_counter()
-    for i in order:
-        ds[i]
-    out["reads_per_s"] = len(order) / (time.perf_counter() - t)
+    for key in ("reads_per_s", "reads_again_per_s"):  # every row new to this process, then the same rows again
+        t = time.perf_counter()
+        for i in order:
+            ds[i]
+        out[key] = len(order) / (time.perf_counter() - t)
 print(json.dumps(out))
 """
 
@@ -1590,6 +1594,20 @@ def scale_worker_probe(ds: Any, queue: Any) -> None:
 
 def scale_collate(batch: list) -> list:
     return batch
+
+
+class ScaleBare:
+    """A dataset of ``n`` integers that reads nothing: what starting spawn workers costs
+    torch alone, beside the archive's first batch."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
 
 
 def make_tiny_tree(root: Path, n: int) -> float:
@@ -1651,7 +1669,8 @@ def run_scale(entries: Sequence[int], work_dir: Path, workers: int, compression:
                              f"| {opened['open_s']:.2f} s | {opened['open_folder_s']:.2f} s "
                              f"| {opened['pickled'] / 1e3:,.1f} kB | {opened['ls_s']:.2f} s "
                              f"| {worker['worker_added'] / 1e6:,.0f} MB | {worker['first_batch_s']:.2f} s "
-                             f"| {reads['reads_per_s']:,.0f} |")
+                             f"(torch alone {worker['bare_first_batch_s']:.2f} s) "
+                             f"| {reads['reads_per_s']:,.0f} (again {reads['reads_again_per_s']:,.0f}) |")
                 print(lines[-1], file=sys.stderr)
                 dst.unlink()
             if wds:
@@ -1666,7 +1685,8 @@ def run_scale(entries: Sequence[int], work_dir: Path, workers: int, compression:
                 remove(base)
     if not wds:
         lines.append("WebDataset is not installed: its row is left out (pip install webdataset)")
-    lines.append(f"generation of the trees is not included; {SCALE_READS:,} reads in a fresh process each")
+    lines.append(f"generation of the trees is not included; {SCALE_READS:,} random reads in a fresh process each, "
+                 "then the same reads again; torch alone: the same spawn DataLoader over a dataset that reads nothing")
     return "\n".join(lines)
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
