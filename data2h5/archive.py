@@ -640,7 +640,7 @@ class ArchiveReader:
             proven = self._proven = np.zeros(len(self.index), dtype=bool)
         if proven[pos]:
             return
-        dsid, dcpl = self._dataset_id(pos)
+        dsid, dcpl = self._dataset_id(pos, plist=False)
         safety.check_storage(dsid, dcpl, offset, int(self.index.stored[pos]), self.path, self.index.keys[pos])
         proven[pos] = True
 
@@ -660,10 +660,10 @@ class ArchiveReader:
             return self._entries.dataset(pos)
         return h5py.Dataset(self._dataset_id(pos)[0])
 
-    def _dataset_id(self, pos: int):
+    def _dataset_id(self, pos: int, plist: bool = True):
         index, key = self.index, self.index.keys[pos]
         try:
-            dsid, dcpl = safety.open_dataset_id(self.h5file, key, groups=self._groups, path=self.path)
+            dsid, dcpl = safety.open_dataset_id(self.h5file, key, groups=self._groups, path=self.path, plist=plist)
         except KeyError:
             raise ArchiveError(f"{self.path}: index lists {safety.printable(repr(key))} but the archive has no such "
                                "dataset; the archive is damaged") from None

@@ -185,15 +185,22 @@ def open_dataset(f: h5py.File, name: str, *, groups: Optional[Dict[str, Any]] = 
 
 
 def open_dataset_id(f: h5py.File, name: str, *, groups: Optional[Dict[str, Any]] = None,
-                    path: Optional[str] = None) -> Tuple[h5py.h5d.DatasetID, h5py.h5p.PropDCID]:
-    """:func:`open_dataset` at HDF5's level, for hot paths: ``(dataset id, creation plist)``."""
+                    path: Optional[str] = None, plist: bool = True
+                    ) -> Tuple[h5py.h5d.DatasetID, Optional[h5py.h5p.PropDCID]]:
+    """:func:`open_dataset` at HDF5's level, for hot paths: ``(dataset id, creation plist)``.
+
+    ``plist=False`` skips the creation plist and its check (``(dataset id, None)``): for a
+    caller that goes on to :func:`check_storage`, which proves the dataset's storage itself.
+    """
     path = f.filename if path is None else path
     loc, raw = resolve(f, name, groups=groups, path=path)
-    return _open_local(loc, raw, path, name)
+    return _open_local(loc, raw, path, name, plist)
 
 
-def _open_local(loc: Any, raw: bytes, path: str, name: str) -> Tuple[h5py.h5d.DatasetID, h5py.h5p.PropDCID]:
-    """The dataset linked as ``raw`` in ``loc``, refused unless stored inside the file."""
+def _open_local(loc: Any, raw: bytes, path: str, name: str, plist: bool = True
+                ) -> Tuple[h5py.h5d.DatasetID, Optional[h5py.h5p.PropDCID]]:
+    """The dataset linked as ``raw`` in ``loc``, refused unless stored inside the file (with
+    ``plist`` False, not yet checked: see :func:`open_dataset_id`)."""
     try:
         dsid = h5py.h5d.open(loc, raw, _locked_dapl)
     except KeyError as exc:
@@ -203,6 +210,8 @@ def _open_local(loc: Any, raw: bytes, path: str, name: str) -> Tuple[h5py.h5d.Da
             dsid = h5py.h5d.open(loc, raw)
         except KeyError as again:
             raise _unopenable(path, name, again) from again
+    if not plist:
+        return dsid, None
     dcpl = dsid.get_create_plist()
     check_local(dcpl, path, name)
     return dsid, dcpl
@@ -279,19 +288,24 @@ def check_local(dcpl: h5py.h5p.PropDCID, path: str, name: str) -> None:
         raise UnsafeArchiveError(path, name, "is stored in external files")
 
 
-def check_storage(dsid: h5py.h5d.DatasetID, dcpl: h5py.h5p.PropDCID, offset: int, stored: int, path: str,
+def check_storage(dsid: h5py.h5d.DatasetID, dcpl: Optional[h5py.h5p.PropDCID], offset: int, stored: int, path: str,
                   name: str) -> None:
     """Refuse an index row whose block (``offset``, ``stored``) is not the dataset's own
-    storage: its contiguous data, or its single chunk."""
-    layout = dcpl.get_layout()
+    storage: its contiguous data, or its single chunk. ``dcpl`` None: the dataset is not
+    checked yet (:func:`open_dataset_id` with ``plist=False``) and is checked here."""
     actual: Optional[Tuple[int, int]] = None
-    if layout == h5py.h5d.CONTIGUOUS:
-        start = dsid.get_offset()
-        if start is not None:
-            actual = (start, dsid.get_storage_size())
-    elif layout == h5py.h5d.CHUNKED and dsid.get_num_chunks() == 1:
-        info = dsid.get_chunk_info(0)
-        actual = (info.byte_offset, info.size)
+    # HDF5 gives an address only for contiguous data inside the file (not external files,
+    # not virtual, not chunked): the usual case is proven without the creation plist.
+    start = dsid.get_offset()
+    if start is not None:
+        actual = (start, dsid.get_storage_size())
+    else:
+        if dcpl is None:
+            dcpl = dsid.get_create_plist()
+            check_local(dcpl, path, name)
+        if dcpl.get_layout() == h5py.h5d.CHUNKED and dsid.get_num_chunks() == 1:
+            info = dsid.get_chunk_info(0)
+            actual = (info.byte_offset, info.size)
     if actual != (offset, stored):
         raise UnsafeArchiveError(path, name, "its index row points at bytes that are not its dataset's storage "
                                  "(h5py would show other data)")

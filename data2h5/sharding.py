@@ -205,8 +205,9 @@ def write_sharded(files: SourceFiles, dst: Path, size: ShardSize, *, task: Calla
     ``task`` (a module-level function, so that it pickles to any worker), then ``dst`` as
     their master (:meth:`data2h5.layouts.sharded.ShardedLayout.write_master`); fills ``report``. The caller holds ``dst``'s output lock. An
     interrupted run's journal is resumed (``resume``), dropped (``overwrite``), or refused."""
-    own = own_files(dst)
-    files = files.where(lambda f: not own(f.path))
+    if os.path.join(os.path.abspath(dst.parent), "").startswith(files.root):  # the output lies in the source folder
+        own = own_files(dst)
+        files = files.where(lambda f: not own(f.path))
     if not files:
         raise SourceError(f"no file under {report.source} to convert besides the output's own shards")
     entries = [SourceEntry(f.key, os.stat(f.path).st_size if size.unit == BYTES else 0) for f in files]

@@ -127,8 +127,11 @@ class SourceFiles(Sequence[SourceFile]):
         return (f.key for f in self)
 
     def where(self, keep: Callable[[SourceFile], bool]) -> "SourceFiles":
-        """The files ``keep`` accepts, in order."""
-        return SourceFiles.of(self.root, (f.key for f in self if keep(f)))
+        """The files ``keep`` accepts, in order (this very sequence when it accepts all)."""
+        kept = [i for i, f in enumerate(self) if keep(f)]
+        if len(kept) == len(self):
+            return self
+        return SourceFiles.of(self.root, (self._key(i) for i in kept))
 
     def __reduce__(self):
         return SourceFiles, (self.root, self._blob, self._ends)

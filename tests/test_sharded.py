@@ -298,3 +298,15 @@ def test_a_worker_killed_mid_shard_is_replaced_and_the_result_equals_an_uninterr
                             capture_output=True, text=True, env=env, timeout=engine_helpers.WAIT_SECONDS)
     assert verify.returncode == 0, verify.stderr
     assert "verified on the Dask cluster at " + address in verify.stderr
+
+
+def test_shards_written_inside_the_source_folder_are_never_sources(tmp_path):
+    """Output beside the files it converts: a rerun with overwrite, or another shard size,
+    walks the earlier shards and their master and must leave them out."""
+    src = blobs(tmp_path / "src", [f"f{i:02d}.bin" for i in range(12)])
+    out = src / "all.h5"
+    first = data2h5.convert(src, out, ext=["bin", "h5"], reader="bytes", shard_size="5files", workers=2)
+    again = data2h5.convert(src, out, ext=["bin", "h5"], reader="bytes", shard_size="4files", workers=2,
+                            overwrite=True)
+    assert first.entries == again.entries == 12
+    assert [k for k, _ in pairs(out)] == [f"f{i:02d}.bin" for i in range(12)]
