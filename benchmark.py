@@ -68,7 +68,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import h5py
 import numpy as np
 
-SECTIONS = ("conversion", "loading", "batch")
+SECTIONS = ("conversion", "loading", "batch", "decoding")
 # Generated corpus: ~16 KB JPEGs of 12 shapes from 200 to 480 px, 10 classes each split over
 # 4 sub-folders. Smooth gradients, hard-edged shapes and a band of sensor-like noise make the
 # decoded arrays compress like photos (lzf: ~0.7), which noise over the whole frame would not.
@@ -1185,6 +1185,56 @@ def batch_steps(repeat: int) -> int:
 SINGLE_PROCESS = {"naive", "webdataset"}  # conversions without a pool: no worker RSS
 
 
+def run_decoding(source: Source, args, bar, notes: List[str]) -> List[Row]:
+    """One core, no DataLoader: the corpus's JPEG bytes (up to ``--samples``) decoded from
+    memory by Pillow as ImageFolder's loader does, and by data2h5's decoder at full size and
+    at ``decode_size`` half the smallest photo's sides; the decoders' own gap, which every
+    loading row dilutes with the costs a sample has besides its decode."""
+    from PIL import Image
+
+    from data2h5 import jpeg
+
+    if not jpeg_source(source):
+        notes.append("decoding: the files are not JPEGs, so the decoding rows are left out")
+        return []
+    raws = [(source.root / key).read_bytes() for key in source.keys[: args.samples]]
+    half = half_size(source)
+
+    def pillow(raw: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(raw)) as img:
+            return np.asarray(img.convert("RGB"))
+
+    variants = [("pillow", "Pillow: open, convert to RGB, to an array (ImageFolder's loader)", pillow),
+                ("data2h5", f"data2h5 ({jpeg.backend()}), full size: the same array", jpeg.decode),
+                ("data2h5_half", f"data2h5 ({jpeg.backend()}), decode_size={half}",
+                 functools.partial(jpeg.decode, decode_size=half))]
+    rows = {key: Row("decoding", key, label, items=len(raws)) for key, label, _ in variants}
+    for _, _, decode in variants:  # warm-up: libraries loaded, caches filled
+        for raw in raws[:32]:
+            decode(raw)
+    for _ in range(args.repeat):
+        for key, _, decode in variants:
+            bar.set_description(f"decoding: {key}")
+            started = time.perf_counter()
+            for raw in raws:
+                decode(raw)
+            rows[key].times.append(time.perf_counter() - started)
+            bar.update(1)
+    notes.append("decoding: one core, each JPEG's bytes already in memory, decoded one after another; Pillow and "
+                 "simplejpeg both run libjpeg-turbo, so their gap is the copies and conversions around it")
+    return list(rows.values())
+
+
+def decoding_table(rows: List[Row]) -> List[str]:
+    base = rows[0].seconds / rows[0].items
+    lines = [f"### Decoding: µs a photo, one core ({rows[0].items:,} photos; in brackets: × Pillow)", "",
+             "| decoder | µs a photo |", "|---|---:|"]
+    for row in rows:
+        each = row.seconds / row.items
+        lines.append(f"| {row.label} | {each * 1e6:,.0f} ({base / each:.2f}×) |")
+    return lines
+
+
 def add_figures(rows: List[Row], source: Source) -> None:
     """Derive into each row's ``figures`` every number the tables show (the JSON has them too)."""
     by = {(r.section, r.key, r.extra.get("cache"), r.extra.get("order")): r for r in rows}
@@ -1198,6 +1248,12 @@ def add_figures(rows: List[Row], source: Source) -> None:
             continue
         if row.section == "batch":
             batch_figures(row, {r.key: r for r in rows if r.section == "batch"})
+            continue
+        if row.section == "decoding":
+            base = by.get(("decoding", "pillow", None, None))
+            fig["us_each"] = row.seconds / row.items * 1e6
+            if base is not None:
+                fig["x_pillow"] = base.seconds / row.seconds
             continue
         fig["mb_per_s"] = source.nbytes / MB / row.seconds
         if "output_bytes" in row.extra:
@@ -1326,6 +1382,9 @@ def report(result: Dict[str, Any], rows: List[Row], source: Source, args) -> str
         lines += loading_table(loads, args, result["samples"]) + [""]
     if batches:
         lines += batch_table(batches, result["stacked"]) + [""]
+    decodes = [r for r in rows if r.section == "decoding"]
+    if decodes:
+        lines += decoding_table(decodes) + [""]
     lines += [f"- {note}" for note in result["notes"]]
     return "\n".join(lines)
 
@@ -1491,6 +1550,7 @@ def planned_steps(args, plan: List[Conversion], loading: bool, cold: bool) -> in
     """Runs the progress bar counts (the loading part is corrected once its loaders are known)."""
     steps = len(plan) * (1 + args.repeat) if "conversion" in args.sections else 0
     steps += batch_steps(args.repeat) if "batch" in args.sections else 0
+    steps += 3 * args.repeat if "decoding" in args.sections else 0
     return steps + (5 * (1 + 2 * args.repeat * (2 if cold else 1)) if loading else 0)
 
 
@@ -1739,6 +1799,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 rows += run_loading(source, out, args, cold, bar, notes)
             if "batch" in args.sections:
                 rows += run_batch(out, args, bar, notes)
+            if "decoding" in args.sections:
+                rows += run_decoding(source, args, bar, notes)
             stacked = describe_stacked(out / "stacked.h5")
         notes += CONVERSION_NOTES if any(r.section == "conversion" for r in rows) else []
         notes += LOADING_NOTES if any(r.section == "loading" for r in rows) else []

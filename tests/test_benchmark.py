@@ -39,7 +39,8 @@ def run_benchmark(work: Path, *args) -> subprocess.CompletedProcess:
 def table_labels(stdout: str) -> list:
     """First cell of every markdown table row (headers and separators left out)."""
     rows = [line for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("|---")]
-    return [row.split(" | ")[0][2:] for row in rows if not row.startswith(("| conversion |", "| loader |", "| batch reading |"))]
+    return [row.split(" | ")[0][2:] for row in rows
+            if not row.startswith(("| conversion |", "| loader |", "| batch reading |", "| decoder |"))]
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,20 @@ def test_every_loading_row_is_in_the_table_and_the_json(tiny):
             assert row["figures"]["x_loose"] == pytest.approx(1.0)
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| loader |"))
     assert "warm sequential" in header and "warm shuffled" in header
+
+
+def test_every_decoding_row_is_in_the_table_and_the_json(tiny):
+    """The decoders' own gap, one core: Pillow as ImageFolder uses it, data2h5 at full size
+    and at decode_size."""
+    proc, data, _ = tiny
+    rows = {row["key"]: row for row in rows_of(data, "decoding")}
+    assert set(rows) == {"pillow", "data2h5", "data2h5_half"}
+    labels = table_labels(proc.stdout)
+    for row in rows.values():
+        assert row["label"] in labels and row["items"] == 16
+        assert row["figures"]["us_each"] > 0 and row["figures"]["x_pillow"] > 0
+    assert rows["pillow"]["figures"]["x_pillow"] == pytest.approx(1.0)
+    assert "decode_size=(96, 100)" in rows["data2h5_half"]["label"]
 
 
 def test_every_batch_row_is_in_the_table_and_the_json(tiny):
