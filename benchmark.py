@@ -524,6 +524,7 @@ CONVERTERS: Dict[str, Callable[..., None]] = {
     "data2h5": convert_data2h5,
     "data2h5_pillow": convert_data2h5_pillow,
     "bytes": convert_data2h5,
+    "bytes_packed": convert_data2h5,
     "stacked": convert_data2h5,
     "sharded": convert_data2h5_sharded,
     "sharded_dask": convert_data2h5_sharded,
@@ -570,6 +571,8 @@ def plan_conversions(source: Source, notes: List[str], timed: bool) -> List[Conv
         notes.append("simplejpeg is not installed: data2h5 decodes JPEGs with Pillow, and the rows comparing the two "
                      "are left out (pip install 'data2h5[jpeg]')")
     plan.append(Conversion("bytes", "data2h5 --reader bytes", {"reader": "bytes"}, output="bytes.h5"))
+    plan.append(Conversion("bytes_packed", "data2h5 --reader bytes --layout packed",
+                           {"reader": "bytes", "layout": "packed"}, output="bytes_packed.h5"))
     shards = SHARDS_PER_CORE * (os.cpu_count() or 1)
     shard_size = f"{max(1, -(-len(source.keys) // shards))}files"
     plan.append(Conversion("sharded", f"data2h5 --reader bytes --shard-size {shard_size} (local pool, one writer "
@@ -659,7 +662,7 @@ def link_subset(source: Source, dest: Path, n: int) -> List[str]:
     return keys
 
 
-LOADED_ARCHIVES = ("data2h5", "bytes", "stacked")  # conversions whose output the loading rows read
+LOADED_ARCHIVES = ("data2h5", "bytes", "bytes_packed", "stacked")  # conversions whose output the loading rows read
 
 
 def run_conversions(plan: List[Conversion], source: Source, work: Path, repeat: int, bar, notes: List[str]) -> List[Row]:
@@ -915,6 +918,7 @@ def plan_loaders(source: Source, work: Path, workers: int, batch_size: int, note
                                    collate_fn=None if stacks else as_list)
 
     decoded, raw, stacked = work / "data2h5.h5", work / "bytes.h5", work / "stacked.h5"
+    packed = work / "bytes_packed.h5"
     fast = fast_jpeg(source)
     half = half_size(source) if jpeg_source(source) else None
     crop, crop_half = plan.transform(), plan.transform(2)
@@ -941,6 +945,12 @@ def plan_loaders(source: Source, work: Path, workers: int, batch_size: int, note
                                  raw if half else None,
                                  torch_loader(lambda: H5Dataset(raw, target="folder", decode_size=half,
                                                                 transform=crop_half))),
+        "h5dataset_packed": (f"H5Dataset, bytes archive, --layout packed (decoded on read{', simplejpeg' if fast else ''})",
+                             packed, torch_loader(lambda: H5Dataset(packed, target="folder", transform=crop))),
+        "h5dataset_packed_half": (f"H5Dataset, bytes archive, --layout packed, decode_size={half}",
+                                  packed if half else None,
+                                  torch_loader(lambda: H5Dataset(packed, target="folder", decode_size=half,
+                                                                 transform=crop_half))),
         "h5dataset_bytes_nvjpeg": ("H5Dataset, bytes archive, JPEG bytes decoded a batch at a time by nvJPEG (GPU)",
                                    None if gpu else raw, gpu_loader),
         "lazy_h5py": ("hand-written lazy h5py dataset, default archive", decoded,

@@ -18,9 +18,10 @@ from conftest import photo_like
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmark.py"
 HAS_SIMPLEJPEG = importlib.util.find_spec("simplejpeg") is not None  # its rows against Pillow alone
 HAS_DISTRIBUTED = importlib.util.find_spec("distributed") is not None
-CONVERSIONS = ({"naive", "original", "limit", "data2h5", "bytes", "stacked", "sharded"}
+CONVERSIONS = ({"naive", "original", "limit", "data2h5", "bytes", "bytes_packed", "stacked", "sharded"}
                | ({"data2h5_pillow"} if HAS_SIMPLEJPEG else set()) | ({"sharded_dask"} if HAS_DISTRIBUTED else set()))
-LOADERS = ({"loose", "h5dataset", "h5dataset_bytes", "h5dataset_bytes_half", "lazy_h5py", "batch_reader"}
+LOADERS = ({"loose", "h5dataset", "h5dataset_bytes", "h5dataset_bytes_half", "h5dataset_packed", "h5dataset_packed_half",
+            "lazy_h5py", "batch_reader"}
            | ({"h5dataset_bytes_pillow"} if HAS_SIMPLEJPEG else set()))
 BATCH_ROWS = {"h5py_loop", "reader_sequential", "reader_shuffled", "reader_rank0_of_2", "sampler_overhead", "h5py_fancy",
               "overlap_h5py_loop", "overlap_reader_sequential", "overlap_reader_shuffled"}
