@@ -519,7 +519,10 @@ RSS_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
     import data2h5
-    report = data2h5.convert(sys.argv[1], sys.argv[2], ext="bin", reader="bytes", workers=2, layout=sys.argv[3])
+    # Checkpoints every 0.25 s: the entries journaled at each are held until then (a few
+    # seconds' worth, whatever the run's length), which would read as per-entry growth here.
+    report = data2h5.convert(sys.argv[1], sys.argv[2], ext="bin", reader="bytes", workers=2, layout=sys.argv[3],
+                             checkpoint_seconds=0.25)
     hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
     print(json.dumps({
         "entries": report.entries,
@@ -529,13 +532,12 @@ RSS_SCRIPT = textwrap.dedent(
     """
 )
 
-#: Writer memory an entry may add, 2,000 → 20,000 tiny files, by layout. The first tens of
-#: thousands of entries also fill fixed-size things (the allocator's arenas, HDF5's caches of a
-#: growing group), so this slope is above the one at scale (about 400 B/entry for files from
-#: 100k to 1M, where an entry's dataset header and key stay in HDF5's B-tree on disk).
-SLOPE_BYTES = {"files": 1500, "packed": 1000}  # files: HDF5 caches a growing group (0.8-1.25 kB measured)
+#: Writer memory an entry may add, 2,000 → 20,000 tiny files, by layout (measured 40-110 B for
+#: files, 40-470 B for packed, whose 4 MB block buffer is a step at these counts; the writer
+#: before index columns grew by 1.1 kB an entry from 10k to 1M).
+SLOPE_BYTES = {"files": 400, "packed": 800}
 #: Steps that do not grow with entries (an allocator arena, a pool result in flight on a busy
-#: machine): without this margin a loaded 2-core run measured 1,019 B/entry for packed.
+#: machine).
 NOISE_BYTES = 4 << 20
 
 
