@@ -280,7 +280,6 @@ def convert(
         raise ValueError("scheduler, dask_workers and client write shards: give shard_size too")
     shards = None
     if shard_size is not None:
-
         shards = parse_shard_size(shard_size)
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")

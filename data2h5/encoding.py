@@ -86,21 +86,23 @@ def pack(key: str, kind: int, arr: np.ndarray, codec: Codec, size: int, crc32: i
     """Prepare ``arr`` for the writer, compressing its chunks here (in the worker)."""
     entry = dict(key=key, kind=kind, dtype=arr.dtype.str, shape=tuple(arr.shape), size=size, crc32=crc32,
                  nbytes=arr.nbytes, mtime_ns=mtime_ns)
-    if codec.id == NONE or arr.nbytes == 0 or arr.ndim == 0:
+
+    def as_is() -> Packed:
         raw = arr.tobytes()
         return Packed(codec=NONE, chunk_shape=None, data=raw, stored_crc32=zlib.crc32(raw), **entry)
+
+    if codec.id == NONE or arr.nbytes == 0 or arr.ndim == 0:
+        return as_is()
     chunk = chunk_shape_for(entry["shape"], arr.itemsize)
     if not codec.in_worker:
         return Packed(codec=codec.id, level=codec.level, chunk_shape=chunk, data=arr, **entry)
     if chunk == entry["shape"]:  # one chunk, the whole array: no chunk grid to walk
-        raw = np.ascontiguousarray(arr).data.cast("B")
-        data, mask = codec.compress(raw)
+        chunks = [((0,) * arr.ndim, *codec.compress(np.ascontiguousarray(arr).data.cast("B")))]
+        _, data, mask = chunks[0]
         if not mask and len(data) >= arr.nbytes:  # stored as it is rather than grown
-            raw = raw.tobytes()
-            return Packed(codec=NONE, chunk_shape=None, data=raw, stored_crc32=zlib.crc32(raw), **entry)
-        return Packed(codec=codec.id, level=codec.level, chunk_shape=chunk, data=[((0,) * arr.ndim, data, mask)],
-                      stored_crc32=zlib.crc32(data), **entry)
-    chunks = [(offset, *codec.compress(block.data)) for offset, block in iter_chunks(arr, chunk)]
+            return as_is()
+    else:
+        chunks = [(offset, *codec.compress(block.data)) for offset, block in iter_chunks(arr, chunk)]
     stored_crc = 0
     for _, data, _ in chunks:
         stored_crc = zlib.crc32(data, stored_crc)

@@ -73,7 +73,7 @@ class PackedWriter:
         self._block_first = 0  # first row of the block being filled
         self._blocks = 0
         self._block_bytes = block_bytes or BLOCK_BYTES
-        self._journal_rows: List[Tuple[Packed, int, int, int]] = []  # (entry, offset in block, stored, codec)
+        self._journal_rows: List[Tuple[Packed, int, int, int, int]] = []  # (entry, offset in block, stored, codec, CRC)
         self._pending: List[JournalEntry] = []
         self._checkpoints = checkpoints
         self._writeback = Writeback(f.filename)
