@@ -6,7 +6,8 @@ import os
 from typing import Dict, Iterator
 
 from . import format as fmt, safety
-from .archive import Keys, PathLike, read_index
+from .archive import PathLike, read_index
+from .keys import Keys
 
 
 #: Keys written at a time by :func:`listing`.

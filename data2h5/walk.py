@@ -5,13 +5,13 @@ import errno
 import logging
 import os
 import stat
-from array import array
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 
 from .errors import ReadError
+from .keys import KeyColumn, Keys
 
 log = logging.getLogger(__name__)
 
@@ -63,36 +63,30 @@ class SourceFile:
 
 
 class SourceFiles(Sequence[SourceFile]):
-    """Files found under one folder, in walk order, held compactly: every key in one UTF-8
-    buffer plus its end offset (about a key's length and 8 bytes a file, where a list of
-    :class:`SourceFile` costs three Python objects a file: 120 MB for a million).
+    """Files found under one folder, in walk order, their keys held as :class:`Keys` (one
+    fixed-width byte array, where a list of :class:`SourceFile` costs three Python objects
+    a file: 120 MB for a million).
 
-    Indexing gives a :class:`SourceFile`; a slice gives another ``SourceFiles`` holding only
-    its own keys, so that a batch sent to a worker pickles only what it names.
+    Indexing gives a :class:`SourceFile`; a slice gives another ``SourceFiles`` whose keys
+    are a view, so that a batch sent to a worker pickles only what it names.
     """
 
-    __slots__ = ("root", "_blob", "_ends")
+    __slots__ = ("root", "_keys")
 
-    def __init__(self, root: str, blob: bytes = b"", ends: Optional[np.ndarray] = None):
+    def __init__(self, root: str, keys: Optional[Keys] = None):
         self.root = root
-        self._blob = blob
-        self._ends = np.zeros(0, np.int64) if ends is None else ends
+        self._keys = Keys(np.zeros(0, "S1")) if keys is None else keys
 
     @classmethod
     def of(cls, root: str, keys: Iterable[str]) -> "SourceFiles":
-        """The files ``root + key`` for each of ``keys`` (valid UTF-8 names)."""
-        blob, ends = bytearray(), array("q")
+        """The files ``root + key`` for each of ``keys`` (valid UTF-8 names), packed as they come."""
+        column = KeyColumn()
         for key in keys:
-            blob += key.encode("utf-8")
-            ends.append(len(blob))
-        return cls(root, bytes(blob), np.frombuffer(ends, np.int64).copy() if len(ends) else None)
+            column.append(key.encode("utf-8"))
+        return cls(root, Keys(column.array()))
 
     def __len__(self) -> int:
-        return len(self._ends)
-
-    def _key(self, i: int) -> str:
-        start = int(self._ends[i - 1]) if i else 0
-        return self._blob[start : int(self._ends[i])].decode("utf-8")
+        return len(self._keys)
 
     @overload
     def __getitem__(self, i: int) -> SourceFile: ...
@@ -101,40 +95,24 @@ class SourceFiles(Sequence[SourceFile]):
     def __getitem__(self, i: slice) -> "SourceFiles": ...
 
     def __getitem__(self, i: Union[int, slice]) -> Union[SourceFile, "SourceFiles"]:
-        n = len(self._ends)
         if isinstance(i, slice):
-            lo, hi, step = i.indices(n)
-            if step != 1:
-                return SourceFiles.of(self.root, (self._key(j) for j in range(lo, hi, step)))
-            if hi <= lo:
-                return SourceFiles(self.root)
-            start = int(self._ends[lo - 1]) if lo else 0
-            return SourceFiles(self.root, self._blob[start : int(self._ends[hi - 1])], self._ends[lo:hi] - start)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(i)
-        return SourceFile(self.root, self._key(i))
+            return SourceFiles(self.root, self._keys[i])
+        return SourceFile(self.root, self._keys[i])
 
     def __iter__(self) -> Iterator[SourceFile]:
-        root, blob, start = self.root, self._blob, 0
-        for end in self._ends.tolist():
-            yield SourceFile(root, blob[start:end].decode("utf-8"))
-            start = end
+        return (SourceFile(self.root, key) for key in self._keys)
 
-    def keys(self) -> Iterator[str]:
+    def keys(self) -> Keys:
         """Each file's key, in order."""
-        return (f.key for f in self)
+        return self._keys
 
     def where(self, keep: Callable[[SourceFile], bool]) -> "SourceFiles":
         """The files ``keep`` accepts, in order (this very sequence when it accepts all)."""
-        kept = [i for i, f in enumerate(self) if keep(f)]
-        if len(kept) == len(self):
-            return self
-        return SourceFiles.of(self.root, (self._key(i) for i in kept))
+        kept = np.fromiter((keep(f) for f in self), dtype=bool, count=len(self))
+        return self if kept.all() else SourceFiles(self.root, Keys(self._keys.raw[kept]))
 
     def __reduce__(self):
-        return SourceFiles, (self.root, self._blob, self._ends)
+        return SourceFiles, (self.root, self._keys)
 
     def __repr__(self) -> str:
         return f"<SourceFiles: {len(self)} under {self.root!r}>"

@@ -21,7 +21,8 @@ from .. import format as fmt
 from ..codecs import NONE, Codec, codec_by_id
 from ..encoding import Packed, iter_chunk_offsets
 from ..format import Kind
-from ..archive import ArchiveReader, Index, Keys, create_index_group, decode_keys, index_field, read_keys
+from ..archive import ArchiveReader, Index, create_index_group, decode_keys, index_field, read_keys
+from ..keys import KeyColumn, Keys
 from ..partial import BlockReader, InterruptedRun, Writeback, unchanged
 from ..resume import Reused
 from .. import safety
@@ -47,39 +48,6 @@ class IndexRow(NamedTuple):
     shape: Tuple[int, ...]
     stored_crc32: int
     verbatim: bool
-
-
-class KeyColumn:
-    """Keys as they are added, in fixed-width byte blocks (about a key's length an entry,
-    not a Python object each); a block is widened when a longer key arrives."""
-
-    BLOCK = 1 << 16
-
-    def __init__(self) -> None:
-        self._blocks: List[np.ndarray] = []
-        self._n = 0
-
-    def __len__(self) -> int:
-        return self._n
-
-    def append(self, key: bytes) -> None:
-        i = self._n % self.BLOCK
-        if i == 0:
-            self._blocks.append(np.zeros(self.BLOCK, dtype=f"S{max(len(key), 1)}"))
-        block = self._blocks[-1]
-        if len(key) > block.dtype.itemsize:
-            block = self._blocks[-1] = block.astype(f"S{len(key)}")
-        block[i] = key
-        self._n += 1
-
-    def array(self) -> np.ndarray:
-        """Every key, as one ``S<longest>`` array."""
-        width = max((b.dtype.itemsize for b in self._blocks), default=1)
-        out = np.zeros(self._n, dtype=f"S{width}")
-        for j, block in enumerate(self._blocks):
-            lo = j * self.BLOCK
-            out[lo : lo + self.BLOCK] = block[: self._n - lo]
-        return out
 
 
 class BlockColumn(NamedTuple):

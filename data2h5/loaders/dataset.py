@@ -14,7 +14,8 @@ import numpy as np
 
 from .. import format as fmt
 from ..errors import ArchiveError, ArchiveKeyError
-from ..archive import ArchiveReader, Keys, PathLike
+from ..archive import ArchiveReader, PathLike
+from ..keys import Keys
 from ..safety import MAX_ENTRY_BYTES
 from ..jpeg import check_decode_size
 from ..format import ROOT_CLASS
