@@ -87,6 +87,11 @@ class Index:
             return False
         return self.verbatim is None or bool(self.verbatim[pos])
 
+    def verbatim_column(self) -> np.ndarray:
+        """:meth:`is_verbatim` of every row at once, as uint8."""
+        recorded = np.ones(len(self), bool) if self.verbatim is None else self.verbatim.astype(bool)
+        return ((self.kind != Kind.ARRAY) & recorded).astype(np.uint8)
+
     def position(self, key: str) -> int:
         """The row of ``key``; raises :class:`ArchiveKeyError` naming key and archive."""
         pos = self.keys.position(key)

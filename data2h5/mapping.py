@@ -39,7 +39,7 @@ class ArchiveView(Mapping):
         return self._reader.read(pos, decode=self.decode)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self._reader.index.keys.position(key) >= 0
+        return key in self._reader.index
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._reader.index.keys)

@@ -280,15 +280,11 @@ def write_master(dst: Path, records: Sequence[ShardRecord], *, layout: str, opti
         n = len(index)
         for name in fmt.INDEX_FIELDS:
             if name == "keys":
-                values = np.array([k.encode("utf-8") for k in index.keys] or [b""], dtype=bytes)[:n]
+                values = index.keys.raw
             elif name == fmt.STORED_CRC32 and index.stored_crc32 is None:
                 values = np.zeros(n, np.uint32)
             elif name == fmt.VERBATIM:
-                values = np.fromiter((index.is_verbatim(i) for i in range(n)), dtype=np.uint8, count=n)
-            elif name == "shape":  # padded to MAX_NDIM with -1, whatever width the shard keeps
-                values = np.full((n, fmt.MAX_NDIM), -1, np.int64)
-                width = min(index.shape.shape[1] if index.shape.ndim == 2 else 0, fmt.MAX_NDIM)
-                values[:, :width] = index.shape[:, :width]
+                values = index.verbatim_column()
             else:
                 values = getattr(index, name)
             parts[name].append(values)
@@ -297,7 +293,10 @@ def write_master(dst: Path, records: Sequence[ShardRecord], *, layout: str, opti
     data: Dict[str, np.ndarray] = {}
     for name, values in parts.items():
         dtype = fmt.INDEX_FIELDS.get(name)
-        joined = np.concatenate(values) if values else np.zeros((0,) + ((fmt.MAX_NDIM,) if name == "shape" else ()))
+        if name == "shape":  # each shard's as wide as its own entries need: padded to the widest with -1
+            width = max((v.shape[1] for v in values), default=1)
+            values = [np.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=-1) for v in values]
+        joined = np.concatenate(values) if values else np.zeros((0,) + ((1,) if name == "shape" else ()))
         if name == "keys":
             joined = joined.astype(f"S{max(joined.dtype.itemsize, 1)}")
         elif dtype is not None:
