@@ -714,12 +714,18 @@ class LooseImages:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         with open(self.paths[i], "rb") as fh:
-            rgb = Image.open(fh).convert("RGB")
-        sample = np.asarray(rgb)
+            sample = pillow_rgb(fh)
         return (sample if self.transform is None else self.transform(sample)), self.targets[i]
+
+
+def pillow_rgb(source: Any) -> np.ndarray:
+    """What ImageFolder's loader makes of a file (a path or an open binary file): Pillow's
+    decode, converted to RGB, as an array."""
+    from PIL import Image
+
+    with Image.open(source) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 class LazyH5:
@@ -1200,8 +1206,6 @@ def run_decoding(source: Source, args, bar, notes: List[str]) -> List[Row]:
     memory by Pillow as ImageFolder's loader does, and by data2h5's decoder at full size and
     at ``decode_size`` half the smallest photo's sides; the decoders' own gap, which every
     loading row dilutes with the costs a sample has besides its decode."""
-    from PIL import Image
-
     from data2h5 import jpeg
 
     if not jpeg_source(source):
@@ -1210,11 +1214,8 @@ def run_decoding(source: Source, args, bar, notes: List[str]) -> List[Row]:
     raws = [(source.root / key).read_bytes() for key in source.keys[: args.samples]]
     half = half_size(source)
 
-    def pillow(raw: bytes) -> np.ndarray:
-        with Image.open(io.BytesIO(raw)) as img:
-            return np.asarray(img.convert("RGB"))
-
-    variants = [("pillow", "Pillow: open, convert to RGB, to an array (ImageFolder's loader)", pillow),
+    variants = [("pillow", "Pillow: open, convert to RGB, to an array (ImageFolder's loader)",
+                 lambda raw: pillow_rgb(io.BytesIO(raw))),
                 ("data2h5", f"data2h5 ({jpeg.backend()}), full size: the same array", jpeg.decode),
                 ("data2h5_half", f"data2h5 ({jpeg.backend()}), decode_size={half}",
                  functools.partial(jpeg.decode, decode_size=half))]
