@@ -313,7 +313,10 @@ def output_of_part(path: Path) -> Optional[Path]:
 
 class OutputLock:
     """Only one conversion writes an output at a time: an ``flock`` on the lock file, which
-    the kernel releases however the holder ends (SIGKILL included)."""
+    the kernel releases however the holder ends (SIGKILL included). Forked children (pool
+    workers) close their copy at once (:func:`_drop_locks_in_child`): an ``flock`` lasts while
+    any process holds the file open, and workers outliving a killed writer by a moment would
+    keep the next run out."""
 
     def __init__(self, partial: Partial):
         self.partial = partial
@@ -348,6 +351,7 @@ class OutputLock:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 self._fd = fd
+                _lock_fds.add(fd)
                 return
             os.close(fd)
         raise OutputError(f"cannot lock {path}: it keeps being replaced; is another conversion starting?")
@@ -360,6 +364,7 @@ class OutputLock:
                 self.partial.lock_path.unlink()
         except OSError:
             pass
+        _lock_fds.discard(self._fd)
         os.close(self._fd)
         self._fd = None
 
@@ -369,6 +374,23 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+_lock_fds: set = set()  # the lock files this process holds open
+
+
+def _drop_locks_in_child() -> None:
+    """In a forked child: close the parent's lock files without releasing or removing them
+    (the lock stays the parent's alone)."""
+    for fd in _lock_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _lock_fds.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 # -- what earlier generations hold -------------------------------------------------------------

@@ -21,7 +21,7 @@ import data2h5
 from data2h5 import format as fmt
 from data2h5.errors import ArchiveError, OutputError
 from data2h5.archive import ArchiveReader, open_h5, read_index
-from data2h5.partial import Partial
+from data2h5.partial import OutputLock, Partial
 
 from conftest import write_images
 from convert_helpers import error_line, run_cli, index_group
@@ -423,6 +423,45 @@ def test_a_write_that_fails_part_way_keeps_the_work_for_resume(tmp_path, limit):
     finally:
         if limit == "disk-full":
             subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+LOCK_HOLDER = """
+import os, sys, time
+from pathlib import Path
+from data2h5.partial import OutputLock, Partial
+OutputLock(Partial(Path(sys.argv[1]))).acquire()
+child = os.fork()  # as a pool worker is forked
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_writers_lock_is_free_while_its_forked_workers_live(tmp_path):
+    """An flock lasts while any process holds the file open: the workers a SIGKILLed writer
+    forked must not keep its output locked for the resume that follows."""
+    out = tmp_path / "out.h5"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = int(holder.stdout.readline())
+        with pytest.raises(OutputError, match=f"pid {holder.pid}"):
+            OutputLock(Partial(out)).acquire()
+        holder.kill()
+        holder.wait(timeout=60)
+        os.kill(child, 0)  # the forked child still runs
+        with OutputLock(Partial(out)):
+            pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_one_writer_per_output_and_no_reading_of_unfinished_work(tmp_path):
