@@ -9,7 +9,8 @@ from /dev/null and stdout and stderr in files.
 
 JOBS.json: ``{"preload": [modules], "parallel": 2, "timeout": 20, "memory": BYTES, "jobs":
 [{"id": "...", "cwd": "...", "out": "prefix of the .out/.err files", "argv": [...]} or
-{..., "h5dataset": PATH}]}``. Preload what the runs import, and no more: the command line
+{..., "h5dataset": PATH} or {..., "load": PATH, "loader": "H5Dataset" | "open" | "BatchReader",
+"options": {keyword arguments}}]}``. Preload what the runs import, and no more: the command line
 does not import torch, ``H5Dataset`` does, and a process holding torch takes half a second
 to exit. Writes ``{"id": {"status": exit status (-N: killed by signal N), "timed_out": bool,
 "seconds": float}}`` as JSON on stdout once every run has ended.
@@ -52,6 +53,46 @@ def read_everything(path: str) -> NoReturn:
     os._exit(status)
 
 
+LOADERS = ("H5Dataset", "open", "BatchReader")
+
+
+def load_everything(path: str, loader: str, options: dict) -> NoReturn:
+    """Every entry of an archive through one loader (see :data:`LOADERS`) with ``options``,
+    decoded where the loader decodes; ends as :func:`read_everything` does."""
+    import numpy as np
+
+    import data2h5
+    from data2h5.errors import Data2H5Error
+
+    status = 0
+    try:
+        if loader == "H5Dataset":
+            ds = data2h5.H5Dataset(path, **options)
+            for i in range(len(ds)):
+                ds[i]
+        elif loader == "open":
+            with data2h5.open(path, **options) as view:
+                for key in view:
+                    view[key]
+        elif loader == "BatchReader":
+            from data2h5.loaders import BatchReader
+
+            with BatchReader(path, **{"batch_size": 4, **options}) as reader:
+                for batch in reader:
+                    np.asarray(batch[0]).sum()
+        else:
+            raise SystemExit(f"unknown loader {loader!r}")
+    except Data2H5Error as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        status = 1
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def run_job(job: dict, memory: int) -> NoReturn:
     """In the forked child: become the run. Exceptions and SystemExit end this process as
     they end ``python`` (a traceback and status 1, or the exit status)."""
@@ -64,6 +105,8 @@ def run_job(job: dict, memory: int) -> NoReturn:
     os.chdir(job["cwd"])
     if "h5dataset" in job:
         read_everything(job["h5dataset"])
+    if "load" in job:
+        load_everything(job["load"], job["loader"], job.get("options", {}))
     else:
         sys.argv = ["python -m data2h5", *job["argv"]]
         runpy.run_module("data2h5", run_name="__main__", alter_sys=True)
