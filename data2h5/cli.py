@@ -18,7 +18,9 @@ from .layouts import writable as writable_layouts
 from .convert import convert as convert_folder
 from .errors import Data2H5Error, Interrupted, Terminated
 from .watchdog import guarded
-from .safety import lock_prefixes, printable
+from .display import EscapingFormatter
+from .safety import lock_prefixes
+from .text import escape
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
@@ -42,7 +44,9 @@ Use your own reader or prune function (see plugins/):
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens, file by file problems included.")
 def main(verbose: bool) -> None:
     """Turn a folder of loose files into one compressed HDF5 archive."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     lock_prefixes()
 
 
@@ -120,11 +124,11 @@ def convert(src: str, dst: str, exts: Tuple[str, ...], reader: Optional[str], pr
     except OSError as exc:  # the disk filled up, a file-size limit: the work so far is kept
         _fail(f"cannot write {dst}: {exc.strerror or exc}; free space or raise the limit", _kept_note(exc))
     except KeyboardInterrupt as exc:
-        click.echo(f"data2h5: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; "
-                   f"nothing was written to {dst}{_kept_note(exc)}", err=True)
+        _say(f"data2h5: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; "
+             f"nothing was written to {dst}{_kept_note(exc)}", err=True)
         sys.exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
     if not quiet:
-        click.echo(report.summary(), err=True)
+        _say(report.summary(), err=True)
 
 
 def _read_limit(func):
@@ -153,11 +157,11 @@ def info(archive: str, as_json: bool, max_entry_size: str) -> None:
     width = max(len(k) for k in facts)
     for name, value in facts.items():
         if name == "skipped":
-            click.echo(f"{name:<{width}}  {len(value)}")
+            _say(f"{name:<{width}}  {len(value)}")
             for key, reason in value:
-                click.echo(f"  {printable(key)}: {printable(reason)}")
+                _say(f"  {key}: {reason}")
         else:
-            click.echo(f"{name:<{width}}  {printable(str(value))}")
+            _say(f"{name:<{width}}  {value}")
 
 
 @main.command()
@@ -168,7 +172,7 @@ def info(archive: str, as_json: bool, max_entry_size: str) -> None:
 def ls(archive: str, prefix: str, max_entry_size: str) -> None:
     """List the archive's entry keys, optionally only those under PREFIX.
 
-    Control characters in keys are shown escaped (\\x1b), one key a line."""
+    Controls and invisible marks in keys are shown escaped (\\x1b, \\u200f), one key a line."""
     from .info import listing
 
     limit = _parse_size(max_entry_size, "--max-entry-size")
@@ -234,11 +238,11 @@ def verify(archive: str, source: Optional[str], exts: Tuple[str, ...], prune: Op
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
         for problem in report.sorted_problems():
-            click.echo(str(problem))
+            _say(str(problem))
         for note in report.notes:
-            click.echo(f"data2h5: note: {note}", err=True)
+            _say(f"data2h5: note: {note}", err=True)
         if not quiet:
-            click.echo(report.summary())
+            _say(report.summary())
     if not report.ok:
         count = len(report.problems)
         _fail(f"{archive} failed verification: {count:,} problem{'' if count == 1 else 's'} listed above")
@@ -262,28 +266,34 @@ as KEY.npy (KEY itself when it ends in .npy), which numpy.load reads back unchan
 @click.option("--overwrite", is_flag=True, help="Replace files that already exist (never links or folders).")
 @click.option("--allow-expansion", is_flag=True,
               help="Write more than 100 times the archive's size (refused by default: a crafted archive can declare far more than it holds).")
+@click.option("--allow-unicode-collisions", "allow_collisions", is_flag=True,
+              help="Write names that differ only in case or Unicode normalisation (refused by default: they "
+                   "overwrite each other on macOS and Windows file systems).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @_read_limit
 @guarded()
 def extract(archive: str, dest: str, prefixes: Tuple[str, ...], overwrite: bool, allow_expansion: bool,
-            quiet: bool, max_entry_size: str) -> None:
+            allow_collisions: bool, quiet: bool, max_entry_size: str) -> None:
     """Write the archive's entries back as files under DEST.
 
     DEST is created if needed; with PREFIXes, only the keys equal to or under one of them
     are written (cats selects cats/1.jpg, not catsup.jpg). Keys that would land outside
     DEST (absolute, with '..', through a symlink inside DEST) refuse the whole extraction
-    before anything is written, as do existing files unless --overwrite.
+    before anything is written, as do existing files unless --overwrite, and names that
+    differ only in case or Unicode normalisation (e.g. Cat/ and cat/) unless
+    --allow-unicode-collisions. Files keep the keys' exact names.
     """
     from .extract import extract as extract_archive
 
     limit = _parse_size(max_entry_size, "--max-entry-size")
     try:
         report = extract_archive(archive, dest, prefixes, overwrite=overwrite, progress=None if not quiet else False,
-                                 allow_expansion=allow_expansion, max_entry_bytes=limit)
+                                 allow_expansion=allow_expansion, allow_collisions=allow_collisions,
+                                 max_entry_bytes=limit)
     except Data2H5Error as exc:
         _fail(exc)
     if not quiet:
-        click.echo(report.summary(), err=True)
+        _say(report.summary(), err=True)
 
 
 @contextmanager
@@ -348,8 +358,16 @@ def _parse_size(text: str, option: str) -> int:
     return int(number * _SIZE_UNITS[unit])
 
 
+def _say(line: str, err: bool = False) -> None:
+    """Echo one line for a person, escaped (:func:`escape`): whatever key, path or attribute
+    it quotes, it stays one line and shows its characters in their order."""
+    click.echo(escape(line), err=err)
+
+
 def _fail(exc, note: str = "") -> None:
-    click.echo(f"data2h5: error: {printable(str(exc))}{note}", err=True)
+    """The last word of a failed command: one escaped line on stderr, then exit 1 (escaping
+    twice changes nothing, so messages escaped where they were made come out the same)."""
+    _say(f"data2h5: error: {exc}{note}", err=True)
     sys.exit(EXIT_ERROR)
 
 

@@ -2,12 +2,17 @@
 
 Every message is one line that names the file (or plugin, entry, field) involved and, where
 there is one, what to do about it. Each type carries the fields its message is made of, so
-callers read them instead of parsing the text. This module imports nothing of data2h5: every
-other module may raise these.
+callers read them instead of parsing the text. The message a person reads (``str(exc)``)
+has its controls and invisible marks escaped (:func:`data2h5.text.escape`), whatever key or
+attribute it quotes; the fields and ``args`` keep the exact values. This module imports
+nothing of data2h5 but :mod:`data2h5.text`: every other module may raise these.
 """
 from __future__ import annotations
 
+import unicodedata
 from typing import Optional
+
+from .text import escape
 
 
 class Data2H5Error(Exception):
@@ -15,6 +20,7 @@ class Data2H5Error(Exception):
 
     ``context`` holds what the raising operation adds on the way out (e.g. how far an
     extraction got), shown after the message; the type and fields stay those of the failure.
+    ``str()`` shows it all escaped, on one line, so a crafted key cannot hide in it.
     """
 
     context: tuple = ()
@@ -27,7 +33,7 @@ class Data2H5Error(Exception):
         return self
 
     def _with_context(self, text: str) -> str:
-        return text + "".join(f" ({c})" for c in self.context)
+        return escape(text + "".join(f" ({c})" for c in self.context))
 
     def __str__(self) -> str:
         return self._with_context(super().__str__())
@@ -111,6 +117,27 @@ class CorruptEntryError(ArchiveError):
 class UnsafeKeyError(ArchiveError):
     """An archive key would be written outside the destination folder, through a link in it,
     or onto another key's path: the archive is damaged or crafted; nothing is extracted."""
+
+
+class NameCollisionError(UnsafeKeyError):
+    """Two entries selected for extraction have names that differ only in case or Unicode
+    normalisation (``Cat/`` and ``cat/``, ``é`` composed and decomposed): distinct files on
+    Linux, one file on macOS and Windows file systems, where one would overwrite the other.
+    ``first`` and ``second`` are the first two such names (paths or folders, relative to the
+    destination), ``count`` the selected entries whose path collides with an earlier one's."""
+
+    def __init__(self, archive: str, first: str, second: str, count: int):
+        self.archive, self.first, self.second, self.count = archive, first, second, count
+        # composed and decomposed spellings look alike: show their code points then
+        shown = ascii if unicodedata.normalize("NFC", first) == unicodedata.normalize("NFC", second) else repr
+        super().__init__(f"{archive}: {shown(first)} and {shown(second)} differ only in case or Unicode normalisation and "
+                         f"would be one name on macOS or Windows ({count:,} selected "
+                         f"entr{'y collides' if count == 1 else 'ies collide'}); nothing was extracted; pass "
+                         "--allow-unicode-collisions "
+                         "(allow_collisions=True) to write them all, e.g. on a case-sensitive Linux file system")
+
+    def __reduce__(self):
+        return type(self), (self.archive, self.first, self.second, self.count)
 
 
 class UnsafeArchiveError(ArchiveError):

@@ -13,7 +13,8 @@ What each entry becomes, at ``DEST/<key>``:
 Archives can come from strangers, so before anything is written every selected key is
 checked: a key that is absolute, has an empty, ``.`` or ``..`` component, a NUL or a
 backslash, two keys that would land on one path, or one key's file where another needs a
-folder, refuses the whole extraction. Folders are then walked one component at a time
+folder, refuses the whole extraction; so do two names (paths or folders) that differ only in
+case or Unicode normalisation (:func:`find_collisions`), unless ``allow_collisions``. Folders are then walked one component at a time
 relative to an open folder descriptor, never following a symbolic link, so a link planted
 inside the destination cannot lead a file outside it. Existing files are never replaced
 unless ``overwrite`` is given (and then only regular files, never a link or a folder).
@@ -29,14 +30,15 @@ import secrets
 import shutil
 import stat
 import time
+import unicodedata
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import layouts, safety
 from .display import decimal_size, progress_bar
-from .errors import ArchiveKeyError, Data2H5Error, OutputError, SizeLimitError, UnsafeKeyError
+from .errors import ArchiveKeyError, Data2H5Error, NameCollisionError, OutputError, SizeLimitError, UnsafeKeyError
 from .format import Kind
 from .archive import Index, PathLike, read_index
 
@@ -144,6 +146,59 @@ def plan(index: Index, positions: Sequence[int]) -> List[Tuple[int, str]]:
     return out
 
 
+class Collisions(NamedTuple):
+    """What :func:`find_collisions` found: the first two names that collide and how many
+    paths collide with an earlier one."""
+
+    first: str
+    second: str
+    count: int
+
+
+def portable_name(path: str) -> str:
+    """``path`` as a case-insensitive, normalisation-insensitive file system compares it
+    (macOS APFS and HFS+, Windows NTFS and FAT, SMB shares): Unicode canonical caseless
+    matching, NFD(casefold(NFD(path))), so ``Cat`` and ``cat``, and ``é`` composed and
+    decomposed, fold alike. Compatibility forms (NFKC: ``①`` and ``1``, ``Ａ`` and ``A``) stay
+    apart, as on those file systems; full case folding joins a few that some of them keep
+    apart (``ß`` and ``ss``): such a pair is refused, never lost."""
+    if path.isascii():
+        return path.lower()
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", path).casefold())
+
+
+def find_collisions(paths: Iterable[str]) -> Optional[Collisions]:
+    """The names among ``paths`` (relative, ``/``-separated, distinct) that differ only in
+    case or Unicode normalisation (:func:`portable_name`): one file's path against
+    another's, and each folder against every other folder and file (``A/x`` and ``a/y``,
+    ``a`` and ``A/b``). None when there are none. One pass with one dict: each path and each
+    folder (once) is folded and looked up once."""
+    claimed: Dict[str, str] = {}  # folded name -> the first spelling met
+    folders: Dict[str, bool] = {}  # folder met -> whether it, or a folder above it, collides
+    first: Optional[Tuple[str, str]] = None
+    count = 0
+    for path in paths:
+        other = claimed.setdefault(portable_name(path), path)
+        bad = other != path
+        if bad and first is None:
+            first = (other, path)
+        new: List[str] = []
+        folder = path.rpartition("/")[0]
+        while folder and folder not in folders:
+            new.append(folder)
+            folder = folder.rpartition("/")[0]
+        above = folders.get(folder, False)
+        for name in reversed(new):  # outermost first
+            other = claimed.setdefault(portable_name(name), name)
+            if other != name:
+                above = True
+                if first is None:
+                    first = (other, name)
+            folders[name] = above
+        count += bad or above
+    return None if first is None else Collisions(first[0], first[1], count)
+
+
 def planned_bytes(index: Index, positions: Sequence[int]) -> int:
     """Bytes the selected entries will take as files, from the shapes the (checked) index
     declares: their values, plus a .npy header for each decoded array."""
@@ -225,6 +280,7 @@ def extract(
     overwrite: bool = False,
     progress: Optional[bool] = False,
     allow_expansion: bool = False,
+    allow_collisions: bool = False,
     max_entry_bytes: int = safety.MAX_ENTRY_BYTES,
 ) -> ExtractReport:
     """Write the entries of ``archive`` (those equal to or under one of ``prefixes``; all
@@ -234,10 +290,12 @@ def extract(
     ``overwrite``: replace existing regular files (never links or folders). ``progress``: a
     tqdm bar on stderr, in bytes, stating the total first (``None``: only on a terminal).
     ``max_entry_bytes``: the most one entry may declare. ``allow_expansion``: write more than
-    :data:`MAX_EXPANSION` times the archive's size.
+    :data:`MAX_EXPANSION` times the archive's size. ``allow_collisions``: write names that
+    differ only in case or Unicode normalisation (they overwrite each other on macOS and
+    Windows); files always get the keys' exact names.
 
-    Raises, before writing anything, :class:`UnsafeKeyError` or :class:`OutputError` when the
-    keys or the folder are unsafe or in the way or the folder's file system lacks the room,
+    Raises, before writing anything, :class:`UnsafeKeyError` (:class:`NameCollisionError` for
+    names that collide) or :class:`OutputError` when the keys or the folder are unsafe or in the way or the folder's file system lacks the room,
     and :class:`SizeLimitError` past the limits above; :class:`CorruptEntryError` when an
     entry fails its checksum (files written until then are complete).
     """
@@ -247,6 +305,10 @@ def extract(
     archive, dest = os.fspath(archive), os.path.abspath(os.fspath(dest))
     index = read_index(archive, max_entry_bytes=max_entry_bytes)
     todo = plan(index, select(index.keys, prefixes, archive))
+    if not allow_collisions:
+        collisions = find_collisions(rel for _, rel in todo)
+        if collisions:
+            raise NameCollisionError(archive, collisions.first, collisions.second, collisions.count)
     if os.path.lexists(dest) and not os.path.isdir(dest):
         raise OutputError(f"{dest} exists and is not a folder; name a folder to extract into")
     check_dest(dest, (rel for _, rel in todo), overwrite)

@@ -8,11 +8,11 @@ from typing import Dict, Iterator
 from . import format as fmt, safety
 from .archive import PathLike, read_index
 from .keys import Keys
+from .text import escape_lines
 
 
 #: Keys written at a time by :func:`listing`.
 LISTING_BLOCK = 1 << 16
-_ESCAPE_BUT_NEWLINE = {c: e for c, e in safety._ESCAPE_TABLE.items() if c != ord("\n")}
 
 
 def list_keys(path: PathLike, *, max_entry_bytes: int = safety.MAX_ENTRY_BYTES) -> Keys:
@@ -23,8 +23,8 @@ def list_keys(path: PathLike, *, max_entry_bytes: int = safety.MAX_ENTRY_BYTES) 
 
 def listing(path: PathLike, prefix: str = "", *, max_entry_bytes: int = safety.MAX_ENTRY_BYTES) -> Iterator[str]:
     """The keys starting with ``prefix`` (found by binary search), in index order, as blocks
-    of text: one key a line, control characters escaped (:func:`safety.printable`); a block
-    is decoded and escaped at once, not key by key."""
+    of text: one key a line, controls and invisible marks escaped (:func:`safety.printable`);
+    a block is decoded and checked at once, and only its lines that need it are escaped."""
     keys = list_keys(path, max_entry_bytes=max_entry_bytes)
     rows = keys.prefixed(prefix) if prefix else None
     n = len(keys) if rows is None else len(rows)
@@ -32,7 +32,7 @@ def listing(path: PathLike, prefix: str = "", *, max_entry_bytes: int = safety.M
         raw = keys.raw[lo : lo + LISTING_BLOCK] if rows is None else keys.raw[rows[lo : lo + LISTING_BLOCK]]
         joined = b"\n".join(raw.tolist())
         if joined.count(b"\n") == len(raw) - 1:  # no key holds a line break: escape the block at once
-            yield joined.decode("utf-8", "surrogateescape").translate(_ESCAPE_BUT_NEWLINE) + "\n"
+            yield escape_lines(joined.decode("utf-8", "surrogateescape")) + "\n"
         else:
             yield "".join(safety.printable(k.decode("utf-8", "surrogateescape")) + "\n" for k in raw.tolist())
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from .errors import ArchiveError, CorruptEntryError, SizeLimitError, UnsafeArchiveError
 from .format import ATTR_INDEX, INDEX_GROUP, MAX_NDIM, Kind
+from .text import escape
 
 MAX_ENTRY_BYTES = 4 << 30
 """Default read limit: the largest value one entry (or row, or chunk) may declare."""
@@ -54,15 +55,9 @@ ALLOWED_DTYPE_KINDS = frozenset("biufcmMSU")
 
 # -- text on a terminal -------------------------------------------------------------------------
 
-_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
-_ESCAPES.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))})
-_ESCAPE_TABLE = str.maketrans(_ESCAPES)
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters (and line or bidirectional-override marks) escaped as
-    ``\\x1b``, so a crafted key cannot move the cursor, retitle a terminal or fake a line."""
-    return text.translate(_ESCAPE_TABLE)
+printable = escape
+"""``text`` with controls, format marks (bidirectional, zero-width, tags), lone surrogates and
+line or paragraph separators escaped (``\\x1b``, ``\\u200f``): see :mod:`data2h5.text`."""
 
 
 # -- sizes ---------------------------------------------------------------------------------------
