@@ -99,10 +99,15 @@ def file_identity(path: os.PathLike, size: int) -> int:
     enough for every open, and different for another archive of the same size."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        head = os.pread(fd, min(size, IDENTITY_BYTES), 0)
-        tail = os.pread(fd, min(size, IDENTITY_BYTES), max(0, size - IDENTITY_BYTES))
+        return fd_identity(fd, size)
     finally:
         os.close(fd)
+
+
+def fd_identity(fd: int, size: int) -> int:
+    """:func:`file_identity` of the file open as ``fd``."""
+    head = os.pread(fd, min(size, IDENTITY_BYTES), 0)
+    tail = os.pread(fd, min(size, IDENTITY_BYTES), max(0, size - IDENTITY_BYTES))
     return zlib.crc32(tail, zlib.crc32(head))
 
 

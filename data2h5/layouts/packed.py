@@ -227,17 +227,20 @@ def check_blocks(f: h5py.File, index: Index, blocks: np.ndarray) -> None:
         used = named[np.concatenate(([True], named[1:] != named[:-1]))]
     else:
         used = np.unique(named)
-    if used[0] < 0:
-        raise ArchiveError(f"{path}: index names block {int(used[0])}; the archive is damaged or crafted")
     group = f.get(GROUP, getlink=True)
     if not isinstance(group, h5py.HardLink):
         raise ArchiveError(f"{path}: packed archive without its {GROUP!r} group; the archive is damaged or crafted")
-    starts = np.zeros(int(used[-1]) + 1, np.uint64)
-    ends = np.zeros(int(used[-1]) + 1, np.uint64)
     parent = f[GROUP]
     if not isinstance(parent, h5py.Group):
         raise ArchiveError(f"{path}: {GROUP!r} is not a group; the archive is damaged or crafted")
-    for b in used.tolist():
+    if used[0] < 0 or used[-1] >= parent.id.get_num_objs():  # blocks are numbered from 0, one link each
+        bad = int(used[0]) if used[0] < 0 else int(used[-1])
+        raise ArchiveError(f"{path}: index names block {bad}, and the archive has {parent.id.get_num_objs()}; the "
+                           "archive is damaged or crafted")
+    # Arrays as long as the blocks used, not as the largest number named.
+    starts = np.zeros(len(used), np.uint64)
+    ends = np.zeros(len(used), np.uint64)
+    for j, b in enumerate(used.tolist()):
         name = f"{b:06d}"
         try:
             block = safety.open_child(f, parent, name)
@@ -257,11 +260,12 @@ def check_blocks(f: h5py.File, index: Index, blocks: np.ndarray) -> None:
         if size < dsid.shape[0]:
             raise ArchiveError(f"{path}: block {name} has less storage than its length; the archive is damaged or "
                                "crafted")
-        starts[b], ends[b] = offset, offset + dsid.shape[0]
+        starts[j], ends[j] = offset, offset + dsid.shape[0]
     rows = None if every else np.flatnonzero(live)
     lo, stored = (index.offset, index.stored) if every else (index.offset[rows], index.stored[rows])
     hi = lo + stored
-    outside = (lo < starts[named]) | (hi > ends[named]) | (hi < lo)
+    at = np.searchsorted(used, named)
+    outside = (lo < starts[at]) | (hi > ends[at]) | (hi < lo)
     if outside.any():
         first = int(np.argmax(outside)) if every else int(rows[int(np.argmax(outside))])
         raise ArchiveError(f"{path}: entry {safety.printable(repr(index.keys[first]))} lies outside its block; the "

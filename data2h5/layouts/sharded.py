@@ -10,7 +10,9 @@ reader per shard, opened on first use, whose own index is checked against the ma
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -21,18 +23,19 @@ import h5py
 import numpy as np
 
 from .. import format as fmt, safety
-from ..archive import ArchiveReader, Index, decode_keys, index_field, read_index, read_keys
+from ..archive import ArchiveReader, Index, decode_keys, index_field, open_h5, read_index, read_keys
 from ..display import progress_bar
 from ..engines import DaskEngine, LocalPool, Task
 from ..errors import ArchiveError, OutputError, ShardError
 from ..partial import Partial, create_part, publish, write_root_attrs
-from ..sharding import ShardRecord, file_crc32, file_identity, own_files
+from ..sharding import ShardRecord, fd_identity, file_crc32, own_files
 from ..verify import (CHANGED, CORRUPT, EXTRA, MISSING, Problem, VerifyReport, compare_source, recorded_skips,
                       verify, walk_source)
 from . import SHARDED as NAME, Layout, get
 from .files import used_axes, write_index
 
 REPLACE_HINT = "copy it back from where the archive was made, or convert again"
+PLAIN_HINT = "data2h5 reads shards only as plain files of their own beside the master: copy them there (cp, not ln)"
 
 
 class Shard(NamedTuple):
@@ -63,26 +66,52 @@ class ShardedIndex(Index):
 
 
 def check_shard(master: str, shard: Shard, folder: str) -> None:
-    """Raise :class:`ShardError` unless ``shard`` lies in ``folder`` with its recorded size and
-    identity."""
+    """Raise :class:`ShardError` unless ``shard`` is a plain file of its own in ``folder``
+    (opened without following a symlink, of one hard link: nothing from another folder),
+    with its recorded size and identity."""
     path = os.path.join(folder, shard.name)
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ShardError(master, shard.name, f"is missing (no {path}); {REPLACE_HINT}") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            raise ShardError(master, shard.name, f"is a symbolic link; {PLAIN_HINT}") from None
         raise ShardError(master, shard.name, f"cannot be read ({exc.strerror or exc})") from exc
-    if st.st_size != shard.size:
-        how = "truncated" if st.st_size < shard.size else "longer than recorded"
-        raise ShardError(master, shard.name, f"has {st.st_size} bytes, the master records {shard.size} ({how} or "
-                                             f"replaced); {REPLACE_HINT}")
     try:
-        identity = file_identity(path, st.st_size)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ShardError(master, shard.name, f"is not a regular file; {PLAIN_HINT}")
+        if st.st_nlink != 1:
+            raise ShardError(master, shard.name, f"has {st.st_nlink} hard links, so it may be another folder's "
+                                                 f"file; {PLAIN_HINT}")
+        if st.st_size != shard.size:
+            how = "truncated" if st.st_size < shard.size else "longer than recorded"
+            raise ShardError(master, shard.name, f"has {st.st_size} bytes, the master records {shard.size} ({how} "
+                                                 f"or replaced); {REPLACE_HINT}")
+        identity = fd_identity(fd, st.st_size)
     except OSError as exc:
         raise ShardError(master, shard.name, f"cannot be read ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
     if identity != shard.identity:
         raise ShardError(master, shard.name, f"is not the file the master records (replaced or damaged); "
                                              f"{REPLACE_HINT}")
+
+
+def check_plain_shard(master: str, shard: Shard, path: str, expected: str) -> None:
+    """Raise :class:`ShardError` unless the archive at ``path`` is of the ``expected`` layout,
+    read from its root attributes before anything else: a shard that is itself a master (which
+    may name this one) is refused, never opened in turn."""
+    try:
+        with open_h5(path) as f:
+            layout = safety.read_attrs(f).get(fmt.ATTR_LAYOUT)
+    except ArchiveError as exc:
+        raise ShardError(master, shard.name, f"cannot be read: {exc}") from exc
+    if layout != expected:
+        shown = "a master of shards" if layout == NAME else f"a {safety.printable(repr(layout))} archive"
+        raise ShardError(master, shard.name, f"is {shown}, not a {expected} shard as the master records; "
+                                             "the archive is damaged or crafted")
 
 
 class ShardReaders:
@@ -116,6 +145,8 @@ class ShardReaders:
     def _open(self, number: int) -> ArchiveReader:
         index, shard = self.index, self.index.shards[number]
         path = index.shard_path(number)
+        check_shard(index.path, shard, os.path.dirname(path))
+        check_plain_shard(index.path, shard, path, index.shard_layout)
         try:
             reader = ArchiveReader(path, verify=self.verify, max_entry_bytes=self.max_entry_bytes)
         except ArchiveError as exc:
@@ -150,6 +181,53 @@ class ShardReaders:
 
 _TEXT_COLUMNS = ("shard_name", "shard_first_key", "shard_last_key")
 _NUMBER_COLUMNS = ("shard_size", "shard_crc32", "shard_identity", "shard_entries")
+_NUMBER_BOUNDS = {"shard_size": 1 << 62, "shard_crc32": 1 << 32, "shard_identity": 1 << 32, "shard_entries": 1 << 62}
+
+MAX_SHARDS = 1 << 20
+"""Most shards a master may name: far more than any conversion writes (a shard holds at least
+one entry, and usually thousands), few enough that checking each is bounded."""
+
+
+def read_shard_table(path: str, table: Dict[str, Any], rows: int) -> List[Shard]:
+    """The master's shard table from its columns (``shard_name``... as read), each number
+    range-checked as a Python int before any sum: every shard a distinct plain name beside the
+    archive, of at least one entry, together holding exactly the master's ``rows``."""
+    def crafted(why: str) -> ArchiveError:
+        return ArchiveError(f"{path}: the shard table {why}; the archive is damaged or crafted")
+
+    count = len(table["shard_name"])
+    if any(len(v) != count for v in table.values()):
+        raise crafted("has columns of different lengths")
+    if count > min(MAX_SHARDS, max(rows, 1)):
+        raise crafted(f"names {count} shards for {rows} entries (a shard holds at least one)")
+    numbers = {}
+    for name in _NUMBER_COLUMNS:
+        column = table[name]
+        if column.dtype.kind not in "iu" or column.ndim != 1:
+            raise crafted(f"column {name!r} holds {column.dtype} {column.shape}, not one integer per shard")
+        values = column.tolist()  # Python ints: no wrapping
+        bound = _NUMBER_BOUNDS[name]
+        bad = next((v for v in values if not 0 <= v < bound), None)
+        if bad is not None:
+            raise crafted(f"records {name.replace('shard_', '')} {bad}, outside 0 to {bound - 1}")
+        numbers[name] = values
+    if count and min(numbers["shard_entries"]) < 1:
+        raise crafted("records a shard of no entries")
+    if sum(numbers["shard_entries"]) != rows:
+        raise crafted(f"accounts for {sum(numbers['shard_entries'])} entries, the index holds {rows}")
+    names = table["shard_name"]
+    own = os.path.basename(path)
+    for name in names:
+        if (not name or name != os.path.basename(name) or name in (".", "..") or name == own or "\0" in name
+                or "/" in name):
+            raise crafted(f"names {safety.printable(repr(name))}, not a file beside the archive")
+    if len(set(names)) != count:
+        seen: set = set()
+        twice = next(name for name in names if name in seen or seen.add(name))
+        raise crafted(f"names shard {safety.printable(repr(twice))} more than once")
+    return [Shard(name, size, crc, identity, entries, first, last) for name, size, crc, identity, entries, first, last
+            in zip(names, numbers["shard_size"], numbers["shard_crc32"], numbers["shard_identity"],
+                   numbers["shard_entries"], table["shard_first_key"], table["shard_last_key"])]
 
 
 class ShardedLayout(Layout):
@@ -177,26 +255,13 @@ class ShardedLayout(Layout):
                                    "damaged or crafted")
         table = {name: decode_keys(read_keys(f, safety.open_child(f, group, name), f"index/{name}", limit))
                  for name in _TEXT_COLUMNS}
-        table.update({name: index_field(f, group, name, limit, np.dtype(np.int64)).tolist()
-                      for name in _NUMBER_COLUMNS})
-        count = len(table["shard_name"])
-        if any(len(v) != count for v in table.values()):
-            raise ArchiveError(f"{path}: the shard table's columns differ in length; the archive is damaged or crafted")
-        shards = [Shard(*values) for values in zip(*(table[c] for c in (
-            "shard_name", "shard_size", "shard_crc32", "shard_identity", "shard_entries", "shard_first_key",
-            "shard_last_key")))]
-        starts = np.concatenate([[0], np.cumsum([s.entries for s in shards], dtype=np.int64)]).astype(np.int64)
-        for s in shards:
-            if (not s.name or s.name != os.path.basename(s.name) or s.name in (".", "..")
-                    or s.name == os.path.basename(path) or "\0" in s.name):
-                raise ArchiveError(f"{path}: shard name {safety.printable(repr(s.name))} is not a file beside the "
-                                   "archive; the archive is damaged or crafted")
-            if min(s.size, s.entries) < 0:
-                raise ArchiveError(f"{path}: shard {s.name} records a negative size; the archive is damaged or crafted")
-        if int(starts[-1]) != n or (n and (shard.min() < 0 or shard.max() >= count)):
-            raise ArchiveError(f"{path}: the shard table does not account for the {n} rows; the archive is damaged "
-                               "or crafted")
-        expected_shard = np.repeat(np.arange(count, dtype=np.int64), [s.entries for s in shards])
+        table.update({name: index_field(f, group, name, limit, None) for name in _NUMBER_COLUMNS})
+        shards = read_shard_table(path, table, n)
+        starts = np.zeros(len(shards) + 1, np.int64)
+        np.cumsum([s.entries for s in shards], out=starts[1:])  # each within n, and their sum is n: no overflow
+        if n and (shard.min() < 0 or shard.max() >= len(shards)):
+            raise ArchiveError(f"{path}: rows name shards the table lacks; the archive is damaged or crafted")
+        expected_shard = np.repeat(np.arange(len(shards), dtype=np.int64), [s.entries for s in shards])
         if not np.array_equal(shard, expected_shard) or not np.array_equal(row, np.arange(n) - starts[shard]):
             raise ArchiveError(f"{path}: rows do not lie in their shards in order; the archive is damaged or crafted")
         inner = attrs.get(SHARD_LAYOUT)
@@ -351,9 +416,13 @@ class ShardCheck(NamedTuple):
     error: Optional[str]
 
 
-def verify_shard(number: int, path: str, max_entry_bytes: int, threads: int) -> ShardCheck:
-    """A task: verify one shard as an archive of its own and checksum the whole file."""
+def verify_shard(number: int, path: str, max_entry_bytes: int, threads: int, master: str, shard: Shard,
+                 layout: str) -> ShardCheck:
+    """A task: verify one shard, a plain archive of ``layout``, as an archive of its own and
+    checksum the whole file."""
     try:
+        check_shard(master, shard, os.path.dirname(path))
+        check_plain_shard(master, shard, path, layout)
         crc = file_crc32(path)
         report = verify(path, workers=threads, max_entry_bytes=max_entry_bytes)
     except (ArchiveError, OSError) as exc:
@@ -375,7 +444,8 @@ def verify_sharded(archive: str, index: Any, *, source: Optional[os.PathLike] = 
     engine = DaskEngine.connect(scheduler) if scheduler else LocalPool(max(1, min(workers or os.cpu_count() or 1,
                                                                                     count)))
     threads = 2 if scheduler else max(1, (workers or os.cpu_count() or 1) // max(1, min(count, workers or 1)))
-    tasks = [Task(f"shard {s.name}", verify_shard, (n, os.path.join(folder, s.name), max_entry_bytes, threads))
+    tasks = [Task(f"shard {s.name}", verify_shard, (n, os.path.join(folder, s.name), max_entry_bytes, threads,
+                                                    index.path, s, index.shard_layout))
              for n, s in enumerate(index.shards)]
     bar = progress_bar(len(index), progress, unit="entry")
     try:
