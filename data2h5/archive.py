@@ -26,10 +26,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import h5py
 import numpy as np
 
-from . import codecs, format as fmt, layouts, safety
+from . import codecs, declared, format as fmt, jpeg, layouts, safety
 from .chunks import check_crc, pread_into, read_chunk
 from .display import one_line
-from .errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError
+from .errors import ArchiveError, ArchiveKeyError, CorruptEntryError, ReadError, SizeLimitError
 from .format import Kind
 from .keys import Keys
 from .partial import Partial, output_of_part
@@ -286,11 +286,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def decode_value(stored: np.ndarray, kind: int, key: str, decode_size: Optional[Tuple[int, int]] = None) -> Any:
+def decode_value(stored: np.ndarray, kind: int, key: str, decode_size: Optional[Tuple[int, int]] = None,
+                 max_bytes: Optional[int] = None) -> Any:
     """Turn an entry's stored array into what it holds: BYTES are decoded by the key's
     extension (image, .npy, text; other types stay a uint8 array), TEXT becomes ``str``,
     arrays are returned as they are. ``decode_size``: JPEGs at a reduced scale (see
-    :mod:`data2h5.jpeg`). Raises :class:`ReadError` when bytes do not decode."""
+    :mod:`data2h5.jpeg`). ``max_bytes``: what a header may declare (see :mod:`data2h5.declared`),
+    checked before decoding. Raises :class:`ReadError` when bytes do not decode and
+    :class:`SizeLimitError` when they declare more than ``max_bytes``."""
     if kind == Kind.ARRAY:
         return stored
     if kind == Kind.TEXT:
@@ -300,7 +303,12 @@ def decode_value(stored: np.ndarray, kind: int, key: str, decode_size: Optional[
     if reader is BUILTIN_READERS["bytes"]:
         return stored
     try:
-        return reader.from_bytes(stored.tobytes(), ext, decode_size=decode_size)
+        return reader.from_bytes(stored.tobytes(), ext, decode_size=decode_size, max_bytes=max_bytes)
+    except jpeg.TooLarge as exc:
+        raise SizeLimitError(key, f"decoded ({'×'.join(map(str, exc.shape))} samples)", exc.nbytes,
+                             max_bytes) from None
+    except declared.TooLarge as exc:
+        raise SizeLimitError(key, f"decoded ({exc.declared.what})", exc.declared.nbytes, max_bytes) from None
     except Exception as exc:
         raise ReadError(key, f"cannot decode as {reader.name}: {type(exc).__name__}: {exc}") from exc
 
@@ -477,10 +485,14 @@ class ArchiveReader:
         if not decode:
             return stored
         kind = int(self.index.kind[pos])
+        key = self.index.keys[pos]
         try:
-            return decode_value(stored, kind, self.index.keys[pos], decode_size)
+            return decode_value(stored, kind, key, decode_size, self.max_entry_bytes)
         except ReadError as exc:
-            raise ReadError(f"{self.path}::{self.index.keys[pos]}", exc.reason) from exc
+            raise ReadError(f"{self.path}::{key}", exc.reason) from exc
+        except SizeLimitError as exc:
+            raise SizeLimitError(self.path, f"entry {safety.printable(repr(key))}, {exc.what},", exc.size,
+                                 exc.limit) from None
 
     def read_stored(self, pos: int) -> np.ndarray:
         """Entry ``pos`` as stored (a uint8 array for BYTES and TEXT entries).

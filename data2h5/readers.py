@@ -12,7 +12,7 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from . import jpeg
+from . import declared, jpeg
 from .errors import binary_size, PluginError, ReadError
 from .format import Kind
 from .plugins import Plugin
@@ -70,9 +70,14 @@ def _decode_image(raw: bytes, ext: str, *, max_bytes: Optional[int] = None,
             decoded = jpeg.decode(raw, decode_size=decode_size, max_bytes=max_bytes)
             if decoded is not None:
                 return decoded
+        if max_bytes is not None:
+            declared.check(declared.image(raw, ext), max_bytes)
         return iio.imread(raw, extension=ext or None)
-    except jpeg.TooLarge:
+    except (jpeg.TooLarge, declared.TooLarge):
         raise  # read_source words it as any value over the limit
+    except declared.Undeclared as exc:
+        raise Undecodable(f"not decoded under the {binary_size(max_bytes or 0)} limit: {exc}; read it with "
+                          "decode=False (--reader bytes keeps it as bytes)") from exc
     except jpeg.JpegError as exc:
         raise Undecodable(str(exc)) from exc
     except Exception as exc:  # decoders raise anything on bad bytes (OSError, struct.error, SyntaxError...)
@@ -83,9 +88,14 @@ def _decode_image(raw: bytes, ext: str, *, max_bytes: Optional[int] = None,
         raise Undecodable(f"not a valid {ext or 'image'} file ({detail})") from exc
 
 
-def _decode_npy(raw: bytes, ext: str, **_options) -> np.ndarray:
+def _decode_npy(raw: bytes, ext: str, *, max_bytes: Optional[int] = None, **_options) -> np.ndarray:
     if not raw:
         raise Undecodable("the file is empty")
+    if max_bytes is not None:
+        try:
+            declared.check(declared.npy(raw), max_bytes)
+        except declared.Undeclared as exc:
+            raise Undecodable(str(exc)) from exc
     loaded = np.load(io.BytesIO(raw), allow_pickle=False)
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
@@ -99,7 +109,8 @@ def _decode_npy(raw: bytes, ext: str, **_options) -> np.ndarray:
     return loaded
 
 
-def _decode_text(raw: bytes, ext: str, **_options) -> str:
+def _decode_text(raw: bytes, ext: str, *, max_bytes: Optional[int] = None, **_options) -> str:
+    declared.check(declared.text(raw), max_bytes)
     return raw.decode("utf-8")
 
 
@@ -164,6 +175,9 @@ def read_source(
         except jpeg.TooLarge as exc:
             raise ReadError(path, _over_limit(f"its header declares {'×'.join(map(str, exc.shape))} samples "
                                               f"({binary_size(exc.nbytes)} decoded)", max_bytes)) from None
+        except declared.TooLarge as exc:
+            raise ReadError(path, _over_limit(f"its header declares {exc.declared.what} "
+                                              f"({binary_size(exc.declared.nbytes)} decoded)", max_bytes)) from None
         except Exception as exc:
             reason = str(exc) if isinstance(exc, Undecodable) else _reason(exc)
             raise ReadError(path, f"cannot read as {func.name}: {reason}") from exc
