@@ -30,6 +30,10 @@ class Undeclared(ValueError):
     """The file's header does not say what it decodes to, so it is not decoded under a limit."""
 
 
+class Unrecognised(Undeclared):
+    """No image decoder recognises the file's bytes."""
+
+
 # Bytes a pixel of each Pillow mode decodes to (palette modes: imageio returns RGB or RGBA).
 _BYTES_PER_BAND = {"1": 1, "L": 1, "P": 4, "RGB": 3, "RGBA": 4, "CMYK": 4, "YCbCr": 3, "LAB": 3, "HSV": 3,
                    "I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "LA": 2, "La": 2, "PA": 4,
@@ -42,7 +46,7 @@ def image(raw: bytes, ext: str) -> Declared:
     header = jpeg.read_header(raw)
     if header is not None:
         return Declared(header.nbytes(), f"{'×'.join(map(str, header.shape()))} samples")
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(raw)) as img:
@@ -56,6 +60,8 @@ def image(raw: bytes, ext: str) -> Declared:
     except Exception as exc:  # noqa: BLE001 - Pillow raises anything on bytes it cannot parse
         if ext in (".tif", ".tiff"):
             return _tiff(raw)
+        if isinstance(exc, UnidentifiedImageError):
+            raise Unrecognised("no image decoder recognises its bytes") from None
         raise Undeclared(f"no header tells its decoded size ({type(exc).__name__})") from None
     nbytes = int(width) * int(height) * per_pixel * frames
     shown = f"{frames} frames of {width}×{height}" if frames > 1 else f"{width}×{height} pixels"

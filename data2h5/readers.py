@@ -75,6 +75,8 @@ def _decode_image(raw: bytes, ext: str, *, max_bytes: Optional[int] = None,
         return iio.imread(raw, extension=ext or None)
     except (jpeg.TooLarge, declared.TooLarge):
         raise  # read_source words it as any value over the limit
+    except declared.Unrecognised as exc:
+        raise Undecodable(f"not a valid {ext or 'image'} file ({exc})") from exc
     except declared.Undeclared as exc:
         raise Undecodable(f"not decoded under the {binary_size(max_bytes or 0)} limit: {exc}; read it with "
                           "decode=False (--reader bytes keeps it as bytes)") from exc

@@ -25,6 +25,31 @@ def command_argv(command: str, archive: Path) -> List[str]:
     return [command, str(archive), *extra]
 
 
+def run_problem(command: str, archive_name: str, status: Optional[int], timed_out: bool, stderr: str,
+                timeout: float) -> Optional[str]:
+    """What is wrong with a run of ``command`` (a CLI command or a loader), or None."""
+    lines = [ln for ln in stderr.replace("\r", "\n").splitlines()
+             if ln.strip() and not ln.startswith("data2h5: note: ")]  # verify's notes beside its verdict
+    if timed_out:
+        return f"still running after {timeout:g} s"
+    if status is None or status < 0:
+        return f"killed by signal {-(status or 0)}"
+    if status not in (0, 1):
+        return f"exit status {status}"
+    if "Traceback" in stderr:
+        return f"a traceback ending {lines[-1] if lines else ''!r}"
+    if len(lines) > 1:
+        return f"{len(lines)} lines on stderr"
+    if status == 1 and not lines:
+        return "exit status 1 without a message"
+    if status == 1 and command in CLI_COMMANDS:
+        if not lines[0].startswith("data2h5: error: "):
+            return "an error line not from data2h5"
+        if archive_name not in lines[0]:
+            return "an error line not naming the archive"
+    return None
+
+
 @dataclass
 class Run:
     """One command or loader's run on one archive."""
@@ -39,26 +64,7 @@ class Run:
 
     def problem(self, timeout: float) -> Optional[str]:
         """What is wrong with this run, or None."""
-        lines = [ln for ln in self.stderr.replace("\r", "\n").splitlines()
-                 if ln.strip() and not ln.startswith("data2h5: note: ")]  # verify's notes beside its verdict
-        if self.timed_out:
-            return f"still running after {timeout:g} s"
-        if self.status is None or self.status < 0:
-            return f"killed by signal {-(self.status or 0)}"
-        if self.status not in (0, 1):
-            return f"exit status {self.status}"
-        if "Traceback" in self.stderr:
-            return f"a traceback ending {lines[-1] if lines else ''!r}"
-        if len(lines) > 1:
-            return f"{len(lines)} lines on stderr"
-        if self.status == 1 and not lines:
-            return "exit status 1 without a message"
-        if self.status == 1 and self.command in CLI_COMMANDS:
-            if not lines[0].startswith("data2h5: error: "):
-                return "an error line not from data2h5"
-            if self.archive.name not in lines[0]:
-                return "an error line not naming the archive"
-        return None
+        return run_problem(self.command, self.archive.name, self.status, self.timed_out, self.stderr, timeout)
 
     def report(self, problem: str) -> str:
         shown = (f"python -m data2h5 {' '.join(command_argv(self.command, self.archive))}"

@@ -35,6 +35,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's helpers, also as a script
 
 import data2h5  # noqa: E402
+from command_runs import run_problem  # noqa: E402
 from conftest import photo_like  # noqa: E402
 from data2h5.watchdog import ENV_SECONDS  # noqa: E402
 
@@ -107,25 +108,7 @@ class Run:
 
     def problem(self) -> Optional[str]:
         """What is wrong with this run, or None."""
-        lines = [ln for ln in self.stderr.replace("\r", "\n").splitlines() if ln.strip()]
-        if self.timed_out:
-            return f"still running after {TIMEOUT:g} s"
-        if self.status is None or self.status < 0:
-            return f"killed by signal {-(self.status or 0)}"
-        if self.status not in (0, 1):
-            return f"exit status {self.status}"
-        if "Traceback" in self.stderr:
-            return f"a traceback ending {lines[-1] if lines else ''!r}"
-        if len(lines) > 1:
-            return f"{len(lines)} lines on stderr"
-        if self.status == 1 and not lines:
-            return "exit status 1 without a message"
-        if self.status == 1 and self.command != "H5Dataset":
-            if not lines[0].startswith("data2h5: error: "):
-                return "an error line not from data2h5"
-            if "archive.h5" not in lines[0]:
-                return "an error line not naming the archive"
-        return None
+        return run_problem(self.command, "archive.h5", self.status, self.timed_out, self.stderr, TIMEOUT)
 
     def report(self, problem: str) -> str:
         shown = f"python -m data2h5 {' '.join(command_argv(self.command, self.folder))}" \
