@@ -46,6 +46,9 @@ def image(raw: bytes, ext: str) -> Declared:
     header = jpeg.read_header(raw)
     if header is not None:
         return Declared(header.nbytes(), f"{'×'.join(map(str, header.shape()))} samples")
+    for signature, measure in _OWN_PARSERS.items():
+        if raw.startswith(signature):
+            return measure(raw)
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -66,6 +69,52 @@ def image(raw: bytes, ext: str) -> Declared:
     nbytes = int(width) * int(height) * per_pixel * frames
     shown = f"{frames} frames of {width}×{height}" if frames > 1 else f"{width}×{height} pixels"
     return Declared(nbytes, f"{shown} ({img.mode})")
+
+
+def _ico(raw: bytes) -> Declared:
+    """Pillow decodes an icon's largest image while opening it, so its size is read here: the
+    largest image any directory entry holds, by the embedded PNG's or bitmap's own header (the
+    directory's one-byte sizes may lie), decoded to RGBA."""
+    count, largest = int.from_bytes(raw[4:6], "little"), 0
+    if not count or len(raw) < 6 + 16 * count:
+        raise Undeclared("its icon directory is empty or cut short")
+    for i in range(count):
+        entry = 6 + 16 * i
+        at = int.from_bytes(raw[entry + 12:entry + 16], "little")
+        if raw[at:at + 8] == b"\x89PNG\r\n\x1a\n":
+            if raw[at + 12:at + 16] != b"IHDR" or len(raw) < at + 24:
+                raise Undeclared(f"the PNG of icon entry {i} lacks its IHDR")
+            pixels = int.from_bytes(raw[at + 16:at + 20], "big") * int.from_bytes(raw[at + 20:at + 24], "big")
+        else:  # a bitmap without its file header; its height counts the AND mask too
+            if len(raw) < at + 12:
+                raise Undeclared(f"the bitmap of icon entry {i} is cut short")
+            width = abs(int.from_bytes(raw[at + 4:at + 8], "little", signed=True))
+            pixels = width * (abs(int.from_bytes(raw[at + 8:at + 12], "little", signed=True)) // 2)
+        largest = max(largest, pixels, (raw[entry] or 256) * (raw[entry + 1] or 256))
+    return Declared(largest * 4, f"an icon of {largest} pixels (RGBA)")
+
+
+def _webp(raw: bytes) -> Declared:
+    """libwebp allocates the whole canvas when Pillow opens a WebP, so its size is read here,
+    from the first chunk; imageio returns one frame (the first, even of an animation), RGB or
+    RGBA, counted as RGBA."""
+    chunk = raw[12:16]
+    if raw[8:12] != b"WEBP" or len(raw) < 30:
+        raise Undeclared("its RIFF header is not a WebP's, or is cut short")
+    if chunk == b"VP8X":  # extended: the canvas, 24 bits a side, less one
+        width, height = int.from_bytes(raw[24:27], "little") + 1, int.from_bytes(raw[27:30], "little") + 1
+    elif chunk == b"VP8L" and raw[20] == 0x2F:  # lossless: 14 bits a side, less one
+        bits = int.from_bytes(raw[21:25], "little")
+        width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    elif chunk == b"VP8 " and raw[23:26] == b"\x9d\x01\x2a":  # lossy key frame: 14 bits a side
+        width, height = int.from_bytes(raw[26:28], "little") & 0x3FFF, int.from_bytes(raw[28:30], "little") & 0x3FFF
+    else:
+        raise Undeclared(f"its first WebP chunk ({chunk!r}) declares no size")
+    return Declared(width * height * 4, f"{width}×{height} pixels (WebP, up to RGBA)")
+
+
+# Formats that Pillow's lazy open cannot measure without allocating what they declare, by signature.
+_OWN_PARSERS = {b"\x00\x00\x01\x00": _ico, b"RIFF": _webp}
 
 
 def _frames(img) -> int:
