@@ -61,6 +61,8 @@ def image(raw: bytes, ext: str) -> Declared:
         pixels = int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0)
         return Declared(pixels, f"{pixels} pixels, over Pillow's own limit")
     except Exception as exc:  # noqa: BLE001 - Pillow raises anything on bytes it cannot parse
+        if isinstance(exc, Undeclared):
+            raise
         if ext in (".tif", ".tiff"):
             return _tiff(raw)
         if isinstance(exc, UnidentifiedImageError):
@@ -118,8 +120,10 @@ _OWN_PARSERS = {b"\x00\x00\x01\x00": _ico, b"RIFF": _webp}
 
 
 def _frames(img) -> int:
-    count = getattr(img, "n_frames", 1)
-    return max(1, min(int(count), MAX_FRAMES_COUNTED))
+    count = int(getattr(img, "n_frames", 1))
+    if count > MAX_FRAMES_COUNTED:  # capping it instead would let a file of tiny frames under the limit
+        raise Undeclared(f"it declares {count:,} frames, more than the {MAX_FRAMES_COUNTED:,} data2h5 decodes")
+    return max(1, count)
 
 
 def _tiff(raw: bytes) -> Declared:
